@@ -1,0 +1,191 @@
+"""Schedulers against diffusers: timesteps, sigmas, add_noise and whole sampling runs.
+
+Both sides get the same model outputs (a fixed toy "model" of the current sample) and,
+where a step draws noise, the same noise: minisd through ``noise=``, diffusers through
+DDIM's ``variance_noise`` or, for DDPM, a patched ``randn_tensor`` that hands it ours.
+"""
+
+import json
+import os
+
+import numpy as np
+import pytest
+
+from minisd import schedulers as S
+
+torch = pytest.importorskip("torch")
+diffusers = pytest.importorskip("diffusers")
+
+SHAPE = (2, 4, 8, 8)
+SD = dict(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012)  # SD v1.x
+
+
+def toy_model(x, t, i):
+    """A fixed, smooth function of (x, t) that stands in for the UNet: same input, same output."""
+    rng = np.random.default_rng(1000 + i)
+    return (0.3 * np.tanh(x) + 0.5 * rng.standard_normal(x.shape) + 1e-4 * float(t)).astype(np.float32)
+
+
+def run_both(name, steps, config, step_kwargs=None, stochastic=False, monkeypatch=None):
+    """Sample with minisd and with diffusers side by side; return both trajectories."""
+    ours = S.get_scheduler_class(name)(**config)
+    theirs = getattr(diffusers, S.get_scheduler_class(name).__name__)(**config)
+    ours.set_timesteps(steps)
+    theirs.set_timesteps(steps)
+    np.testing.assert_array_equal(ours.timesteps, theirs.timesteps.numpy())
+    assert ours.timesteps.dtype == theirs.timesteps.numpy().dtype
+    assert ours.init_noise_sigma == pytest.approx(float(theirs.init_noise_sigma), rel=1e-5)
+
+    rng = np.random.default_rng(0)
+    x = (rng.standard_normal(SHAPE) * ours.init_noise_sigma).astype(np.float32)
+    xa, xb = x, torch.from_numpy(x.copy())
+    traj = []
+    for i, t in enumerate(ours.timesteps):
+        t_d = theirs.timesteps[i]
+        ina = ours.scale_model_input(xa, t)
+        inb = theirs.scale_model_input(xb, t_d)
+        assert_close(ina, inb.numpy())
+        ea, eb = toy_model(ina, t, i), torch.from_numpy(toy_model(inb.numpy(), t, i))
+        kw = dict(step_kwargs or {})
+        z = rng.standard_normal(SHAPE).astype(np.float32) if stochastic else None
+        if z is not None and name == "ddim":
+            oa = ours.step(ea, t, xa, noise=z, **kw)
+            ob = theirs.step(eb, t_d, xb, variance_noise=torch.from_numpy(z), **kw)
+        elif z is not None:  # DDPM draws its own noise: hand diffusers ours
+            monkeypatch.setattr("diffusers.schedulers.scheduling_ddpm.randn_tensor",
+                                lambda *a, _z=z, **k: torch.from_numpy(_z))
+            oa = ours.step(ea, t, xa, noise=z, **kw)
+            ob = theirs.step(eb, t_d, xb, **kw)
+        else:
+            oa = ours.step(ea, t, xa, **kw)
+            ob = theirs.step(eb, t_d, xb, **kw)
+        assert oa.prev_sample.dtype == np.float32
+        traj.append((oa.prev_sample, ob.prev_sample.numpy(), oa.pred_original_sample,
+                     ob.pred_original_sample.numpy()))
+        xa, xb = oa.prev_sample, ob.prev_sample
+    return traj
+
+
+def assert_close(a, b):
+    """Equal to float32 rounding, relative to the array's largest value (diffusers keeps
+    alpha_bar in float32, minisd in float64: they differ by about 1e-6 relative)."""
+    np.testing.assert_allclose(a, b, rtol=1e-4, atol=2e-5 * max(1.0, float(np.abs(b).max())))
+
+
+def assert_same(traj):
+    for pa, pb, x0a, x0b in traj:
+        assert_close(pa, pb)
+        assert_close(x0a, x0b)
+
+
+@pytest.mark.parametrize("steps", [10, 25, 50])
+@pytest.mark.parametrize("spacing", ["leading", "trailing", "linspace"])
+@pytest.mark.parametrize("prediction", ["epsilon", "v_prediction", "sample"])
+def test_ddim_matches_diffusers(steps, spacing, prediction):
+    cfg = dict(SD, timestep_spacing=spacing, prediction_type=prediction, clip_sample=False,
+               set_alpha_to_one=False, steps_offset=1)
+    assert_same(run_both("ddim", steps, cfg))
+
+
+@pytest.mark.parametrize("steps", [10, 25])
+@pytest.mark.parametrize("spacing", ["leading", "trailing"])
+def test_ddim_eta_matches_diffusers(steps, spacing):
+    cfg = dict(beta_schedule="linear", timestep_spacing=spacing, clip_sample=True, clip_sample_range=1.5)
+    assert_same(run_both("ddim", steps, cfg, {"eta": 0.7}, stochastic=True))
+
+
+@pytest.mark.parametrize("steps", [10, 25, 50])
+@pytest.mark.parametrize("spacing", ["leading", "trailing", "linspace"])
+@pytest.mark.parametrize("prediction", ["epsilon", "v_prediction", "sample"])
+def test_ddpm_matches_diffusers(steps, spacing, prediction, monkeypatch):
+    cfg = dict(SD, timestep_spacing=spacing, prediction_type=prediction, clip_sample=(prediction == "sample"))
+    assert_same(run_both("ddpm", steps, cfg, stochastic=True, monkeypatch=monkeypatch))
+
+
+@pytest.mark.parametrize("steps", [10, 25, 50])
+@pytest.mark.parametrize("spacing", ["leading", "trailing", "linspace"])
+@pytest.mark.parametrize("prediction", ["epsilon", "v_prediction", "sample"])
+def test_euler_matches_diffusers(steps, spacing, prediction):
+    cfg = dict(SD, timestep_spacing=spacing, prediction_type=prediction, steps_offset=1)
+    assert_same(run_both("euler", steps, cfg))
+
+
+def test_euler_sigmas_match_diffusers():
+    for spacing in ("leading", "trailing", "linspace"):
+        ours, theirs = S.EulerDiscreteScheduler(**SD, timestep_spacing=spacing), diffusers.EulerDiscreteScheduler(**SD, timestep_spacing=spacing)
+        ours.set_timesteps(30)
+        theirs.set_timesteps(30)
+        # sigma_0 = sqrt((1 - a) / a) with 1 - a = 0.00085: float32 (diffusers) loses 1e-5 of it
+        np.testing.assert_allclose(ours.sigmas, theirs.sigmas.numpy(), rtol=5e-5)
+
+
+@pytest.mark.parametrize("schedule", ["linear", "scaled_linear", "squaredcos_cap_v2"])
+def test_alphas_cumprod_and_add_noise_match_diffusers(schedule):
+    ours, theirs = S.DDPMScheduler(beta_schedule=schedule), diffusers.DDPMScheduler(beta_schedule=schedule)
+    np.testing.assert_allclose(ours.alphas_cumprod, theirs.alphas_cumprod.numpy(), rtol=2e-5)
+    rng = np.random.default_rng(3)
+    x0 = rng.standard_normal((5, 4, 8, 8)).astype(np.float32)
+    eps = rng.standard_normal(x0.shape).astype(np.float32)
+    t = np.array([0, 1, 500, 998, 999])
+    a = ours.add_noise(x0, eps, t)
+    b = theirs.add_noise(torch.from_numpy(x0), torch.from_numpy(eps), torch.from_numpy(t)).numpy()
+    assert a.dtype == np.float32
+    assert_close(a, b)
+    v = ours.get_velocity(x0, eps, t)
+    assert_close(v, theirs.get_velocity(torch.from_numpy(x0), torch.from_numpy(eps), torch.from_numpy(t)).numpy())
+
+
+def test_euler_add_noise_matches_diffusers():
+    ours, theirs = S.EulerDiscreteScheduler(**SD), diffusers.EulerDiscreteScheduler(**SD)
+    ours.set_timesteps(20)
+    theirs.set_timesteps(20)
+    rng = np.random.default_rng(4)
+    x0 = rng.standard_normal((3, 4, 8, 8)).astype(np.float32)
+    eps = rng.standard_normal(x0.shape).astype(np.float32)
+    t = ours.timesteps[[0, 7, 19]]
+    b = theirs.add_noise(torch.from_numpy(x0), torch.from_numpy(eps), torch.from_numpy(t)).numpy()
+    assert_close(ours.add_noise(x0, eps, t), b)
+
+
+def test_config_round_trips_through_diffusers(tmp_path):
+    ours = S.DDIMScheduler(**SD, steps_offset=1, set_alpha_to_one=False, clip_sample=False)
+    path = ours.save_config(str(tmp_path / "scheduler"))
+    assert os.path.basename(path) == "scheduler_config.json"
+    assert json.load(open(path))["_class_name"] == "DDIMScheduler"
+    theirs = diffusers.DDIMScheduler.from_pretrained(str(tmp_path / "scheduler"))
+    back = S.load_scheduler(str(tmp_path))  # the model folder: finds scheduler/
+    assert type(back) is S.DDIMScheduler and back.config == ours.config
+    for s in (theirs, back):
+        s.set_timesteps(20)
+    np.testing.assert_array_equal(back.timesteps, theirs.timesteps.numpy())
+    # and the other way: a config written by diffusers (PNDM, as SD v1.5 ships) loaded as DDIM
+    diffusers.PNDMScheduler(**SD, steps_offset=1, skip_prk_steps=True).save_config(str(tmp_path / "pndm"))
+    with pytest.raises(ValueError, match="unknown scheduler"):
+        S.load_scheduler(str(tmp_path / "pndm"))
+    ddim = S.load_scheduler(str(tmp_path / "pndm"), name="ddim")
+    assert ddim.config["beta_schedule"] == "scaled_linear" and ddim.config["steps_offset"] == 1
+
+
+def test_seeded_noise_and_bad_input():
+    s = S.DDPMScheduler(**SD)
+    s.set_timesteps(10)
+    x = np.ones(SHAPE, np.float32)
+    a = s.step(x * 0.1, s.timesteps[0], x, generator=7).prev_sample
+    b = s.step(x * 0.1, s.timesteps[0], x, generator=np.random.default_rng(7)).prev_sample
+    c = s.step(x * 0.1, s.timesteps[0], x, generator=8).prev_sample
+    np.testing.assert_array_equal(a, b)
+    assert not np.array_equal(a, c)
+    with pytest.raises(ValueError, match="timestep_spacing"):
+        S.DDIMScheduler(timestep_spacing="middle")
+    with pytest.raises(ValueError, match="beta_schedule"):
+        S.DDIMScheduler(beta_schedule="cubic")
+    with pytest.raises(ValueError, match="prediction_type"):
+        S.EulerDiscreteScheduler(prediction_type="x0")
+    with pytest.raises(ValueError, match="num_inference_steps"):
+        s.set_timesteps(0)
+    with pytest.raises(ValueError, match="cannot exceed"):
+        s.set_timesteps(1001)
+    with pytest.raises(ValueError, match="thresholding"):
+        S.DDPMScheduler.from_config({"thresholding": True})
+    with pytest.raises(ValueError, match="timesteps must lie"):
+        s.add_noise(x, x, np.array([1000, 0]))
