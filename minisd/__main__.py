@@ -1,0 +1,3 @@
+from minisd.cli import main
+
+raise SystemExit(main())

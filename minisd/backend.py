@@ -1,0 +1,116 @@
+"""Backends: which arrays hold the numbers, and which code runs the three heavy primitives.
+
+Stable Diffusion spends almost all of its time in three operations: convolution,
+group normalisation and attention. minisd keeps everything else (the autograd engine,
+elementwise math, matmuls, the models) written once against an array module ``xp``
+(NumPy or CuPy, the same API), and lets the backend choose who computes the primitives:
+
+    backend     arrays    conv2d / group_norm / attention
+    ---------   -------   -----------------------------------------------------------
+    numpy       NumPy     NumPy reference code in minisd/reference.py (the default)
+    emulated    NumPy     kernels/*.cu compiled with g++ against the CPU emulator
+    cupy        CuPy      kernels/*.cu compiled by NVRTC, launched through cupy.RawModule
+
+Choose with ``minisd.set_backend(name)`` or the environment variable ``MINISD_BACKEND``.
+
+Every backend provides the same six raw-array functions (``backend.ops``); the
+autograd Functions in minisd/functional.py call them and never ask which backend runs:
+
+    conv2d_forward(x, w, b, stride, padding) -> y
+    conv2d_backward(dy, x, w, stride, padding, need_dx, need_dw, need_db) -> (dx, dw, db)
+    group_norm_forward(x, num_groups, weight, bias, eps) -> (y, mean, rstd)
+    group_norm_backward(dy, x, num_groups, weight, mean, rstd) -> (dx, dweight, dbias)
+    attention_forward(q, k, v, scale, is_causal) -> (o, lse)
+    attention_backward(do, q, k, v, o, lse, scale, is_causal) -> (dq, dk, dv)
+
+Shapes: x (N, C, H, W), w (K, C, R, S), y (N, K, P, Q); mean and rstd (N, G);
+q (B, H, Lq, d), k and v (B, H, Lk, d), o (B, H, Lq, d), lse (B, H, Lq) = log sum_j exp(s_ij).
+"""
+
+from __future__ import annotations
+
+import importlib
+import os
+from dataclasses import dataclass
+from types import ModuleType
+from typing import Any
+
+BACKENDS = ("numpy", "emulated", "cupy")
+
+
+class BackendUnavailable(RuntimeError):
+    """The requested backend cannot run on this machine (no GPU, no compiler, ...)."""
+
+
+@dataclass(frozen=True)
+class Backend:
+    name: str
+    xp: ModuleType  # numpy or cupy
+    ops: Any  # an object with the six raw-array functions listed in the module docstring
+
+    def asarray(self, data, dtype=None):
+        """Move ``data`` onto this backend's device (a no-op for NumPy arrays on NumPy)."""
+        if self.xp.__name__ == "cupy":
+            return self.xp.asarray(data, dtype=dtype)
+        if hasattr(data, "get") and type(data).__module__.startswith("cupy"):
+            data = data.get()  # a CuPy array brought back to the host
+        return self.xp.asarray(data, dtype=dtype)
+
+
+def _make(name: str) -> Backend:
+    import numpy
+
+    if name == "numpy":
+        from minisd import reference
+
+        return Backend("numpy", numpy, reference)
+    if name in ("emulated", "cupy"):
+        try:
+            kernels = importlib.import_module("minisd.kernels")
+        except ImportError as e:  # the kernels module is optional until it lands
+            raise BackendUnavailable(f"backend {name!r} is not available: {e}") from None
+        return kernels.make_backend(name)
+    raise ValueError(f"unknown backend {name!r}; choose one of {', '.join(BACKENDS)}")
+
+
+_current: Backend | None = None
+
+
+def set_backend(name: str) -> Backend:
+    """Switch every later operation to backend ``name`` ("numpy", "emulated" or "cupy").
+
+    Tensors created before the switch keep their arrays; mixing a NumPy-backed and a
+    CuPy-backed tensor in one op is an error, so switch before building a model.
+    """
+    global _current
+    _current = _make(name)
+    return _current
+
+
+def get_backend() -> Backend:
+    """The active backend, created on first use from MINISD_BACKEND (default "numpy")."""
+    global _current
+    if _current is None:
+        _current = _make(os.environ.get("MINISD_BACKEND", "numpy"))
+    return _current
+
+
+def get_array_module(*arrays) -> ModuleType:
+    """``xp`` for these arrays: cupy if any of them lives on a GPU, else numpy (Chainer's idiom)."""
+    for a in arrays:
+        if type(a).__module__.startswith("cupy"):
+            import cupy
+
+            return cupy
+    import numpy
+
+    return numpy
+
+
+def to_numpy(array):
+    """A NumPy array on the host, whatever the array was."""
+    if type(array).__module__.startswith("cupy"):
+        return array.get()
+    import numpy
+
+    return numpy.asarray(array)

@@ -1,0 +1,867 @@
+"""Differentiable operations, with torch.nn.functional's semantics (NCHW images).
+
+Each operation is a Function: ``forward`` computes the result on raw arrays (NumPy or
+CuPy: ``xp`` is whichever the inputs are), ``backward`` maps dL/d(output) to
+dL/d(inputs), the vector-Jacobian product. Operations that are compositions of others
+(mean is sum divided by n, mse_loss is a mean of squares) are written as compositions,
+so only the primitives carry backward formulas.
+
+The three primitives that dominate Stable Diffusion's cost (conv2d, group_norm and
+attention) hand their arithmetic to the active backend (``backend.ops``): NumPy
+reference code, or the CUDA kernels in kernels/*.cu.
+
+Sections: arithmetic, reductions, shapes and indexing, matrix products, activations,
+normalisation, convolution and resampling, attention, embeddings, dropout, losses.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Sequence
+
+import numpy as np
+
+from minisd.backend import get_array_module, get_backend
+from minisd.tensor import Function, Tensor, _as_input
+
+
+def _xp(*arrays):
+    return get_array_module(*arrays)
+
+
+def _check_same_shape(op: str, a, b) -> None:
+    try:
+        np.broadcast_shapes(a.shape, b.shape)
+    except ValueError:
+        raise ValueError(f"{op}: shapes {tuple(a.shape)} and {tuple(b.shape)} do not broadcast") from None
+
+
+# =====================================================================================
+# Arithmetic (broadcasting is undone by the engine: see tensor._unbroadcast)
+# =====================================================================================
+
+
+class Add(Function):
+    def forward(self, a, b):
+        _check_same_shape("add", a, b)
+        return a + b
+
+    def backward(self, g):
+        return g, g
+
+
+class Sub(Function):
+    def forward(self, a, b):
+        _check_same_shape("sub", a, b)
+        return a - b
+
+    def backward(self, g):
+        return g, (-g if self.needs_input_grad[1] else None)
+
+
+class Mul(Function):
+    def forward(self, a, b):
+        _check_same_shape("mul", a, b)
+        self.a, self.b = a, b
+        return a * b
+
+    def backward(self, g):
+        return (g * self.b if self.needs_input_grad[0] else None,
+                g * self.a if self.needs_input_grad[1] else None)
+
+
+class Div(Function):
+    def forward(self, a, b):
+        _check_same_shape("div", a, b)
+        self.a, self.b = a, b
+        return a / b
+
+    def backward(self, g):
+        ga = g / self.b
+        return ga, (-ga * self.a / self.b if self.needs_input_grad[1] else None)
+
+
+class Neg(Function):
+    def forward(self, a):
+        return -a
+
+    def backward(self, g):
+        return -g
+
+
+class Pow(Function):
+    """a ** p for a constant exponent p:  d/da = p a^(p-1)."""
+
+    def forward(self, a, p):
+        self.a, self.p = a, p
+        return a ** p
+
+    def backward(self, g):
+        return g * self.p * self.a ** (self.p - 1)
+
+
+class Exp(Function):
+    def forward(self, a):
+        self.out = _xp(a).exp(a)
+        return self.out
+
+    def backward(self, g):
+        return g * self.out
+
+
+class Log(Function):
+    def forward(self, a):
+        self.a = a
+        return _xp(a).log(a)
+
+    def backward(self, g):
+        return g / self.a
+
+
+class Sqrt(Function):
+    def forward(self, a):
+        self.out = _xp(a).sqrt(a)
+        return self.out
+
+    def backward(self, g):
+        return g / (2 * self.out)
+
+
+class Abs(Function):
+    """|a|; the derivative at 0 is taken as 0 (sign(0))."""
+
+    def forward(self, a):
+        self.a = a
+        return abs(a)
+
+    def backward(self, g):
+        return g * _xp(self.a).sign(self.a)
+
+
+class Sin(Function):
+    def forward(self, a):
+        self.a = a
+        return _xp(a).sin(a)
+
+    def backward(self, g):
+        return g * _xp(self.a).cos(self.a)
+
+
+class Cos(Function):
+    def forward(self, a):
+        self.a = a
+        return _xp(a).cos(a)
+
+    def backward(self, g):
+        return -g * _xp(self.a).sin(self.a)
+
+
+class Clip(Function):
+    """Clamp to [lo, hi]; the gradient flows only where the input was inside the range."""
+
+    def forward(self, a, lo=None, hi=None):
+        self.inside = _xp(a).ones(a.shape, dtype=bool)
+        if lo is not None:
+            self.inside &= a >= lo
+        if hi is not None:
+            self.inside &= a <= hi
+        return _xp(a).clip(a, lo, hi)
+
+    def backward(self, g):
+        return g * self.inside
+
+
+class Cast(Function):
+    def forward(self, a, dtype=None):
+        self.dtype = a.dtype
+        return a.astype(dtype)
+
+    def backward(self, g):
+        return g.astype(self.dtype)
+
+
+def add(a, b): return Add.apply(a, b)
+def sub(a, b): return Sub.apply(a, b)
+def mul(a, b): return Mul.apply(a, b)
+def div(a, b): return Div.apply(a, b)
+def neg(a): return Neg.apply(a)
+def exp(a): return Exp.apply(a)
+def log(a): return Log.apply(a)
+def sqrt(a): return Sqrt.apply(a)
+def abs(a): return Abs.apply(a)  # noqa: A001  (torch's name)
+def sin(a): return Sin.apply(a)
+def cos(a): return Cos.apply(a)
+def clip(a, lo=None, hi=None): return Clip.apply(a, lo=lo, hi=hi)
+clamp = clip
+def cast(a, dtype): return Cast.apply(a, dtype=np.dtype(dtype))
+
+
+def pow(a, p):  # noqa: A001
+    if isinstance(p, Tensor):
+        raise TypeError("pow: the exponent must be a number, not a Tensor")
+    return Pow.apply(a, p=p)
+
+
+# =====================================================================================
+# Reductions
+# =====================================================================================
+
+
+def _norm_axes(axis, ndim: int) -> tuple:
+    if axis is None:
+        return tuple(range(ndim))
+    axes = (axis,) if isinstance(axis, int) else tuple(axis)
+    for ax in axes:
+        if not -ndim <= ax < ndim:
+            raise ValueError(f"axis {ax} is out of range for a tensor with {ndim} dimensions")
+    return tuple(sorted(ax % ndim for ax in axes))
+
+
+class Sum(Function):
+    def forward(self, a, axis=None, keepdims=False):
+        self.shape, self.axes = a.shape, _norm_axes(axis, a.ndim)
+        return a.sum(axis=self.axes, keepdims=keepdims)
+
+    def backward(self, g):
+        xp = _xp(g)
+        g = xp.expand_dims(g, self.axes) if g.ndim != len(self.shape) else g
+        return xp.broadcast_to(g, self.shape)
+
+
+class Max(Function):
+    """Largest value along axes. Ties share the gradient equally (a subgradient choice)."""
+
+    def forward(self, a, axis=None, keepdims=False):
+        self.a, self.axes = a, _norm_axes(axis, a.ndim)
+        self.out = a.max(axis=self.axes, keepdims=True)
+        return self.out if keepdims else self.out.reshape([n for i, n in enumerate(a.shape) if i not in self.axes])
+
+    def backward(self, g):
+        hit = self.a == self.out
+        g = g.reshape(self.out.shape)
+        return hit * (g / hit.sum(axis=self.axes, keepdims=True))
+
+
+def sum(a, axis=None, keepdims=False):  # noqa: A001
+    return Sum.apply(a, axis=axis, keepdims=keepdims)
+
+
+def max(a, axis=None, keepdims=False):  # noqa: A001
+    return Max.apply(a, axis=axis, keepdims=keepdims)
+
+
+def mean(a, axis=None, keepdims=False):
+    a = _as_input(a, ())
+    count = math.prod(a.shape[i] for i in _norm_axes(axis, a.ndim))
+    return sum(a, axis, keepdims) * (1.0 / count)
+
+
+def var(a, axis=None, keepdims=False):
+    """Biased variance (divides by n), as normalisation layers use it."""
+    centred = a - mean(a, axis, keepdims=True)
+    return mean(centred * centred, axis, keepdims)
+
+
+# =====================================================================================
+# Shapes and indexing
+# =====================================================================================
+
+
+class Reshape(Function):
+    def forward(self, a, shape=()):
+        self.shape = a.shape
+        try:
+            return a.reshape(shape)
+        except ValueError:
+            raise ValueError(f"reshape: cannot view a tensor of shape {tuple(a.shape)} as {tuple(shape)}") from None
+
+    def backward(self, g):
+        return g.reshape(self.shape)
+
+
+class Permute(Function):
+    def forward(self, a, axes=()):
+        if sorted(ax % a.ndim for ax in axes) != list(range(a.ndim)):
+            raise ValueError(f"permute: {tuple(axes)} is not a permutation of the {a.ndim} axes of {tuple(a.shape)}")
+        self.axes = axes
+        return a.transpose(axes)
+
+    def backward(self, g):
+        return g.transpose(np.argsort([ax % g.ndim for ax in self.axes]))
+
+
+class Expand(Function):
+    def forward(self, a, shape=()):
+        return _xp(a).broadcast_to(a, shape)
+
+    def backward(self, g):
+        return g  # the engine sums it back down to the input's shape
+
+
+def _is_basic_index(index) -> bool:
+    """Slices, ints, None and Ellipsis select without repeats: backward can assign, not add."""
+    items = index if isinstance(index, tuple) else (index,)
+    return all(isinstance(i, (slice, int, type(None))) or i is Ellipsis for i in items)
+
+
+class GetItem(Function):
+    def forward(self, a, index=None):
+        self.shape, self.dtype, self.index = a.shape, a.dtype, index
+        return a[index]
+
+    def backward(self, g):
+        xp = _xp(g)
+        grad = xp.zeros(self.shape, dtype=g.dtype)
+        if _is_basic_index(self.index):
+            grad[self.index] = g
+        else:  # fancy indexing may pick an element twice: accumulate, don't assign
+            _scatter_add(grad, self.index, g)
+        return grad
+
+
+def _scatter_add(target, index, values) -> None:
+    """target[index] += values, summing repeated indices (what plain += does not do)."""
+    if type(target).__module__.startswith("cupy"):
+        import cupyx
+
+        cupyx.scatter_add(target, index, values)
+    else:
+        np.add.at(target, index, values)
+
+
+class Concat(Function):
+    def forward(self, *arrays, axis=0):
+        self.axis = axis
+        self.bounds = np.cumsum([a.shape[axis] for a in arrays])[:-1]
+        try:
+            return _xp(*arrays).concatenate(arrays, axis=axis)
+        except ValueError:
+            raise ValueError(f"cat: shapes {[tuple(a.shape) for a in arrays]} do not match outside axis {axis}") from None
+
+    def backward(self, g):
+        return tuple(_xp(g).split(g, self.bounds, axis=self.axis))
+
+
+class Pad(Function):
+    """Constant padding, torch order: pad = (left, right, top, bottom, ...) from the last axis."""
+
+    def forward(self, a, pad=(), value=0.0):
+        widths = [(0, 0)] * a.ndim
+        for i in range(len(pad) // 2):
+            widths[a.ndim - 1 - i] = (pad[2 * i], pad[2 * i + 1])
+        self.crop = tuple(slice(lo, lo + n) for (lo, _), n in zip(widths, a.shape))
+        return _xp(a).pad(a, widths, constant_values=value)
+
+    def backward(self, g):
+        return g[self.crop]
+
+
+def reshape(a, shape):
+    return Reshape.apply(a, shape=tuple(shape))
+
+
+def flatten(a, start_axis=0, end_axis=-1):
+    shape = a.shape
+    start, end = start_axis % len(shape), end_axis % len(shape)
+    return reshape(a, shape[:start] + (math.prod(shape[start:end + 1]),) + shape[end + 1:])
+
+
+def permute(a, axes):
+    return Permute.apply(a, axes=tuple(axes))
+
+
+def transpose(a, axis0, axis1):
+    axes = list(range(a.ndim))
+    axes[axis0], axes[axis1] = axes[axis1], axes[axis0]
+    return permute(a, axes)
+
+
+def unsqueeze(a, axis):
+    shape = list(a.shape)
+    shape.insert(axis % (len(shape) + 1), 1)
+    return reshape(a, shape)
+
+
+def squeeze(a, axis=None):
+    axes = [i for i, n in enumerate(a.shape) if n == 1] if axis is None else [axis % a.ndim]
+    return reshape(a, [n for i, n in enumerate(a.shape) if i not in axes])
+
+
+def expand(a, shape):
+    shape = tuple(a.shape[i - len(shape) + a.ndim] if n == -1 else n for i, n in enumerate(shape))
+    return Expand.apply(a, shape=shape)
+
+
+def getitem(a, index):
+    if isinstance(index, Tensor):
+        index = index.data
+    elif isinstance(index, tuple):
+        index = tuple(i.data if isinstance(i, Tensor) else i for i in index)
+    return GetItem.apply(a, index=index)
+
+
+def cat(tensors: Sequence, axis=0):
+    return Concat.apply(*tensors, axis=axis)
+
+
+def stack(tensors: Sequence, axis=0):
+    return cat([unsqueeze(t, axis) for t in tensors], axis=axis)
+
+
+def chunk(a, n: int, axis=0):
+    """Split into n equal pieces along axis (as torch.chunk for sizes divisible by n)."""
+    size = a.shape[axis]
+    if size % n:
+        raise ValueError(f"chunk: axis {axis} of size {size} does not split into {n} equal pieces")
+    step = size // n
+    lead = (slice(None),) * (axis % a.ndim)
+    return [a[lead + (slice(i * step, (i + 1) * step),)] for i in range(n)]
+
+
+def pad(a, pad, value=0.0):
+    return Pad.apply(a, pad=tuple(pad), value=value)
+
+
+# =====================================================================================
+# Matrix products
+# =====================================================================================
+
+
+class MatMul(Function):
+    """C = A @ B (batched, broadcasting):  dA = dC B^T,  dB = A^T dC."""
+
+    def forward(self, a, b):
+        if a.ndim < 2 or b.ndim < 2 or a.shape[-1] != b.shape[-2]:
+            raise ValueError(f"matmul: shapes {tuple(a.shape)} and {tuple(b.shape)} cannot be multiplied")
+        self.a, self.b = a, b
+        return a @ b
+
+    def backward(self, g):
+        da = g @ self.b.swapaxes(-1, -2) if self.needs_input_grad[0] else None
+        db = self.a.swapaxes(-1, -2) @ g if self.needs_input_grad[1] else None
+        return da, db
+
+
+class Linear(Function):
+    """y = x W^T + b for x (..., in), W (out, in): one GEMM over all leading axes."""
+
+    def forward(self, x, w, b=None):
+        if x.shape[-1] != w.shape[1]:
+            raise ValueError(f"linear: input of shape {tuple(x.shape)} has {x.shape[-1]} features, "
+                             f"the weight {tuple(w.shape)} expects {w.shape[1]}")
+        self.x2, self.w, self.x_shape = x.reshape(-1, x.shape[-1]), w, x.shape
+        y = self.x2 @ w.T
+        if b is not None:
+            y += b
+        return y.reshape(x.shape[:-1] + (w.shape[0],))
+
+    def backward(self, g):
+        g2 = g.reshape(-1, g.shape[-1])
+        dx = (g2 @ self.w).reshape(self.x_shape) if self.needs_input_grad[0] else None
+        dw = g2.T @ self.x2 if self.needs_input_grad[1] else None
+        db = g2.sum(axis=0) if len(self.needs_input_grad) > 2 and self.needs_input_grad[2] else None
+        return dx, dw, db
+
+
+def matmul(a, b):
+    return MatMul.apply(a, b)
+
+
+def linear(x, weight, bias=None):
+    return Linear.apply(x, weight) if bias is None else Linear.apply(x, weight, bias)
+
+
+# =====================================================================================
+# Activations
+# =====================================================================================
+
+
+class ReLU(Function):
+    def forward(self, a):
+        self.positive = a > 0
+        return a * self.positive
+
+    def backward(self, g):
+        return g * self.positive
+
+
+class Sigmoid(Function):
+    def forward(self, a):
+        self.out = _sigmoid(a)
+        return self.out
+
+    def backward(self, g):
+        return g * self.out * (1 - self.out)
+
+
+class Tanh(Function):
+    def forward(self, a):
+        self.out = _xp(a).tanh(a)
+        return self.out
+
+    def backward(self, g):
+        return g * (1 - self.out * self.out)
+
+
+def _sigmoid(a):
+    """1 / (1 + e^-a), written via tanh so that it never overflows: s(a) = (1 + tanh(a/2)) / 2."""
+    xp = _xp(a)
+    half = a.dtype.type(0.5)
+    return half + half * xp.tanh(half * a)
+
+
+class ScaledSiLU(Function):
+    """a * sigmoid(beta * a): SiLU/swish for beta = 1 (UNet, VAE), quick_gelu for beta = 1.702 (CLIP).
+
+    d/da = s + beta * a * s * (1 - s), with s = sigmoid(beta * a).
+    """
+
+    def forward(self, a, beta=1.0):
+        self.a, self.beta = a, a.dtype.type(beta)
+        self.s = _sigmoid(self.beta * a)
+        return a * self.s
+
+    def backward(self, g):
+        s = self.s
+        return g * (s + self.beta * self.a * s * (1 - s))
+
+
+class GELU(Function):
+    """Gaussian error linear unit, x * Phi(x): exact (erf) or the tanh approximation."""
+
+    def forward(self, a, approximate="none"):
+        xp, self.a, self.approximate = _xp(a), a, approximate
+        if approximate == "tanh":
+            c = a.dtype.type(math.sqrt(2 / math.pi))
+            self.t = xp.tanh(c * (a + a.dtype.type(0.044715) * a ** 3))
+            return 0.5 * a * (1 + self.t)
+        self.cdf = 0.5 * (1 + _erf(a * a.dtype.type(1 / math.sqrt(2))))
+        return a * self.cdf
+
+    def backward(self, g):
+        a = self.a
+        if self.approximate == "tanh":
+            c = a.dtype.type(math.sqrt(2 / math.pi))
+            dinner = c * (1 + 3 * a.dtype.type(0.044715) * a * a)
+            return g * (0.5 * (1 + self.t) + 0.5 * a * (1 - self.t * self.t) * dinner)
+        pdf = _xp(a).exp(-0.5 * a * a) * a.dtype.type(1 / math.sqrt(2 * math.pi))
+        return g * (self.cdf + a * pdf)
+
+
+def _erf(x):
+    """erf, elementwise on NumPy or CuPy arrays (NumPy has no erf of its own)."""
+    xp = _xp(x)
+    if xp is not np:
+        import cupyx.scipy.special
+
+        return cupyx.scipy.special.erf(x)
+    # erfc by the Chebyshev fit of Numerical Recipes (erfcc): relative error below 1.2e-7,
+    # which is float32's own precision.
+    z = np.abs(x)
+    t = 1 / (1 + z.dtype.type(0.5) * z)
+    coefficients = (-1.26551223, 1.00002368, 0.37409196, 0.09678418, -0.18628806,
+                    0.27886807, -1.13520398, 1.48851587, -0.82215223, 0.17087277)
+    poly = np.full_like(t, coefficients[-1])
+    for c in coefficients[-2::-1]:  # Horner's rule
+        poly *= t
+        poly += x.dtype.type(c)
+    erfc = t * np.exp(poly - z * z)
+    return np.where(x >= 0, 1 - erfc, erfc - 1)
+
+
+class Softmax(Function):
+    """p = exp(a - max a) / sum exp(a - max a) (stable);  da = p * (g - sum(g * p))."""
+
+    def forward(self, a, axis=-1):
+        self.axis = axis
+        e = _xp(a).exp(a - a.max(axis=axis, keepdims=True))
+        self.p = e / e.sum(axis=axis, keepdims=True)
+        return self.p
+
+    def backward(self, g):
+        return self.p * (g - (g * self.p).sum(axis=self.axis, keepdims=True))
+
+
+class LogSoftmax(Function):
+    """log p = a - logsumexp(a) (stable);  da = g - p * sum(g)."""
+
+    def forward(self, a, axis=-1):
+        xp, self.axis = _xp(a), axis
+        shifted = a - a.max(axis=axis, keepdims=True)
+        out = shifted - xp.log(xp.exp(shifted).sum(axis=axis, keepdims=True))
+        self.p = xp.exp(out)
+        return out
+
+    def backward(self, g):
+        return g - self.p * g.sum(axis=self.axis, keepdims=True)
+
+
+def relu(a): return ReLU.apply(a)
+def sigmoid(a): return Sigmoid.apply(a)
+def tanh(a): return Tanh.apply(a)
+def silu(a): return ScaledSiLU.apply(a, beta=1.0)
+def quick_gelu(a): return ScaledSiLU.apply(a, beta=1.702)  # CLIP's x * sigmoid(1.702 x)
+def gelu(a, approximate="none"):
+    if approximate not in ("none", "tanh"):
+        raise ValueError(f"gelu: approximate must be 'none' or 'tanh', got {approximate!r}")
+    return GELU.apply(a, approximate=approximate)
+def softmax(a, axis=-1): return Softmax.apply(a, axis=axis)
+def log_softmax(a, axis=-1): return LogSoftmax.apply(a, axis=axis)
+
+
+# =====================================================================================
+# Normalisation
+# =====================================================================================
+
+
+class LayerNorm(Function):
+    """Over the last D axes:  xhat = (x - mu) / sqrt(var + eps),  y = xhat * gamma + beta.
+
+    Backward (n values per row):  dx = rstd * (g - mean(g) - xhat * mean(g * xhat)),
+    with g = dy * gamma, the same formula as group norm's.
+    """
+
+    def forward(self, x, weight=None, bias=None, normalized_ndim=1, eps=1e-5):
+        self.axes = tuple(range(x.ndim - normalized_ndim, x.ndim))
+        mu = x.mean(axis=self.axes, keepdims=True)
+        centred = x - mu
+        self.rstd = 1 / _xp(x).sqrt((centred * centred).mean(axis=self.axes, keepdims=True) + x.dtype.type(eps))
+        self.xhat, self.weight = centred * self.rstd, weight
+        y = self.xhat * weight if weight is not None else self.xhat.copy()
+        if bias is not None:
+            y += bias
+        return y
+
+    def backward(self, dy):
+        lead = tuple(range(dy.ndim - len(self.axes)))
+        dweight = (dy * self.xhat).sum(axis=lead) if self.weight is not None and self.needs_input_grad[1] else None
+        dbias = dy.sum(axis=lead) if len(self.needs_input_grad) > 2 and self.needs_input_grad[2] else None
+        g = dy * self.weight if self.weight is not None else dy
+        dx = None
+        if self.needs_input_grad[0]:
+            dx = self.rstd * (g - g.mean(axis=self.axes, keepdims=True)
+                              - self.xhat * (g * self.xhat).mean(axis=self.axes, keepdims=True))
+        return dx, dweight, dbias
+
+
+def layer_norm(x, normalized_shape, weight=None, bias=None, eps=1e-5):
+    shape = (normalized_shape,) if isinstance(normalized_shape, int) else tuple(normalized_shape)
+    if tuple(x.shape[-len(shape):]) != shape:
+        raise ValueError(f"layer_norm: normalized_shape {shape} does not match the trailing axes of {tuple(x.shape)}")
+    if (weight is None) != (bias is None):
+        raise ValueError("layer_norm: give both weight and bias, or neither")
+    args = (x,) if weight is None else (x, weight, bias)
+    return LayerNorm.apply(*args, normalized_ndim=len(shape), eps=eps)
+
+
+class GroupNorm(Function):
+    """Normalise each group of C/G channels of each sample; the arithmetic is backend.ops'."""
+
+    def forward(self, x, weight=None, bias=None, num_groups=1, eps=1e-5):
+        self.ops = get_backend().ops
+        self.x, self.weight, self.num_groups = x, weight, num_groups
+        y, self.mean, self.rstd = self.ops.group_norm_forward(x, num_groups, weight, bias, eps)
+        return y
+
+    def backward(self, dy):
+        dx, dw, db = self.ops.group_norm_backward(dy, self.x, self.num_groups, self.weight, self.mean, self.rstd)
+        return dx, dw, db
+
+
+def group_norm(x, num_groups: int, weight=None, bias=None, eps=1e-5):
+    if x.ndim < 2 or x.shape[1] % num_groups:
+        raise ValueError(f"group_norm: {x.shape[1] if x.ndim > 1 else '?'} channels of input {tuple(x.shape)} "
+                         f"do not split into {num_groups} groups")
+    if (weight is None) != (bias is None):
+        raise ValueError("group_norm: give both weight and bias, or neither")
+    args = (x,) if weight is None else (x, weight, bias)
+    return GroupNorm.apply(*args, num_groups=num_groups, eps=eps)
+
+
+# =====================================================================================
+# Convolution and resampling
+# =====================================================================================
+
+
+def _square(name: str, value) -> int:
+    if isinstance(value, (tuple, list)):
+        if len(set(value)) != 1:
+            raise ValueError(f"conv2d: only square {name} is supported, got {tuple(value)}")
+        value = value[0]
+    return int(value)
+
+
+class Conv2d(Function):
+    """2-D cross-correlation (torch's conv2d); the arithmetic is backend.ops'."""
+
+    def forward(self, x, w, b=None, stride=1, padding=0):
+        self.ops = get_backend().ops
+        self.x, self.w, self.stride, self.padding = x, w, stride, padding
+        return self.ops.conv2d_forward(x, w, b, stride, padding)
+
+    def backward(self, dy):
+        need = self.needs_input_grad
+        return self.ops.conv2d_backward(dy, self.x, self.w, self.stride, self.padding,
+                                        need[0], need[1], len(need) > 2 and need[2])
+
+
+def conv2d(x, weight, bias=None, stride=1, padding=0):
+    stride, padding = _square("stride", stride), _square("padding", padding)
+    if x.ndim != 4 or weight.ndim != 4 or x.shape[1] != weight.shape[1]:
+        raise ValueError(f"conv2d: input {tuple(x.shape)} and weight {tuple(weight.shape)} do not match "
+                         "(expected (N, C, H, W) and (K, C, R, S))")
+    H, W = x.shape[2] + 2 * padding, x.shape[3] + 2 * padding
+    if H < weight.shape[2] or W < weight.shape[3]:
+        raise ValueError(f"conv2d: kernel {tuple(weight.shape[2:])} is larger than the padded input ({H}, {W})")
+    args = (x, weight) if bias is None else (x, weight, bias)
+    return Conv2d.apply(*args, stride=stride, padding=padding)
+
+
+class UpsampleNearest(Function):
+    """Nearest-neighbour upsampling by an integer factor; backward sums each factor x factor block."""
+
+    def forward(self, x, factor=2):
+        N, C, H, W = x.shape
+        self.factor = factor
+        out = _xp(x).empty((N, C, H, factor, W, factor), dtype=x.dtype)
+        out[...] = x[:, :, :, None, :, None]
+        return out.reshape(N, C, H * factor, W * factor)
+
+    def backward(self, g):
+        N, C, H, W = g.shape
+        f = self.factor
+        return g.reshape(N, C, H // f, f, W // f, f).sum(axis=(3, 5))
+
+
+def interpolate(x, scale_factor=2, mode="nearest"):
+    if mode != "nearest" or int(scale_factor) != scale_factor or scale_factor < 1:
+        raise ValueError(f"interpolate: only mode='nearest' with a whole scale_factor is supported, "
+                         f"got mode={mode!r}, scale_factor={scale_factor}")
+    return UpsampleNearest.apply(x, factor=int(scale_factor))
+
+
+# =====================================================================================
+# Attention
+# =====================================================================================
+
+
+class Attention(Function):
+    """softmax(scale * Q K^T) V over (B, heads, L, d) arrays; the arithmetic is backend.ops'."""
+
+    def forward(self, q, k, v, scale=1.0, is_causal=False):
+        self.ops = get_backend().ops
+        self.scale, self.is_causal = scale, is_causal
+        o, lse = self.ops.attention_forward(q, k, v, scale, is_causal)
+        self.saved = (q, k, v, o, lse)
+        return o
+
+    def backward(self, do):
+        return self.ops.attention_backward(do, *self.saved, self.scale, self.is_causal)
+
+
+def scaled_dot_product_attention(q, k, v, attn_mask=None, is_causal=False, scale=None):
+    """softmax(Q K^T / sqrt(d) + mask) V, as torch's, for q (..., Lq, d), k and v (..., Lk, d).
+
+    Without ``attn_mask`` the fused primitive runs (a kernel on a GPU). A mask (boolean:
+    True = keep; or additive floats) is applied by composing the ops above.
+    """
+    if q.ndim != k.ndim or k.shape[:-1] != v.shape[:-1] or q.shape[-1] != k.shape[-1] \
+            or q.shape[:-2] != k.shape[:-2]:
+        raise ValueError(f"scaled_dot_product_attention: q {tuple(q.shape)}, k {tuple(k.shape)}, "
+                         f"v {tuple(v.shape)} do not fit (..., Lq, d), (..., Lk, d), (..., Lk, dv)")
+    scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
+    if attn_mask is None:
+        lead = q.shape[:-2]
+        as4d = lambda t: reshape(t, (-1, 1) + t.shape[-2:]) if t.ndim != 4 else t  # noqa: E731
+        out = Attention.apply(as4d(q), as4d(k), as4d(v), scale=scale, is_causal=bool(is_causal))
+        return reshape(out, lead + out.shape[-2:]) if q.ndim != 4 else out
+    scores = matmul(q, transpose(k, -1, -2)) * scale
+    mask = attn_mask.data if isinstance(attn_mask, Tensor) else get_backend().asarray(attn_mask)
+    if mask.dtype == bool:
+        mask = _xp(mask).where(mask, 0.0, -np.inf).astype(scores.dtype)
+    if is_causal:
+        Lq, Lk = q.shape[-2], k.shape[-2]
+        mask = mask + _xp(mask).triu(_xp(mask).full((Lq, Lk), -np.inf, dtype=scores.dtype), k=1)
+    return matmul(softmax(scores + mask, axis=-1), v)
+
+
+def attention_probabilities(q, k, attn_mask=None, is_causal=False, scale=None):
+    """The attention weights P = softmax(Q K^T * scale) as a plain array, for looking at (no graph)."""
+    q, k = (t.data if isinstance(t, Tensor) else t for t in (q, k))
+    scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
+    s = (q @ k.swapaxes(-1, -2)) * q.dtype.type(scale)
+    if attn_mask is not None:
+        mask = attn_mask.data if isinstance(attn_mask, Tensor) else attn_mask
+        s = _xp(s).where(mask, s, -np.inf) if mask.dtype == bool else s + mask
+    if is_causal:
+        s = s + _xp(s).triu(_xp(s).full(s.shape[-2:], -np.inf, dtype=s.dtype), k=1)
+    e = _xp(s).exp(s - s.max(axis=-1, keepdims=True))
+    return e / e.sum(axis=-1, keepdims=True)
+
+
+# =====================================================================================
+# Embeddings and dropout
+# =====================================================================================
+
+
+class Embedding(Function):
+    """Row lookup weight[ids]; backward adds each gradient row into its id (repeats summed)."""
+
+    def forward(self, weight, ids=None):
+        if ids.dtype.kind not in "iu":
+            raise TypeError(f"embedding: ids must be integers, got {ids.dtype}")
+        if ids.size and (ids.min() < 0 or ids.max() >= weight.shape[0]):
+            raise ValueError(f"embedding: ids must lie in [0, {weight.shape[0]}), got range "
+                             f"[{int(ids.min())}, {int(ids.max())}]")
+        self.ids, self.shape = ids, weight.shape
+        return weight[ids]
+
+    def backward(self, g):
+        grad = _xp(g).zeros(self.shape, dtype=g.dtype)
+        _scatter_add(grad, self.ids.reshape(-1), g.reshape(-1, self.shape[1]))
+        return grad
+
+
+def embedding(ids, weight):
+    ids = ids.data if isinstance(ids, Tensor) else get_backend().asarray(ids)
+    return Embedding.apply(weight, ids=ids)
+
+
+def dropout(x, p=0.5, training=True, rng: np.random.Generator | None = None):
+    """Zero each element with probability p and scale the rest by 1/(1-p) (inverted dropout)."""
+    if not 0 <= p < 1:
+        raise ValueError(f"dropout: p must be in [0, 1), got {p}")
+    if not training or p == 0:
+        return x
+    rng = rng or np.random.default_rng()
+    keep = get_backend().asarray(rng.random(x.shape) >= p)
+    return x * (keep * x.dtype.type(1 / (1 - p)))
+
+
+# =====================================================================================
+# Losses
+# =====================================================================================
+
+
+def mse_loss(input, target, reduction="mean"):  # noqa: A002  (torch's name)
+    if tuple(input.shape) != tuple(target.shape):
+        raise ValueError(f"mse_loss: input {tuple(input.shape)} and target {tuple(target.shape)} differ in shape")
+    diff = input - target
+    sq = diff * diff
+    if reduction == "mean":
+        return mean(sq)
+    if reduction == "sum":
+        return sum(sq)
+    if reduction == "none":
+        return sq
+    raise ValueError(f"mse_loss: reduction must be 'mean', 'sum' or 'none', got {reduction!r}")
+
+
+def cross_entropy(logits, target):
+    """Mean over rows of -log softmax(logits)[row, target[row]], for logits (N, classes)."""
+    target = target.data if isinstance(target, Tensor) else np.asarray(target)
+    if logits.ndim != 2 or target.shape != (logits.shape[0],):
+        raise ValueError(f"cross_entropy: logits {tuple(logits.shape)} and target {tuple(target.shape)} "
+                         "should be (N, classes) and (N,)")
+    rows = np.arange(logits.shape[0])
+    return -mean(log_softmax(logits, axis=1)[rows, target])
