@@ -1,0 +1,114 @@
+"""`minisd bench ops`: conv2d, group_norm and attention, forward + backward, against PyTorch CPU.
+
+The shapes are those of a small UNet's training step (batch 32, 8x8 to 32x32 feature
+maps, 32 to 128 channels). For conv2d the achieved GFLOP/s is also shown as a fraction
+of this machine's float32 matmul peak, measured in the same run: a convolution is
+three matrix products (forward, dX, dW), so the peak is the ceiling.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from minisd import functional as F
+from minisd.benchmarks import timeit, torch_or_none
+from minisd.tensor import Tensor
+
+# (N, C, H, W, K, kernel, stride, padding)
+CONV_SHAPES = [
+    (32, 32, 32, 32, 32, 3, 1, 1),
+    (32, 64, 16, 16, 64, 3, 1, 1),
+    (32, 128, 8, 8, 128, 3, 1, 1),
+    (32, 64, 16, 16, 128, 3, 1, 1),
+    (32, 64, 16, 16, 64, 3, 2, 1),
+    (32, 128, 8, 8, 64, 1, 1, 0),
+]
+# (N, C, H, W, groups)
+NORM_SHAPES = [(32, 32, 32, 32, 8), (32, 64, 16, 16, 32), (32, 128, 8, 8, 32)]
+# (B, heads, Lq, Lk, d)
+ATTN_SHAPES = [(32, 4, 256, 256, 16), (32, 4, 64, 64, 32), (32, 4, 64, 16, 32), (32, 8, 64, 64, 16)]
+
+
+def add_arguments(parser) -> None:
+    parser.add_argument("--repeat", type=int, default=5, help="timed runs per case (the median is shown)")
+
+
+def matmul_peak_gflops(n: int = 1024, repeat: int = 5) -> float:
+    """Float32 GFLOP/s of one large NumPy matrix product: the ceiling for conv2d here."""
+    a = np.random.default_rng(0).standard_normal((n, n), dtype=np.float32)
+    seconds = timeit(lambda: a @ a, repeat=repeat)
+    return 2 * n ** 3 / seconds / 1e9
+
+
+def _minisd_step(fn, arrays, grad_out):
+    """forward + backward through minisd with fixed upstream gradient."""
+    def run():
+        tensors = [Tensor(a, requires_grad=True) for a in arrays]
+        fn(*tensors).backward(grad_out)
+    return run
+
+
+def _torch_step(torch, fn, arrays, grad_out):
+    grad_out = torch.from_numpy(grad_out)
+
+    def run():
+        tensors = [torch.from_numpy(a).requires_grad_() for a in arrays]
+        fn(*tensors).backward(grad_out)
+    return run
+
+
+def _cases(rng):
+    """(label, minisd fn, torch fn (given torch), input arrays, flops or None)."""
+    f32 = lambda *shape: rng.standard_normal(shape, dtype=np.float32)  # noqa: E731
+    for N, C, H, W, K, k, st, pd in CONV_SHAPES:
+        x, w, b = f32(N, C, H, W), f32(K, C, k, k) * 0.1, f32(K)
+        P, Q = (H + 2 * pd - k) // st + 1, (W + 2 * pd - k) // st + 1
+        flops = 3 * 2 * N * K * C * k * k * P * Q
+        yield (f"conv2d {N}x{C}x{H}x{W} -> {K} k{k} s{st} p{pd}",
+               lambda x, w, b, st=st, pd=pd: F.conv2d(x, w, b, st, pd),
+               lambda torch, st=st, pd=pd: (lambda x, w, b: torch.nn.functional.conv2d(x, w, b, st, pd)),
+               [x, w, b], flops)
+    for N, C, H, W, G in NORM_SHAPES:
+        yield (f"group_norm {N}x{C}x{H}x{W} G={G}",
+               lambda x, g, b, G=G: F.group_norm(x, G, g, b),
+               lambda torch, G=G: (lambda x, g, b: torch.nn.functional.group_norm(x, G, g, b)),
+               [f32(N, C, H, W), f32(C), f32(C)], None)
+    for B, Hh, Lq, Lk, d in ATTN_SHAPES:
+        yield (f"attention {B}x{Hh} heads, Lq={Lq} Lk={Lk} d={d}",
+               lambda q, k, v: F.scaled_dot_product_attention(q, k, v),
+               lambda torch: (lambda q, k, v: torch.nn.functional.scaled_dot_product_attention(q, k, v)),
+               [f32(B, Hh, Lq, d), f32(B, Hh, Lk, d), f32(B, Hh, Lk, d)], None)
+
+
+def run(args) -> int:
+    rng = np.random.default_rng(0)
+    torch = torch_or_none()
+    peak = matmul_peak_gflops()
+    print(f"float32 matmul peak (NumPy, 1024^3): {peak:.0f} GFLOP/s")
+    if torch is None:
+        print("PyTorch is not installed (pip install 'minisd[parity]'): timing minisd alone")
+    else:
+        print(f"PyTorch {torch.__version__} CPU, {torch.get_num_threads()} threads")
+    header = f"{'forward + backward':48s} {'minisd ms':>10s} {'torch ms':>9s} {'ratio':>6s} {'GFLOP/s':>8s} {'of peak':>7s}"
+    print(header)
+    print("-" * len(header))
+    worst = 0.0
+    for label, fn, torch_fn, arrays, flops in _cases(rng):
+        out = fn(*[Tensor(a) for a in arrays])
+        grad_out = rng.standard_normal(out.shape, dtype=np.float32)
+        ours = timeit(_minisd_step(fn, arrays, grad_out), repeat=args.repeat)
+        line = f"{label:48s} {ours * 1e3:10.2f}"
+        if torch is not None:
+            theirs = timeit(_torch_step(torch, torch_fn(torch), arrays, grad_out), repeat=args.repeat)
+            ratio = ours / theirs
+            if flops:
+                worst = max(worst, ratio)
+            line += f" {theirs * 1e3:9.2f} {ratio:6.2f}"
+        else:
+            line += f" {'-':>9s} {'-':>6s}"
+        if flops:
+            line += f" {flops / ours / 1e9:8.1f} {flops / ours / 1e9 / peak:7.0%}"
+        print(line)
+    if torch is not None:
+        print(f"conv2d: worst time ratio minisd / PyTorch = {worst:.2f} (target <= 1.5)")
+    return 0

@@ -1,0 +1,102 @@
+"""The command line: `minisd ...` or `python -m minisd ...`.
+
+    minisd generate "a large blue square in the center" --n 4 --steps 50 --out out/
+    minisd train {vae,clip,unet,all} --dataset shapes --out checkpoints/mine
+    minisd eval | minisd info | minisd export PATH --to DIR
+    minisd lesson N | minisd lessons
+    minisd bench {ops,kernels,unet,sd15,generate}
+
+Usage errors exit with status 2 and one line on stderr; errors in the work itself
+(a missing checkpoint, an unwritable folder) exit with status 1 and one line.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+
+class UsageError(Exception):
+    """Bad command-line input: reported in one line, exit status 2."""
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse, but a usage error is one line (not the usage block), exit status 2."""
+
+    def error(self, message):
+        raise UsageError(f"{self.prog}: {message}")
+
+
+def _add_bench(sub) -> None:
+    from minisd.benchmarks import NAMES
+
+    bench = sub.add_parser("bench", help="benchmarks: minisd side by side with PyTorch / CuPy")
+    which = bench.add_subparsers(dest="bench", metavar="{" + ",".join(NAMES) + "}", parser_class=_Parser)
+    which.required = True
+    for name in NAMES:
+        try:
+            module = importlib.import_module(f"minisd.benchmarks.{name}")
+        except ModuleNotFoundError:
+            continue  # a benchmark whose part of minisd has not landed yet
+        p = which.add_parser(name, help=(module.__doc__ or "").strip().splitlines()[0])
+        module.add_arguments(p)
+        p.set_defaults(run=module.run)
+
+
+# Each subcommand lives beside the code it drives: module minisd.<name> with
+# add_arguments(parser) and run(args). Those not present yet are simply not offered.
+_COMMANDS = {
+    "generate": ("minisd.pipeline_cli", "text -> images with a trained model"),
+    "train": ("minisd.train", "train the VAE, CLIP and the UNet on a dataset"),
+    "eval": ("minisd.evaluate", "measure a model: VAE PSNR, prompt adherence, CLIP score"),
+    "info": ("minisd.info", "the model's sizes next to Stable Diffusion v1.5's"),
+    "export": ("minisd.export", "write a model as a diffusers StableDiffusionPipeline folder"),
+    "lesson": ("minisd.lessons_cli", "run one chapter script: minisd lesson N"),
+    "lessons": ("minisd.lessons_cli", "run every chapter script in order"),
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="minisd", description="Stable Diffusion from scratch on NumPy and hand-written CUDA kernels.")
+    parser.add_argument("--backend", choices=("numpy", "emulated", "cupy"),
+                        help="array backend (default: $MINISD_BACKEND or numpy)")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
+    sub.required = True
+    for name, (module_name, help_text) in _COMMANDS.items():
+        try:
+            module = importlib.import_module(module_name)
+        except ModuleNotFoundError as e:
+            if e.name != module_name:
+                raise
+            continue
+        p = sub.add_parser(name, help=help_text)
+        getattr(module, f"add_{name}_arguments", module.add_arguments)(p)
+        p.set_defaults(run=getattr(module, f"run_{name}", getattr(module, "run", None)))
+    _add_bench(sub)
+    return parser
+
+
+def main(argv=None) -> int:
+    try:
+        args = build_parser().parse_args(argv)
+        if args.backend:
+            import minisd
+
+            minisd.set_backend(args.backend)
+        return int(args.run(args) or 0)
+    except UsageError as e:
+        print(str(e), file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("minisd: interrupted", file=sys.stderr)
+        return 130
+    except (ValueError, KeyError, FileNotFoundError, PermissionError, RuntimeError, OSError, TypeError) as e:
+        # Errors in the work itself, already phrased for a person: one line, no traceback.
+        message = e.args[0] if isinstance(e, KeyError) and e.args else e
+        print(f"minisd: error: {message}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
