@@ -132,7 +132,7 @@ class Abs(Function):
 
     def forward(self, a):
         self.a = a
-        return abs(a)
+        return _xp(a).abs(a)  # not abs(a): this module's abs() (the op) shadows the builtin
 
     def backward(self, g):
         return g * _xp(self.a).sign(self.a)
