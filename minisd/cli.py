@@ -44,8 +44,9 @@ def _add_bench(sub) -> None:
         p.set_defaults(run=module.run)
 
 
-# Each subcommand lives beside the code it drives: module minisd.<name> with
-# add_arguments(parser) and run(args). Those not present yet are simply not offered.
+# Each subcommand lives beside the code it drives: a module with add_arguments(parser)
+# and run(args) (or add_<name>_arguments / run_<name> where one module serves two
+# commands). Modules not present yet are simply not offered.
 _COMMANDS = {
     "generate": ("minisd.pipeline_cli", "text -> images with a trained model"),
     "train": ("minisd.train", "train the VAE, CLIP and the UNet on a dataset"),
@@ -71,8 +72,9 @@ def build_parser() -> argparse.ArgumentParser:
                 raise
             continue
         p = sub.add_parser(name, help=help_text)
-        getattr(module, f"add_{name}_arguments", module.add_arguments)(p)
-        p.set_defaults(run=getattr(module, f"run_{name}", getattr(module, "run", None)))
+        add = getattr(module, f"add_{name}_arguments", None) or getattr(module, "add_arguments")
+        add(p)
+        p.set_defaults(run=getattr(module, f"run_{name}", None) or getattr(module, "run"))
     _add_bench(sub)
     return parser
 
