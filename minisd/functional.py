@@ -239,7 +239,8 @@ class Max(Function):
     def backward(self, g):
         hit = self.a == self.out
         g = g.reshape(self.out.shape)
-        return hit * (g / hit.sum(axis=self.axes, keepdims=True))
+        ties = hit.sum(axis=self.axes, keepdims=True).astype(g.dtype)  # int64 would make float32 g float64
+        return hit * (g / ties)
 
 
 def sum(a, axis=None, keepdims=False):  # noqa: A001
@@ -778,7 +779,8 @@ def scaled_dot_product_attention(q, k, v, attn_mask=None, is_causal=False, scale
     scores = matmul(q, transpose(k, -1, -2)) * scale
     mask = attn_mask.data if isinstance(attn_mask, Tensor) else get_backend().asarray(attn_mask)
     if mask.dtype == bool:
-        mask = _xp(mask).where(mask, 0.0, -np.inf).astype(scores.dtype)
+        mask = _xp(mask).where(mask, 0.0, -np.inf)
+    mask = mask.astype(scores.dtype, copy=False)  # a float64 mask must not turn float32 scores float64
     if is_causal:
         Lq, Lk = q.shape[-2], k.shape[-2]
         mask = mask + _xp(mask).triu(_xp(mask).full((Lq, Lk), -np.inf, dtype=scores.dtype), k=1)
