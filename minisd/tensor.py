@@ -140,7 +140,9 @@ class Tensor:
             if g is None:
                 continue
             if ctx is None:  # a leaf: keep its gradient, summed over backward() calls
-                node.grad = g if node.grad is None else node.grad + g
+                # A copy of its own: g may be a read-only broadcast view (x.sum()) or the very
+                # array another leaf got (a + b), and optimisers and clipping write grads in place.
+                node.grad = g.copy() if node.grad is None else node.grad + g
                 continue
             input_grads = ctx.backward(g)
             if not isinstance(input_grads, tuple):
@@ -283,13 +285,14 @@ class Function:
 def _as_input(x, siblings) -> Tensor:
     """Tensors pass through; arrays and numbers become constants.
 
-    A Python number takes the floating dtype of the tensor it meets, so that
-    ``x * 0.5`` keeps a float32 x in float32.
+    A Python number or NumPy scalar takes the floating dtype of the tensor it meets, so
+    that ``x * 0.5`` and ``x * np.sqrt(0.5)`` keep a float32 x in float32.
     """
     if isinstance(x, Tensor):
         return x
-    if hasattr(x, "dtype"):
+    if hasattr(x, "dtype") and not isinstance(x, np.generic):
         return Tensor._wrap(get_backend().asarray(x))
+    # Python numbers and NumPy scalars (x * np.sqrt(2) is an np.float64) alike
     dtype = next((s.dtype for s in siblings if isinstance(s, Tensor) and s.dtype.kind == "f"), DEFAULT_DTYPE)
     return Tensor._wrap(get_backend().xp.asarray(x, dtype=dtype))
 
