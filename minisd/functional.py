@@ -29,6 +29,14 @@ def _xp(*arrays):
     return get_array_module(*arrays)
 
 
+def _check_param_shapes(op: str, x, expected: tuple, **params) -> None:
+    """Weights and biases must have the shape the input implies; say so in the op's own terms."""
+    for name, p in params.items():
+        if p is not None and tuple(p.shape) != tuple(expected):
+            raise ValueError(f"{op}: {name} of shape {tuple(p.shape)} does not fit input {tuple(x.shape)} "
+                             f"(expected {tuple(expected)})")
+
+
 def _check_same_shape(op: str, a, b) -> None:
     try:
         np.broadcast_shapes(a.shape, b.shape)
@@ -469,6 +477,7 @@ def matmul(a, b):
 
 
 def linear(x, weight, bias=None):
+    _check_param_shapes("linear", x, weight.shape[:1], bias=bias)
     return Linear.apply(x, weight) if bias is None else Linear.apply(x, weight, bias)
 
 
@@ -651,6 +660,7 @@ def layer_norm(x, normalized_shape, weight=None, bias=None, eps=1e-5):
         raise ValueError(f"layer_norm: normalized_shape {shape} does not match the trailing axes of {tuple(x.shape)}")
     if (weight is None) != (bias is None):
         raise ValueError("layer_norm: give both weight and bias, or neither")
+    _check_param_shapes("layer_norm", x, shape, weight=weight, bias=bias)
     args = (x,) if weight is None else (x, weight, bias)
     return LayerNorm.apply(*args, normalized_ndim=len(shape), eps=eps)
 
@@ -675,6 +685,7 @@ def group_norm(x, num_groups: int, weight=None, bias=None, eps=1e-5):
                          f"do not split into {num_groups} groups")
     if (weight is None) != (bias is None):
         raise ValueError("group_norm: give both weight and bias, or neither")
+    _check_param_shapes("group_norm", x, x.shape[1:2], weight=weight, bias=bias)
     args = (x,) if weight is None else (x, weight, bias)
     return GroupNorm.apply(*args, num_groups=num_groups, eps=eps)
 
@@ -714,6 +725,7 @@ def conv2d(x, weight, bias=None, stride=1, padding=0):
     H, W = x.shape[2] + 2 * padding, x.shape[3] + 2 * padding
     if H < weight.shape[2] or W < weight.shape[3]:
         raise ValueError(f"conv2d: kernel {tuple(weight.shape[2:])} is larger than the padded input ({H}, {W})")
+    _check_param_shapes("conv2d", x, weight.shape[:1], bias=bias)
     args = (x, weight) if bias is None else (x, weight, bias)
     return Conv2d.apply(*args, stride=stride, padding=padding)
 
