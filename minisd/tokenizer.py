@@ -258,9 +258,11 @@ class Tokenizer:
         return self._tk.encode(prompt, add_special_tokens=False).tokens
 
     def decode(self, ids) -> str:
-        """Ids (one row) back to text, without start, end and padding tokens. Lossy as CLIP's
-        is: lower-cased, spaces only between words ("hello, world" -> "hello , world")."""
+        """Ids (one row) back to text, up to the first end token. Lossy as CLIP's is:
+        lower-cased, spaces only between words ("hello, world" -> "hello , world")."""
         ids = [int(i) for i in np.asarray(ids).reshape(-1)]
+        if self.eos_id in ids:  # what follows is padding, whatever the pad token is
+            ids = ids[: ids.index(self.eos_id)]
         return " ".join(self._tk.decode(ids, skip_special_tokens=True).split())
 
     def get_vocab(self) -> dict[str, int]:

@@ -16,6 +16,9 @@ from minisd import schedulers as S
 torch = pytest.importorskip("torch")
 diffusers = pytest.importorskip("diffusers")
 
+# diffusers' Euler calls np.array on a torch tensor, which NumPy 2 flags: theirs, not ours
+pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")
+
 SHAPE = (2, 4, 8, 8)
 SD = dict(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012)  # SD v1.x
 
@@ -100,6 +103,12 @@ def test_ddim_eta_matches_diffusers(steps, spacing):
 def test_ddpm_matches_diffusers(steps, spacing, prediction, monkeypatch):
     cfg = dict(SD, timestep_spacing=spacing, prediction_type=prediction, clip_sample=(prediction == "sample"))
     assert_same(run_both("ddpm", steps, cfg, stochastic=True, monkeypatch=monkeypatch))
+
+
+@pytest.mark.parametrize("schedule", ["linear", "squaredcos_cap_v2"])
+def test_ddpm_fixed_large_matches_diffusers(schedule, monkeypatch):
+    cfg = dict(beta_schedule=schedule, variance_type="fixed_large", clip_sample=True)
+    assert_same(run_both("ddpm", 10, cfg, stochastic=True, monkeypatch=monkeypatch))
 
 
 @pytest.mark.parametrize("steps", [10, 25, 50])
@@ -189,3 +198,27 @@ def test_seeded_noise_and_bad_input():
         S.DDPMScheduler.from_config({"thresholding": True})
     with pytest.raises(ValueError, match="timesteps must lie"):
         s.add_noise(x, x, np.array([1000, 0]))
+
+
+@pytest.mark.gpu
+def test_cupy_arrays_stay_on_the_gpu_and_agree_with_numpy():
+    cupy = pytest.importorskip("cupy")
+    try:
+        cupy.cuda.runtime.getDeviceCount()
+    except Exception as e:  # CuPy installed, no GPU
+        pytest.skip(f"no GPU: {e}")
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal(SHAPE).astype(np.float32)
+    for name, kw in (("ddpm", {"generator": 3}), ("ddim", {"eta": 0.5, "generator": 3}), ("euler", {})):
+        outs = []
+        for xp in (np, cupy):
+            s = S.get_scheduler_class(name)(**SD)
+            s.set_timesteps(10)
+            xt = xp.asarray(x)
+            for i, t in enumerate(s.timesteps[:3]):
+                eps = xp.asarray(toy_model(np.asarray(x), t, i))
+                out = s.step(eps, t, s.scale_model_input(xt, t), **kw)
+                xt = out.prev_sample
+            assert type(xt) is type(xp.asarray(x)) and xt.dtype == np.float32
+            outs.append(cupy.asnumpy(xt) if xp is cupy else xt)
+        np.testing.assert_allclose(outs[0], outs[1], rtol=1e-5, atol=1e-5)
