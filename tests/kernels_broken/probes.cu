@@ -1,0 +1,50 @@
+// Correct kernels that probe one emulator feature each, checked by
+// tests/test_kernels_emulator.py against what the CUDA Programming Guide specifies.
+
+// Shared memory that is read before it is written holds garbage on a GPU; the emulator
+// fills it with NaN (all bytes 0xFF) before every block, static and dynamic alike.
+extern "C" __global__ void read_unwritten_shared_kernel(float *y) {
+    __shared__ float s[64];
+    extern __shared__ float dyn[];
+    y[threadIdx.x] = s[threadIdx.x];
+    y[blockDim.x + threadIdx.x] = dyn[threadIdx.x];
+}
+
+// The four shuffles, each with segments of `width` lanes; one block, out (4, blockDim.x).
+extern "C" __global__ void shuffles_kernel(const float *x, float *out, int src, int delta,
+                                           int width) {
+    const int t = threadIdx.x, n = blockDim.x;
+    const float v = x[t];
+    out[0 * n + t] = __shfl_sync(0xffffffffu, v, src, width);
+    out[1 * n + t] = __shfl_xor_sync(0xffffffffu, v, delta, width);
+    out[2 * n + t] = __shfl_down_sync(0xffffffffu, v, delta, width);
+    out[3 * n + t] = __shfl_up_sync(0xffffffffu, v, delta, width);
+}
+
+// Sum of x into *total with atomicAdd from every thread of every block.
+extern "C" __global__ void atomic_sum_kernel(const float *x, float *total, int n) {
+    const int i = blockIdx.x * blockDim.x + threadIdx.x;
+    if (i < n) atomicAdd(total, x[i]);
+}
+
+// Every thread writes its threadIdx, blockIdx, blockDim and gridDim (x, y, z each):
+// out (gridDim.x*y*z * blockDim.x*y*z, 12).
+extern "C" __global__ void indices_kernel(float *out) {
+    const int block = blockIdx.x + gridDim.x * (blockIdx.y + gridDim.y * blockIdx.z);
+    const int thread = threadIdx.x + blockDim.x * (threadIdx.y + blockDim.y * threadIdx.z);
+    float *o = out + (block * blockDim.x * blockDim.y * blockDim.z + thread) * 12;
+    o[0] = threadIdx.x, o[1] = threadIdx.y, o[2] = threadIdx.z;
+    o[3] = blockIdx.x, o[4] = blockIdx.y, o[5] = blockIdx.z;
+    o[6] = blockDim.x, o[7] = blockDim.y, o[8] = blockDim.z;
+    o[9] = gridDim.x, o[10] = gridDim.y, o[11] = gridDim.z;
+}
+
+// Threads leave at different times; a barrier waits only for those still running.
+extern "C" __global__ void early_exit_kernel(float *y) {
+    __shared__ float s[64];
+    const int t = threadIdx.x;
+    if (t >= 40) return;
+    s[t] = (float)t;
+    __syncthreads();
+    y[t] = s[39 - t];
+}

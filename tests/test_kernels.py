@@ -1,0 +1,240 @@
+"""Every kernel version, on the CPU emulator, against the NumPy reference in float64.
+
+Each op runs with kernel version 1 (simple) and 2 (fast), in the emulator's forward,
+reverse and random thread orders (a missing __syncthreads shows up as a difference
+between orders), over shapes chosen for what breaks kernels: sizes that are not a
+multiple of a tile, batch and head counts of 1, conv strides 1 and 2 with padding 0, 1
+and 2, one group and one group per channel, head dims 8, 40 and 80 (SD's are 40, 80,
+160), Lq != Lk, causal masks with Lq < Lk and Lq > Lk. The reference is
+minisd/reference.py run on float64 copies of the same float32 inputs, so the only
+difference allowed is the kernels' float32 rounding: |out - ref| <= atol + rtol |ref|.
+
+Then the same ops through the autograd engine (F.conv2d, F.group_norm,
+F.scaled_dot_product_attention, forward and backward) on the "emulated" backend
+against the "numpy" backend.
+
+With MINISD_EMU_SANITIZE=1 (and libasan preloaded; .ci/kernels.sh does both) this whole
+file runs again on the emulator built with AddressSanitizer and UBSan.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+import minisd
+from minisd import kernels, reference
+from minisd.backend import BackendUnavailable
+
+ATOL, RTOL = 1e-4, 1e-4
+SETTINGS = [(v, order) for v in kernels.VERSIONS for order in kernels.ORDERS]
+
+
+@pytest.fixture(scope="module")
+def ops():
+    try:
+        return kernels.KernelOps("emulated")
+    except BackendUnavailable as e:
+        pytest.skip(str(e))
+
+
+@pytest.fixture(params=SETTINGS, ids=[f"v{v}-{o}" for v, o in SETTINGS])
+def setting(request):
+    version, order = request.param
+    with kernels.settings(version=version, order=order, seed=request.param_index):
+        yield request.param
+
+
+def randn(rng, *shape):
+    return rng.standard_normal(shape).astype(np.float32)
+
+
+def f64(*arrays):
+    return [None if a is None else a.astype(np.float64) for a in arrays]
+
+
+def assert_close(out, ref, what):
+    if ref is None:
+        assert out is None, f"{what}: expected None"
+        return
+    assert out.dtype == np.float32, f"{what}: dtype {out.dtype}"
+    assert out.shape == ref.shape, f"{what}: shape {out.shape} != {ref.shape}"
+    err = np.abs(out.astype(np.float64) - ref)
+    bad = err > ATOL + RTOL * np.abs(ref)
+    assert not bad.any(), (f"{what}: {bad.sum()} of {bad.size} elements differ, max error "
+                           f"{err.max():.3g} at {np.unravel_index(err.argmax(), err.shape)}")
+
+
+# ------------------------------------------------------------------------------------
+# conv2d
+# ------------------------------------------------------------------------------------
+
+# (N, C, H, W, K, R, S, stride, padding, bias)
+CONV_CASES = [
+    (1, 1, 5, 5, 1, 3, 3, 1, 0, True),  # batch 1, one channel
+    (2, 3, 7, 9, 5, 3, 3, 1, 1, True),  # SD's 3x3 / padding 1, odd sizes
+    (2, 4, 8, 7, 6, 3, 3, 2, 1, False),  # a downsampling conv, no bias
+    (1, 3, 9, 7, 33, 1, 1, 1, 0, True),  # 1x1, K = 33: one past a 32-wide tile
+    (2, 2, 6, 5, 3, 4, 2, 2, 2, True),  # non-square kernel, padding 2
+    (1, 35, 5, 6, 3, 3, 3, 1, 2, True),  # C*R*S = 315: a tail in the summed dimension
+]
+
+
+@pytest.mark.parametrize("case", CONV_CASES, ids=lambda c: "x".join(map(str, c[:4])) + f"-k{c[4]}r{c[5]}s{c[6]}st{c[7]}p{c[8]}")
+def test_conv2d(ops, setting, case):
+    N, C, H, W, K, R, S, stride, pad, bias = case
+    rng = np.random.default_rng(sum(case))
+    x, w = randn(rng, N, C, H, W), randn(rng, K, C, R, S)
+    b = randn(rng, K) if bias else None
+    y_ref = reference.conv2d_forward(*f64(x, w, b), stride, pad)
+    assert_close(ops.conv2d_forward(x, w, b, stride, pad), y_ref, "y")
+    dy = randn(rng, *y_ref.shape)
+    grads = ops.conv2d_backward(dy, x, w, stride, pad, True, True, True)
+    for name, out, ref in zip(("dx", "dw", "db"), grads, reference.conv2d_backward(*f64(dy, x, w), stride, pad)):
+        assert_close(out, ref, name)
+
+
+def test_conv2d_backward_skips_unneeded_gradients(ops):
+    rng = np.random.default_rng(1)
+    x, w = randn(rng, 1, 2, 5, 5), randn(rng, 3, 2, 3, 3)
+    dy = randn(rng, 1, 3, 3, 3)
+    dx, dw, db = ops.conv2d_backward(dy, x, w, 1, 0, False, True, False)
+    assert dx is None and db is None
+    assert_close(dw, reference.conv2d_backward(*f64(dy, x, w), 1, 0)[1], "dw")
+
+
+# ------------------------------------------------------------------------------------
+# group norm
+# ------------------------------------------------------------------------------------
+
+# (shape, groups, affine)
+GN_CASES = [
+    ((1, 4, 3, 5), 1, True),  # one group: the whole sample
+    ((2, 6, 5, 7), 3, True),
+    ((2, 8, 4, 4), 8, True),  # one group per channel (instance norm)
+    ((3, 4, 33, 1), 2, False),  # no affine parameters; 66 elements per group (a tail)
+    ((2, 6, 9), 2, True),  # (N, C, L): any number of trailing axes
+    ((1, 64, 8, 8), 32, True),  # SD's 32 groups
+]
+
+
+@pytest.mark.parametrize("case", GN_CASES, ids=lambda c: "x".join(map(str, c[0])) + f"-g{c[1]}")
+def test_group_norm(ops, setting, case):
+    shape, G, affine = case
+    rng = np.random.default_rng(len(shape) + G)
+    x = randn(rng, *shape) * 2 + 3  # an offset mean: E[x^2] - E[x]^2 would lose digits
+    weight, bias = (randn(rng, shape[1]), randn(rng, shape[1])) if affine else (None, None)
+    refs = reference.group_norm_forward(*f64(x), G, *f64(weight, bias), 1e-5)
+    outs = ops.group_norm_forward(x, G, weight, bias, 1e-5)
+    for name, out, ref in zip(("y", "mean", "rstd"), outs, refs):
+        assert_close(out, ref, name)
+    dy = randn(rng, *shape)
+    grads = ops.group_norm_backward(dy, x, G, weight, outs[1], outs[2])
+    ref_grads = reference.group_norm_backward(*f64(dy, x), G, *f64(weight, outs[1], outs[2]))
+    for name, out, ref in zip(("dx", "dweight", "dbias"), grads, ref_grads):
+        assert_close(out, ref, name)
+
+
+# ------------------------------------------------------------------------------------
+# attention
+# ------------------------------------------------------------------------------------
+
+# (B, heads, Lq, Lk, d, causal)
+ATTN_CASES = [
+    (1, 1, 1, 1, 8, False),  # one query, one key
+    (2, 3, 5, 7, 8, True),  # causal with Lq < Lk
+    (1, 2, 37, 70, 40, False),  # cross-attention shape: Lq != Lk, tails past 32
+    (1, 1, 40, 33, 80, True),  # d = 80: the flash kernels pick smaller tiles
+    (2, 1, 33, 33, 40, True),  # causal self-attention, one past a tile
+    (1, 1, 70, 5, 8, True),  # causal with Lq > Lk: late queries see every key
+    (1, 2, 9, 77, 40, False),  # a text context of 77 tokens, as in SD
+]
+
+
+@pytest.mark.parametrize("case", ATTN_CASES, ids=lambda c: "b{}h{}q{}k{}d{}{}".format(*c[:5], "c" if c[5] else ""))
+def test_attention(ops, setting, case):
+    B, H, Lq, Lk, d, causal = case
+    rng = np.random.default_rng(Lq * Lk + d)
+    q, k, v = randn(rng, B, H, Lq, d), randn(rng, B, H, Lk, d), randn(rng, B, H, Lk, d)
+    scale = d ** -0.5
+    o_ref, lse_ref = reference.attention_forward(*f64(q, k, v), scale, causal)
+    o, lse = ops.attention_forward(q, k, v, scale, causal)
+    assert_close(o, o_ref, "o")
+    assert_close(lse, lse_ref, "lse")
+    do = randn(rng, B, H, Lq, d)
+    grads = ops.attention_backward(do, q, k, v, o, lse, scale, causal)
+    ref_grads = reference.attention_backward(*f64(do, q, k, v, o, lse), scale, causal)
+    for name, out, ref in zip(("dq", "dk", "dv"), grads, ref_grads):
+        assert_close(out, ref, name)
+
+
+# ------------------------------------------------------------------------------------
+# bad input: one clear line, never a traceback from inside a kernel
+# ------------------------------------------------------------------------------------
+
+
+def test_bad_shapes_are_reported(ops):
+    x = np.zeros((1, 3, 5, 5), np.float32)
+    with pytest.raises(ValueError, match="channels"):
+        ops.conv2d_forward(x, np.zeros((2, 4, 3, 3), np.float32), None, 1, 0)
+    with pytest.raises(ValueError, match="does not fit"):
+        ops.conv2d_forward(x, np.zeros((2, 3, 9, 9), np.float32), None, 1, 0)
+    with pytest.raises(ValueError, match="groups"):
+        ops.group_norm_forward(x, 2, None, None, 1e-5)
+    q = np.zeros((1, 1, 4, 8), np.float32)
+    with pytest.raises(ValueError, match="k and v"):
+        ops.attention_forward(q, np.zeros((1, 1, 4, 7), np.float32), np.zeros((1, 1, 4, 7), np.float32), 1.0, False)
+
+
+def test_version_setting_is_checked():
+    with pytest.raises(ValueError, match="version"):
+        kernels.set_version(3)
+    with pytest.raises(ValueError, match="run order"):
+        kernels.set_run_order("sideways")
+
+
+# ------------------------------------------------------------------------------------
+# through the autograd engine: the emulated backend against the numpy backend
+# ------------------------------------------------------------------------------------
+
+
+def _forward_backward(backend: str, fn, arrays):
+    """fn's output and every input's gradient for a fixed random output gradient, on ``backend``."""
+    from minisd import Tensor
+
+    minisd.set_backend(backend)
+    try:
+        inputs = [Tensor(a, requires_grad=True) for a in arrays]
+        out = fn(*inputs)
+        g = np.random.default_rng(7).standard_normal(out.shape).astype(np.float32)
+        (out * Tensor(g)).sum().backward()
+        return [out.numpy()] + [t.grad if isinstance(t.grad, np.ndarray) else t.grad.numpy() for t in inputs]
+    finally:
+        minisd.set_backend("numpy")
+
+
+def _engine_cases():
+    from minisd import functional as F
+
+    rng = np.random.default_rng(3)
+    return {
+        "conv2d": (lambda x, w, b: F.conv2d(x, w, b, stride=2, padding=1),
+                   [randn(rng, 2, 3, 7, 6), randn(rng, 4, 3, 3, 3), randn(rng, 4)]),
+        "group_norm": (lambda x, w, b: F.group_norm(x, 2, w, b),
+                       [randn(rng, 2, 4, 5, 3), randn(rng, 4), randn(rng, 4)]),
+        "attention": (lambda q, k, v: F.scaled_dot_product_attention(q, k, v, is_causal=True),
+                      [randn(rng, 1, 2, 9, 40), randn(rng, 1, 2, 11, 40), randn(rng, 1, 2, 11, 40)]),
+        "cross_attention": (lambda q, k, v: F.scaled_dot_product_attention(q, k, v),
+                            [randn(rng, 2, 1, 6, 8), randn(rng, 2, 1, 13, 8), randn(rng, 2, 1, 13, 8)]),
+    }
+
+
+@pytest.mark.parametrize("version", kernels.VERSIONS)
+@pytest.mark.parametrize("name", ["conv2d", "group_norm", "attention", "cross_attention"])
+def test_through_the_engine(ops, name, version):
+    fn, arrays = _engine_cases()[name]
+    expected = _forward_backward("numpy", fn, arrays)
+    with kernels.settings(version=version):
+        got = _forward_backward("emulated", fn, arrays)
+    for i, (out, ref) in enumerate(zip(got, expected)):
+        assert_close(out, ref.astype(np.float64), f"{name} {'output' if i == 0 else f'grad of input {i - 1}'}")
