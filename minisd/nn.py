@@ -132,7 +132,9 @@ class Module:
         backend = get_backend()
         for name, p in own.items():
             if name in state:
-                p.data = backend.asarray(state[name], dtype=p.dtype)
+                # A copy, as torch's param.copy_(): otherwise the model would share memory with
+                # the dict (and with the model it came from), and training one would change both.
+                p.data = backend.asarray(state[name], dtype=p.dtype).copy()
                 p.grad = None
 
 
