@@ -90,10 +90,12 @@ def test_ddim_matches_diffusers(steps, spacing, prediction):
     assert_same(run_both("ddim", steps, cfg))
 
 
-@pytest.mark.parametrize("steps", [10, 25])
+@pytest.mark.parametrize("steps", [10, 25, 50])
 @pytest.mark.parametrize("spacing", ["leading", "trailing"])
-def test_ddim_eta_matches_diffusers(steps, spacing):
-    cfg = dict(beta_schedule="linear", timestep_spacing=spacing, clip_sample=True, clip_sample_range=1.5)
+@pytest.mark.parametrize("prediction", ["epsilon", "v_prediction"])
+def test_ddim_eta_matches_diffusers(steps, spacing, prediction):
+    cfg = dict(beta_schedule="linear", timestep_spacing=spacing, prediction_type=prediction, clip_sample=True,
+               clip_sample_range=1.5)
     assert_same(run_both("ddim", steps, cfg, {"eta": 0.7}, stochastic=True))
 
 

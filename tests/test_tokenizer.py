@@ -91,7 +91,13 @@ def test_vocab_and_merges_match_transformers(clip_folder, tmp_path):
         got = ours(PROMPTS)
     assert got.dtype == np.int64 and got.shape == (len(PROMPTS), 77)
     np.testing.assert_array_equal(got, want)
-    # the same tokenizer written as tokenizer.json and read back
+    # the folder as transformers 5 saves it: tokenizer.json only
+    transformers = pytest.importorskip("transformers")
+    transformers.CLIPTokenizer.from_pretrained(str(clip_folder)).save_pretrained(str(tmp_path / "hf"))
+    assert not (tmp_path / "hf" / "vocab.json").exists()
+    with pytest.warns(UserWarning):
+        np.testing.assert_array_equal(Tokenizer.from_folder(str(tmp_path / "hf"))(PROMPTS), want)
+    # the same tokenizer written by minisd as tokenizer.json and read back
     ours.save(str(tmp_path / "tokenizer"))
     (tmp_path / "tokenizer" / "vocab.json").unlink()
     with pytest.warns(UserWarning):
