@@ -122,6 +122,13 @@ def test_emoji_dataset():
     assert "\U0001F34E" in emoji.emoji_list() and emoji.caption("\U0001F600") == "grinning face"
 
 
+def test_missing_emoji_font_says_how_to_install(monkeypatch):
+    monkeypatch.setattr(emoji, "DEFAULT_FONT_PATHS", ("/nonexistent/NotoColorEmoji.ttf",))
+    monkeypatch.setattr(emoji.shutil, "which", lambda name: None)  # no fontconfig either
+    with pytest.raises(emoji.EmojiFontNotFound, match="apt-get install fonts-noto-color-emoji"):
+        emoji.make_dataset(4)
+
+
 def test_emoji_errors(tmp_path):
     with pytest.raises(emoji.EmojiFontNotFound, match="fonts-noto-color-emoji"):
         emoji.find_font(str(tmp_path / "missing.ttf"))

@@ -158,12 +158,22 @@ def test_euler_add_noise_matches_diffusers():
     assert_close(ours.add_noise(x0, eps, t), b)
 
 
+@pytest.mark.parametrize("name", ["ddpm", "euler"])
+def test_saved_config_loads_in_diffusers(name, tmp_path):
+    ours = S.get_scheduler_class(name)(**SD, steps_offset=1, prediction_type="v_prediction", timestep_spacing="trailing")
+    ours.save_config(str(tmp_path))
+    theirs = getattr(diffusers, type(ours).__name__).from_pretrained(str(tmp_path))
+    assert {k: theirs.config[k] for k in ours.config} == ours.config
+    assert S.load_scheduler(str(tmp_path)).config == ours.config
+
+
 def test_config_round_trips_through_diffusers(tmp_path):
     ours = S.DDIMScheduler(**SD, steps_offset=1, set_alpha_to_one=False, clip_sample=False)
     path = ours.save_config(str(tmp_path / "scheduler"))
     assert os.path.basename(path) == "scheduler_config.json"
     assert json.load(open(path))["_class_name"] == "DDIMScheduler"
     theirs = diffusers.DDIMScheduler.from_pretrained(str(tmp_path / "scheduler"))
+    assert {k: theirs.config[k] for k in ours.config} == ours.config
     back = S.load_scheduler(str(tmp_path))  # the model folder: finds scheduler/
     assert type(back) is S.DDIMScheduler and back.config == ours.config
     for s in (theirs, back):
