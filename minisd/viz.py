@@ -1,0 +1,213 @@
+"""Plotting helpers shared by the lessons (lessons/NN_name.py).
+
+Every lesson does the same few things: read ``--out DIR`` and ``--fast`` from its command
+line, draw figures with matplotlib, save them as small PNGs (and GIFs) under DIR, print
+what it did, and record the numbers a reader (and the tests) can check. Those chores live
+here so that a lesson reads as its story and nothing else:
+
+    args = viz.lesson_args("03_forward_noise")       # args.out (a Path), args.fast
+    fig = viz.image_grid(images, titles=captions)
+    viz.save(fig, args.out / "dataset_grid.png")     # prints the path
+    viz.save_gif(frames, args.out / "noising.gif")
+    viz.write_results(args.out, {"last_step_std": 1.0})
+
+Headless by default (the Agg backend): a lesson run as a script or in CI never opens a
+window. Inside Jupyter or VS Code's interactive window the figures show inline as well.
+
+Images: a lesson may hand over uint8 (H, W, 3) in [0, 255] (what the dataset holds) or
+float (3, H, W) in [-1, 1] (what the models see, SD's convention); ``to_uint8`` takes both.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import sys
+from pathlib import Path
+
+import numpy as np
+
+
+def _in_notebook() -> bool:
+    return "ipykernel" in sys.modules
+
+
+import matplotlib  # noqa: E402
+
+if not _in_notebook():
+    matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+
+# Stable Diffusion v1.5's sizes, printed beside minisd's wherever a lesson shows a shape.
+SD = {
+    "image": (3, 512, 512),
+    "latents": (4, 64, 64),
+    "vae_factor": 8,
+    "text": (77, 768),
+    "vocab_size": 49408,
+    "inference_steps": 50,
+    "train_timesteps": 1000,
+    "unet_params": 859_520_964,
+    "vae_params": 83_653_863,
+    "text_encoder_params": 123_060_480,
+}
+
+DPI = 80  # small files: a 6 x 4 inch figure is 480 x 320 pixels
+
+
+# ---------------------------------------------------------------------------------------
+# the command line every lesson shares
+# ---------------------------------------------------------------------------------------
+
+
+def lesson_args(name: str, argv=None, description: str | None = None) -> argparse.Namespace:
+    """``--out DIR`` (default ./figures/<name>/) and ``--fast`` (smaller sizes, for CI).
+
+    Unknown arguments are ignored, so that a notebook kernel's own flags do no harm.
+    The output folder is created.
+    """
+    parser = argparse.ArgumentParser(prog=f"{name}.py", description=description)
+    parser.add_argument("--out", type=Path, default=Path("figures") / name,
+                        help=f"folder for the figures (default: ./figures/{name}/)")
+    parser.add_argument("--fast", action="store_true", help="smaller and quicker (what CI runs)")
+    args, _ = parser.parse_known_args(sys.argv[1:] if argv is None and not _in_notebook() else (argv or []))
+    args.out.mkdir(parents=True, exist_ok=True)
+    return args
+
+
+def header(title: str) -> None:
+    """A section title in the printed output, so a reader can follow the run."""
+    print(f"\n=== {title} ===")
+
+
+def shape_line(what: str, ours, sd) -> str:
+    """One line of "what: minisd (...)  |  Stable Diffusion v1.5 (...)", printed and returned."""
+    line = f"{what:<28} minisd {str(tuple(ours) if isinstance(ours, (tuple, list)) else ours):<18} " \
+           f"| SD v1.5 {tuple(sd) if isinstance(sd, (tuple, list)) else sd}"
+    print(line)
+    return line
+
+
+# ---------------------------------------------------------------------------------------
+# images
+# ---------------------------------------------------------------------------------------
+
+
+def to_uint8(image) -> np.ndarray:
+    """uint8 (H, W, 3) from uint8 (H, W, 3), float (H, W, 3) in [0, 1] or float (C, H, W) in [-1, 1]."""
+    a = np.asarray(image.numpy() if hasattr(image, "numpy") else image)
+    if a.dtype == np.uint8:
+        return a
+    if a.ndim == 3 and a.shape[0] in (1, 3) and a.shape[-1] not in (1, 3):
+        a = (a.transpose(1, 2, 0) + 1) / 2  # CHW in [-1, 1] -> HWC in [0, 1]
+    a = np.clip(np.asarray(a, dtype=np.float64), 0, 1)
+    if a.ndim == 3 and a.shape[-1] == 1:
+        a = a[..., 0]
+    return np.round(a * 255).astype(np.uint8)
+
+
+def to_model_input(image_uint8) -> np.ndarray:
+    """uint8 (H, W, 3) or (N, H, W, 3) -> float32 (3, H, W) or (N, 3, H, W) in [-1, 1], SD's scaling."""
+    a = np.asarray(image_uint8, dtype=np.float32) / 127.5 - 1.0
+    return np.moveaxis(a, -1, -3)
+
+
+def upscale(image: np.ndarray, factor: int) -> np.ndarray:
+    """Nearest-neighbour enlargement: each pixel becomes a factor x factor square (32 px is tiny)."""
+    return np.repeat(np.repeat(image, factor, axis=0), factor, axis=1)
+
+
+def image_grid(images, titles=None, ncols: int | None = None, cell: float = 1.3, title: str | None = None,
+               fontsize: float = 6.5):
+    """A figure of images in a grid, each with its (wrapped) title; returns the Figure."""
+    images = [to_uint8(im) for im in images]
+    n = len(images)
+    ncols = ncols or math.ceil(math.sqrt(n))
+    nrows = math.ceil(n / ncols)
+    fig, axes = plt.subplots(nrows, ncols, figsize=(cell * ncols, cell * nrows + (0.3 if title else 0)),
+                             squeeze=False)
+    for i, ax in enumerate(axes.flat):
+        ax.axis("off")
+        if i < n:
+            ax.imshow(images[i], interpolation="nearest", cmap="gray" if images[i].ndim == 2 else None)
+            if titles is not None:
+                ax.set_title(_wrap(str(titles[i]), 22), fontsize=fontsize)
+    if title:
+        fig.suptitle(title, fontsize=9)
+    fig.tight_layout()
+    return fig
+
+
+def _wrap(text: str, width: int) -> str:
+    words, lines, line = text.split(), [], ""
+    for w in words:
+        if line and len(line) + 1 + len(w) > width:
+            lines.append(line)
+            line = w
+        else:
+            line = f"{line} {w}".strip()
+    lines.append(line)
+    return "\n".join(lines)
+
+
+# ---------------------------------------------------------------------------------------
+# saving
+# ---------------------------------------------------------------------------------------
+
+
+def save(fig, path: Path, dpi: int = DPI) -> Path:
+    """Write the figure as a PNG, print where, and close it (in a notebook: show it first)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=dpi)
+    if _in_notebook():
+        plt.show()
+    plt.close(fig)
+    print(f"  wrote {path} ({path.stat().st_size / 1024:.0f} KiB)")
+    return path
+
+
+def save_gif(frames, path: Path, scale: int = 4, duration_ms: int = 100, last_frame_ms: int = 1000) -> Path:
+    """Write frames (images as ``to_uint8`` takes them) as a looping GIF, enlarged by ``scale``."""
+    from PIL import Image
+
+    path = Path(path)
+    pictures = [Image.fromarray(upscale(to_uint8(f), scale)) for f in frames]
+    durations = [duration_ms] * (len(pictures) - 1) + [last_frame_ms]
+    pictures[0].save(path, save_all=True, append_images=pictures[1:], duration=durations, loop=0,
+                     optimize=False)
+    print(f"  wrote {path} ({len(pictures)} frames, {path.stat().st_size / 1024:.0f} KiB)")
+    return path
+
+
+def write_results(out: Path, results: dict) -> Path:
+    """The lesson's key numbers as out/results.json (what the tests read), printed as well."""
+    path = Path(out) / "results.json"
+    clean = {k: _plain(v) for k, v in results.items()}
+    path.write_text(json.dumps(clean, indent=2, sort_keys=True) + "\n")
+    print(f"\nkey numbers ({path}):")
+    for k, v in clean.items():
+        print(f"  {k}: {v}")
+    return path
+
+
+def _plain(value):
+    """NumPy scalars and arrays to JSON's numbers and lists."""
+    if isinstance(value, dict):
+        return {str(k): _plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    if isinstance(value, np.ndarray):
+        return value.tolist()
+    if isinstance(value, np.generic):
+        return value.item()
+    return value
+
+
+def repository_root() -> Path | None:
+    """The checkout this minisd was imported from, if any (where lessons/ and kernels/ sit)."""
+    root = Path(__file__).resolve().parent.parent
+    return root if (root / "lessons").is_dir() else None
+
