@@ -57,10 +57,12 @@ class SGD(Optimizer):
             p.data -= p.data.dtype.type(self.lr) * g
 
     def state_dict(self):
-        return {"lr": self.lr, "velocity": list(self.velocity)}
+        return {"lr": self.lr, "momentum": self.momentum, "weight_decay": self.weight_decay,
+                "velocity": list(self.velocity)}
 
     def load_state_dict(self, state):
-        self.lr, self.velocity = state["lr"], list(state["velocity"])
+        self.lr, self.momentum, self.weight_decay = state["lr"], state["momentum"], state["weight_decay"]
+        self.velocity = _copies(state["velocity"])
 
 
 class AdamW(Optimizer):
@@ -102,10 +104,19 @@ class AdamW(Optimizer):
             p.data -= p.data.dtype.type(self.lr / c1) * m / denom
 
     def state_dict(self):
-        return {"lr": self.lr, "t": self.t, "m": list(self.m), "v": list(self.v)}
+        return {"lr": self.lr, "betas": (self.b1, self.b2), "eps": self.eps, "weight_decay": self.weight_decay,
+                "t": self.t, "m": list(self.m), "v": list(self.v)}
 
     def load_state_dict(self, state):
-        self.lr, self.t, self.m, self.v = state["lr"], state["t"], list(state["m"]), list(state["v"])
+        self.lr, (self.b1, self.b2), self.eps = state["lr"], state["betas"], state["eps"]
+        self.weight_decay, self.t = state["weight_decay"], state["t"]
+        self.m, self.v = _copies(state["m"]), _copies(state["v"])
+
+
+def _copies(buffers: list) -> list:
+    """Copies of loaded buffers (as torch's load_state_dict deep-copies): AdamW updates them in place,
+    and must not change the dict, or another optimiser that loaded the same one."""
+    return [None if b is None else b.copy() for b in buffers]
 
 
 def clip_grad_norm(params: Iterable[Parameter], max_norm: float) -> float:
@@ -158,6 +169,6 @@ def warmup_cosine(step: int, total_steps: int, warmup_steps: int, base_lr: float
         lr(s) = min + (base - min) * (1 + cos(pi * (s - warmup) / (total - warmup))) / 2
     """
     if step < warmup_steps:
-        return base_lr * (step + 1) / warmup_steps
+        return base_lr * step / warmup_steps  # as the formula above and diffusers' get_cosine_schedule_with_warmup
     progress = min(1.0, (step - warmup_steps) / max(1, total_steps - warmup_steps))
     return min_lr + (base_lr - min_lr) * 0.5 * (1 + math.cos(math.pi * progress))
