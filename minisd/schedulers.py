@@ -106,13 +106,16 @@ def spaced_timesteps(num_inference_steps: int, num_train_timesteps: int, timeste
 def draw_noise(shape, like, generator=None):
     """epsilon ~ N(0, I) of ``shape``, in ``like``'s array module and dtype.
 
-    ``generator``: a numpy.random.Generator, an int seed, or None (a fresh seed). Noise is
-    always drawn on the host by NumPy, so a seed gives the same numbers on CPU and GPU.
+    ``generator``: a numpy.random.Generator (``np.random.default_rng(seed)``, made once and
+    passed to every step), or None for fresh entropy. Noise is always drawn on the host
+    by NumPy, so a seed gives the same numbers on CPU and GPU.
     """
-    if generator is None or isinstance(generator, (int, np.integer)):
-        generator = np.random.default_rng(generator)
+    if generator is None:
+        generator = np.random.default_rng()
     if not isinstance(generator, np.random.Generator):
-        raise ValueError(f"generator must be a numpy.random.Generator or an int seed, not {type(generator).__name__}")
+        # an int seed here would redraw the very same noise at every step
+        raise ValueError("generator must be a numpy.random.Generator (np.random.default_rng(seed), "
+                         f"made once for the whole sampling loop), not {type(generator).__name__}")
     xp = get_array_module(like)
     return xp.asarray(generator.standard_normal(shape), dtype=like.dtype)
 

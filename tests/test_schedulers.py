@@ -54,8 +54,9 @@ def run_both(name, steps, config, step_kwargs=None, stochastic=False, monkeypatc
         if z is not None and name == "ddim":
             oa = ours.step(ea, t, xa, noise=z, **kw)
             ob = theirs.step(eb, t_d, xb, variance_noise=torch.from_numpy(z), **kw)
-        elif z is not None:  # DDPM draws its own noise: hand diffusers ours
-            monkeypatch.setattr("diffusers.schedulers.scheduling_ddpm.randn_tensor",
+        elif z is not None:  # DDPM and Euler draw their own noise: hand diffusers ours
+            module = {"ddpm": "scheduling_ddpm", "euler": "scheduling_euler_discrete"}[name]
+            monkeypatch.setattr(f"diffusers.schedulers.{module}.randn_tensor",
                                 lambda *a, _z=z, **k: torch.from_numpy(_z))
             oa = ours.step(ea, t, xa, noise=z, **kw)
             ob = theirs.step(eb, t_d, xb, **kw)
@@ -119,6 +120,14 @@ def test_ddpm_fixed_large_matches_diffusers(schedule, monkeypatch):
 def test_euler_matches_diffusers(steps, spacing, prediction):
     cfg = dict(SD, timestep_spacing=spacing, prediction_type=prediction, steps_offset=1)
     assert_same(run_both("euler", steps, cfg))
+
+
+@pytest.mark.parametrize("steps", [10, 25])
+def test_euler_churn_matches_diffusers(steps, monkeypatch):
+    """Karras' stochastic Euler: noise added to climb to sigma_hat before each step."""
+    cfg = dict(SD, timestep_spacing="trailing")
+    kw = {"s_churn": 3.0, "s_tmin": 0.5, "s_tmax": 8.0}  # churn only in the middle of the schedule
+    assert_same(run_both("euler", steps, cfg, kw, stochastic=True, monkeypatch=monkeypatch))
 
 
 def test_euler_sigmas_match_diffusers():
@@ -191,11 +200,14 @@ def test_seeded_noise_and_bad_input():
     s = S.DDPMScheduler(**SD)
     s.set_timesteps(10)
     x = np.ones(SHAPE, np.float32)
-    a = s.step(x * 0.1, s.timesteps[0], x, generator=7).prev_sample
-    b = s.step(x * 0.1, s.timesteps[0], x, generator=np.random.default_rng(7)).prev_sample
-    c = s.step(x * 0.1, s.timesteps[0], x, generator=8).prev_sample
+    a, b, c = (s.step(x * 0.1, s.timesteps[0], x, generator=np.random.default_rng(seed)).prev_sample
+               for seed in (7, 7, 8))
     np.testing.assert_array_equal(a, b)
     assert not np.array_equal(a, c)
+    with pytest.raises(ValueError, match="generator"):
+        s.step(x * 0.1, s.timesteps[0], x, generator=7)
+    # a scalar timestep broadcasts over the batch
+    np.testing.assert_array_equal(s.add_noise(x, x, 500), s.add_noise(x, x, np.array([500, 500])))
     with pytest.raises(ValueError, match="timestep_spacing"):
         S.DDIMScheduler(timestep_spacing="middle")
     with pytest.raises(ValueError, match="beta_schedule"):
@@ -221,9 +233,10 @@ def test_cupy_arrays_stay_on_the_gpu_and_agree_with_numpy():
         pytest.skip(f"no GPU: {e}")
     rng = np.random.default_rng(0)
     x = rng.standard_normal(SHAPE).astype(np.float32)
-    for name, kw in (("ddpm", {"generator": 3}), ("ddim", {"eta": 0.5, "generator": 3}), ("euler", {})):
+    for name, kw in (("ddpm", {}), ("ddim", {"eta": 0.5}), ("euler", {"s_churn": 1.0})):
         outs = []
         for xp in (np, cupy):
+            kw["generator"] = np.random.default_rng(3)
             s = S.get_scheduler_class(name)(**SD)
             s.set_timesteps(10)
             xt = xp.asarray(x)
