@@ -95,7 +95,7 @@ def spaced_timesteps(num_inference_steps: int, num_train_timesteps: int, timeste
     """
     n, T = num_inference_steps, num_train_timesteps
     if timestep_spacing == "leading":
-        return (np.arange(n) * (T // n)).round()[::-1] + steps_offset
+        return (np.arange(n)[::-1] * (T // n) + steps_offset).astype(np.float64)
     if timestep_spacing == "trailing":
         return np.round(np.arange(T, 0, -T / n)) - 1
     if timestep_spacing == "linspace":
