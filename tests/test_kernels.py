@@ -4,8 +4,8 @@ Each op runs with kernel version 1 (simple) and 2 (fast), in the emulator's forw
 reverse and random thread orders (a missing __syncthreads shows up as a difference
 between orders), over shapes chosen for what breaks kernels: sizes that are not a
 multiple of a tile, batch and head counts of 1, conv strides 1 and 2 with padding 0, 1
-and 2, one group and one group per channel, head dims 8, 40 and 80 (SD's are 40, 80,
-160), Lq != Lk, causal masks with Lq < Lk and Lq > Lk. The reference is
+and 2, one group and one group per channel, head dims 8, 40, 80 and 160 (SD's are 40,
+80, 160), Lq != Lk, causal masks with Lq < Lk and Lq > Lk. The reference is
 minisd/reference.py run on float64 copies of the same float32 inputs, so the only
 difference allowed is the kernels' float32 rounding: |out - ref| <= atol + rtol |ref|.
 
@@ -148,6 +148,7 @@ ATTN_CASES = [
     (2, 1, 33, 33, 40, True),  # causal self-attention, one past a tile
     (1, 1, 70, 5, 8, True),  # causal with Lq > Lk: late queries see every key
     (1, 2, 9, 77, 40, False),  # a text context of 77 tokens, as in SD
+    (1, 1, 20, 24, 160, False),  # SD's largest head dim: the smallest flash tiles
 ]
 
 
