@@ -247,3 +247,25 @@ def test_cupy_arrays_stay_on_the_gpu_and_agree_with_numpy():
             assert type(xt) is type(xp.asarray(x)) and xt.dtype == np.float32
             outs.append(cupy.asnumpy(xt) if xp is cupy else xt)
         np.testing.assert_allclose(outs[0], outs[1], rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("name", ["ddpm", "ddim", "euler"])
+@pytest.mark.parametrize("prediction", ["epsilon", "v_prediction", "sample"])
+def test_a_perfect_model_lands_on_x0(name, prediction):
+    """Independent of diffusers: feed each sampler the exact answer for a known x_0 and the
+    walk must end on x_0 (the last step removes all noise: alpha_bar = 1, sigma = 0)."""
+    no_clip = {} if name == "euler" else {"clip_sample": False}
+    s = S.get_scheduler_class(name)(**SD, prediction_type=prediction, **no_clip)
+    s.set_timesteps(20)
+    rng = np.random.default_rng(5)
+    x0 = rng.uniform(-1, 1, SHAPE)
+    x = rng.standard_normal(SHAPE) * s.init_noise_sigma
+    for t in s.timesteps:
+        x_t = s.scale_model_input(x, t)  # the variance-preserving x_t the model sees
+        a = s.alphas_cumprod[int(round(float(t)))] if name != "euler" else 1 / (1 + s.sigmas[s.step_index] ** 2)
+        eps = (x_t - np.sqrt(a) * x0) / np.sqrt(1 - a)
+        target = {"epsilon": eps, "sample": x0, "v_prediction": np.sqrt(a) * eps - np.sqrt(1 - a) * x0}[prediction]
+        out = s.step(target, t, x, generator=rng)
+        np.testing.assert_allclose(out.pred_original_sample, x0, atol=1e-6)
+        x = out.prev_sample
+    np.testing.assert_allclose(x, x0, atol=1e-6)
