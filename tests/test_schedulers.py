@@ -13,8 +13,16 @@ import pytest
 
 from minisd import schedulers as S
 
-torch = pytest.importorskip("torch")
-diffusers = pytest.importorskip("diffusers")
+try:  # the parity extra; the tests that need it are marked @parity and skip without it
+    import diffusers
+    import torch
+except ImportError:
+    diffusers = torch = None
+
+
+def parity(test):
+    return pytest.mark.parity(pytest.mark.skipif(diffusers is None, reason="needs diffusers and torch")(test))
+
 
 # diffusers' Euler calls np.array on a torch tensor, which NumPy 2 flags: theirs, not ours
 pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")
@@ -82,6 +90,7 @@ def assert_same(traj):
         assert_close(x0a, x0b)
 
 
+@parity
 @pytest.mark.parametrize("steps", [10, 25, 50])
 @pytest.mark.parametrize("spacing", ["leading", "trailing", "linspace"])
 @pytest.mark.parametrize("prediction", ["epsilon", "v_prediction", "sample"])
@@ -91,6 +100,7 @@ def test_ddim_matches_diffusers(steps, spacing, prediction):
     assert_same(run_both("ddim", steps, cfg))
 
 
+@parity
 @pytest.mark.parametrize("steps", [10, 25, 50])
 @pytest.mark.parametrize("spacing", ["leading", "trailing"])
 @pytest.mark.parametrize("prediction", ["epsilon", "v_prediction"])
@@ -100,6 +110,7 @@ def test_ddim_eta_matches_diffusers(steps, spacing, prediction):
     assert_same(run_both("ddim", steps, cfg, {"eta": 0.7}, stochastic=True))
 
 
+@parity
 @pytest.mark.parametrize("steps", [10, 25, 50])
 @pytest.mark.parametrize("spacing", ["leading", "trailing", "linspace"])
 @pytest.mark.parametrize("prediction", ["epsilon", "v_prediction", "sample"])
@@ -108,12 +119,14 @@ def test_ddpm_matches_diffusers(steps, spacing, prediction, monkeypatch):
     assert_same(run_both("ddpm", steps, cfg, stochastic=True, monkeypatch=monkeypatch))
 
 
+@parity
 @pytest.mark.parametrize("schedule", ["linear", "squaredcos_cap_v2"])
 def test_ddpm_fixed_large_matches_diffusers(schedule, monkeypatch):
     cfg = dict(beta_schedule=schedule, variance_type="fixed_large", clip_sample=True)
     assert_same(run_both("ddpm", 10, cfg, stochastic=True, monkeypatch=monkeypatch))
 
 
+@parity
 @pytest.mark.parametrize("steps", [10, 25, 50])
 @pytest.mark.parametrize("spacing", ["leading", "trailing", "linspace"])
 @pytest.mark.parametrize("prediction", ["epsilon", "v_prediction", "sample"])
@@ -122,6 +135,7 @@ def test_euler_matches_diffusers(steps, spacing, prediction):
     assert_same(run_both("euler", steps, cfg))
 
 
+@parity
 @pytest.mark.parametrize("steps", [10, 25])
 def test_euler_churn_matches_diffusers(steps, monkeypatch):
     """Karras' stochastic Euler: noise added to climb to sigma_hat before each step."""
@@ -130,6 +144,7 @@ def test_euler_churn_matches_diffusers(steps, monkeypatch):
     assert_same(run_both("euler", steps, cfg, kw, stochastic=True, monkeypatch=monkeypatch))
 
 
+@parity
 def test_euler_sigmas_match_diffusers():
     for spacing in ("leading", "trailing", "linspace"):
         ours, theirs = S.EulerDiscreteScheduler(**SD, timestep_spacing=spacing), diffusers.EulerDiscreteScheduler(**SD, timestep_spacing=spacing)
@@ -139,6 +154,7 @@ def test_euler_sigmas_match_diffusers():
         np.testing.assert_allclose(ours.sigmas, theirs.sigmas.numpy(), rtol=5e-5)
 
 
+@parity
 @pytest.mark.parametrize("schedule", ["linear", "scaled_linear", "squaredcos_cap_v2"])
 def test_alphas_cumprod_and_add_noise_match_diffusers(schedule):
     ours, theirs = S.DDPMScheduler(beta_schedule=schedule), diffusers.DDPMScheduler(beta_schedule=schedule)
@@ -155,6 +171,7 @@ def test_alphas_cumprod_and_add_noise_match_diffusers(schedule):
     assert_close(v, theirs.get_velocity(torch.from_numpy(x0), torch.from_numpy(eps), torch.from_numpy(t)).numpy())
 
 
+@parity
 def test_euler_add_noise_matches_diffusers():
     ours, theirs = S.EulerDiscreteScheduler(**SD), diffusers.EulerDiscreteScheduler(**SD)
     ours.set_timesteps(20)
@@ -167,6 +184,7 @@ def test_euler_add_noise_matches_diffusers():
     assert_close(ours.add_noise(x0, eps, t), b)
 
 
+@parity
 @pytest.mark.parametrize("name", ["ddpm", "euler"])
 def test_saved_config_loads_in_diffusers(name, tmp_path):
     ours = S.get_scheduler_class(name)(**SD, steps_offset=1, prediction_type="v_prediction", timestep_spacing="trailing")
@@ -176,6 +194,7 @@ def test_saved_config_loads_in_diffusers(name, tmp_path):
     assert S.load_scheduler(str(tmp_path)).config == ours.config
 
 
+@parity
 def test_config_round_trips_through_diffusers(tmp_path):
     ours = S.DDIMScheduler(**SD, steps_offset=1, set_alpha_to_one=False, clip_sample=False)
     path = ours.save_config(str(tmp_path / "scheduler"))
