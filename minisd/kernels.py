@@ -65,31 +65,34 @@ def _env_version() -> int:
     return int(value)
 
 
-version = _env_version()
-run_order = os.environ.get("MINISD_EMU_ORDER", "forward")
-run_seed = 0
+# The current settings; change them with set_version / set_run_order / settings().
+current_version = _env_version()
+current_order = os.environ.get("MINISD_EMU_ORDER", "forward")
+current_seed = 0
+if current_order not in ORDERS:
+    raise ValueError(f"MINISD_EMU_ORDER must be one of {', '.join(ORDERS)}, not {current_order!r}")
 
 
-def set_version(v: int) -> None:
-    """Run kernel version ``v`` (1: simple, 2: fast) from now on."""
-    global version
-    if v not in VERSIONS:
-        raise ValueError(f"kernel version must be one of {VERSIONS}, not {v!r}")
-    version = v
+def set_version(version: int) -> None:
+    """Run kernel version ``version`` (1: simple, 2: fast) from now on."""
+    global current_version
+    if version not in VERSIONS:
+        raise ValueError(f"kernel version must be one of {VERSIONS}, not {version!r}")
+    current_version = version
 
 
 def set_run_order(order: str, seed: int = 0) -> None:
     """The emulator's order of threads and blocks: "forward", "reverse" or "random" (seeded)."""
-    global run_order, run_seed
+    global current_order, current_seed
     if order not in ORDERS:
         raise ValueError(f"run order must be one of {ORDERS}, not {order!r}")
-    run_order, run_seed = order, int(seed)
+    current_order, current_seed = order, int(seed)
 
 
 @contextlib.contextmanager
 def settings(version: int | None = None, order: str | None = None, seed: int = 0):
     """Temporarily use another kernel version and/or emulator run order (tests use this)."""
-    old = (globals()["version"], run_order, run_seed)
+    saved = (current_version, current_order, current_seed)
     try:
         if version is not None:
             set_version(version)
@@ -97,8 +100,8 @@ def settings(version: int | None = None, order: str | None = None, seed: int = 0
             set_run_order(order, seed)
         yield
     finally:
-        globals()["version"] = old[0]
-        set_run_order(old[1], old[2])
+        set_version(saved[0])
+        set_run_order(saved[1], saved[2])
 
 
 # ------------------------------------------------------------------------------------
@@ -111,12 +114,15 @@ def source_dir() -> Path:
     checkout = Path(__file__).resolve().parent.parent / "kernels"
     if (checkout / "emulator.h").is_file():
         return checkout
-    import importlib.resources
+    import importlib.util
 
-    installed = Path(str(importlib.resources.files("minisd._cuda")))
-    if (installed / "emulator.h").is_file():
-        return installed
-    raise FileNotFoundError(f"the CUDA kernel sources are missing (looked in {checkout} and {installed})")
+    # minisd/_cuda has no __init__.py (it is the kernels/ folder): a namespace package.
+    spec = importlib.util.find_spec("minisd._cuda")
+    for folder in (spec.submodule_search_locations or []) if spec else []:
+        if (Path(folder) / "emulator.h").is_file():
+            return Path(folder)
+    raise FileNotFoundError(f"the CUDA kernel sources are missing: neither {checkout} nor an installed "
+                            "minisd/_cuda holds emulator.h")
 
 
 @dataclass(frozen=True)
@@ -328,9 +334,9 @@ def load_emulated(sources, sanitize: bool | None = None) -> Program:
         fn.restype = ctypes.c_int
 
         def launch(grid, block, args, shared_mem):
-            if applied[0] != (run_order, run_seed):
-                lib.emu_set_order(ORDERS.index(run_order), run_seed)
-                applied[0] = (run_order, run_seed)
+            if applied[0] != (current_order, current_seed):
+                lib.emu_set_order(ORDERS.index(current_order), current_seed)
+                applied[0] = (current_order, current_seed)
             raw = [None if a is None else a.ctypes.data if isinstance(a, np.ndarray) else a.item() for a in args]
             if fn(*grid, *block, shared_mem, *raw) != 0:
                 raise KernelError(lib.emu_last_error().decode())
@@ -439,7 +445,7 @@ class KernelOps:
 
     def _run(self, name: str, grid, block, args, shared_mem: int = 0):
         """Launch the current version of kernel ``name``: ``{name}_kernel{version}``."""
-        self.program[f"{name}_kernel{version}"](grid, block, args, shared_mem)
+        self.program[f"{name}_kernel{current_version}"](grid, block, args, shared_mem)
 
     # ---- conv2d ----------------------------------------------------------------------
 
@@ -465,7 +471,7 @@ class KernelOps:
             raise ValueError(f"conv2d: bias must have shape ({K},), got {b.shape}")
         y = self.xp.empty((N, K, P, Q), dtype=self.xp.float32)
         args = (x, w, b, y, *dims, stride, padding)
-        if version == 1:
+        if current_version == 1:
             self._run("conv2d_forward", _cdiv(y.size, 256), 256, args)
         else:
             self._run("conv2d_forward", (_cdiv(K, 32), _cdiv(N * P * Q, 32)), 256, args)
@@ -479,15 +485,15 @@ class KernelOps:
         dx = dw = db = None
         if need_dx:
             dx = self.xp.empty(x.shape, dtype=self.xp.float32)
-            grid = _cdiv(dx.size, 256) if version == 1 else (_cdiv(C, 32), _cdiv(N * H * W, 32))
+            grid = _cdiv(dx.size, 256) if current_version == 1 else (_cdiv(C, 32), _cdiv(N * H * W, 32))
             self._run("conv2d_backward_input", grid, 256, (dy, w, dx, *dims, stride, padding))
         if need_dw:
             dw = self.xp.empty(w.shape, dtype=self.xp.float32)
-            grid = _cdiv(dw.size, 256) if version == 1 else (_cdiv(C * R * S, 32), _cdiv(K, 32))
+            grid = _cdiv(dw.size, 256) if current_version == 1 else (_cdiv(C * R * S, 32), _cdiv(K, 32))
             self._run("conv2d_backward_weight", grid, 256, (dy, x, dw, *dims, stride, padding))
         if need_db:
             db = self.xp.empty((K,), dtype=self.xp.float32)
-            if version == 1:
+            if current_version == 1:
                 self._run("conv2d_backward_bias", _cdiv(K, 64), 64, (dy, db, N, K, P, Q))
             else:
                 self._run("conv2d_backward_bias", K, _reduce_threads(N * P * Q), (dy, db, N, K, P, Q))
@@ -513,7 +519,7 @@ class KernelOps:
         mean = self.xp.empty((N, G), dtype=self.xp.float32)
         rstd = self.xp.empty((N, G), dtype=self.xp.float32)
         args = (x, weight, bias, y, mean, rstd, N, C, HW, G, float(eps))
-        if version == 1:
+        if current_version == 1:
             self._run("group_norm_forward", _cdiv(N * G, 64), 64, args)
         else:
             self._run("group_norm_forward", N * G, _reduce_threads(C // G * HW), args)
@@ -527,7 +533,7 @@ class KernelOps:
             raise ValueError(f"group_norm backward: dy must have x's shape {x.shape} and mean, rstd ({N}, {G}); "
                              f"got {dy.shape}, {mean.shape}, {rstd.shape}")
         dx = self.xp.empty(x.shape, dtype=self.xp.float32)
-        if version == 1:
+        if current_version == 1:
             self._run("group_norm_backward_input", _cdiv(N * G, 64), 64,
                       (dy, x, weight, mean, rstd, dx, N, C, HW, G))
         else:
@@ -538,7 +544,7 @@ class KernelOps:
         dweight = self.xp.empty((C,), dtype=self.xp.float32)
         dbias = self.xp.empty((C,), dtype=self.xp.float32)
         args = (dy, x, mean, rstd, dweight, dbias, N, C, HW, G)
-        if version == 1:
+        if current_version == 1:
             self._run("group_norm_backward_params", _cdiv(C, 64), 64, args)
         else:
             self._run("group_norm_backward_params", C, _reduce_threads(N * HW), args)
@@ -569,7 +575,7 @@ class KernelOps:
         xp, causal = self.xp, int(bool(is_causal))
         o = xp.empty((B, H, Lq, d), dtype=xp.float32)
         lse = xp.empty((B, H, Lq), dtype=xp.float32)
-        if version == 1:
+        if current_version == 1:
             s = xp.empty((B, H, Lq, Lk), dtype=xp.float32)
             self._matmul1(q, k, s, Lq, Lk, d, False, True, float(scale))
             rows = B * H * Lq
@@ -591,7 +597,7 @@ class KernelOps:
                              f"got {do.shape}, {o.shape}, {lse.shape}")
         xp, causal, scale, rows = self.xp, int(bool(is_causal)), float(scale), B * H * Lq
         dq, dk, dv = (xp.empty(a.shape, dtype=xp.float32) for a in (q, k, v))
-        if version == 1:
+        if current_version == 1:
             p = xp.empty((B, H, Lq, Lk), dtype=xp.float32)
             dp = xp.empty((B, H, Lq, Lk), dtype=xp.float32)
             self._matmul1(q, k, p, Lq, Lk, d, False, True, scale)  # S

@@ -183,6 +183,15 @@ def test_barrier_waits_only_for_threads_still_running():
     assert (y[40:] == -1).all()
 
 
+@pytest.mark.parametrize("order", kernels.ORDERS)
+def test_syncwarp_orders_the_lanes_of_a_warp(order):
+    program = load("probes.cu")
+    x, y = np.arange(64, dtype=np.float32), np.empty(64, np.float32)
+    with kernels.settings(order=order, seed=5):
+        program["warp_swap_kernel"](1, 64, (x, y))
+    np.testing.assert_array_equal(y, np.arange(64) ^ 1)
+
+
 def test_random_order_depends_on_the_seed():
     program = load("missing_sync.cu")
     x = np.arange(1, 257, dtype=np.float32)

@@ -48,3 +48,13 @@ extern "C" __global__ void early_exit_kernel(float *y) {
     __syncthreads();
     y[t] = s[39 - t];
 }
+
+// Lanes swap values through shared memory with __syncwarp between the write and the
+// read (each warp only talks to itself, so a warp barrier is enough).
+extern "C" __global__ void warp_swap_kernel(const float *x, float *y) {
+    __shared__ float s[64];
+    const int t = threadIdx.x;
+    s[t] = x[t];
+    __syncwarp();
+    y[t] = s[t ^ 1];
+}
