@@ -53,7 +53,8 @@ class Tensor:
     dtype: integer ids stay integers, float64 stays float64 (for gradient checks).
     """
 
-    __slots__ = ("data", "grad", "requires_grad", "_ctx", "__weakref__")
+    # _freed: this tensor was made by an op whose graph a backward() has already freed
+    __slots__ = ("data", "grad", "requires_grad", "_ctx", "_freed", "__weakref__")
     # Make ``ndarray + Tensor`` call Tensor.__radd__ instead of NumPy's own loop.
     __array_ufunc__ = None
 
@@ -66,6 +67,7 @@ class Tensor:
         self.grad = None
         self.requires_grad = bool(requires_grad)
         self._ctx: Function | None = None
+        self._freed = False
         if self.requires_grad and self.data.dtype.kind != "f":
             raise TypeError(f"only floating-point tensors can require gradients, got {self.data.dtype}")
 
@@ -73,7 +75,7 @@ class Tensor:
     def _wrap(cls, array, ctx: Function | None = None) -> Tensor:
         """A Tensor around an array an op just computed: no conversion, no checks."""
         t = cls.__new__(cls)
-        t.data, t.grad, t._ctx = array, None, ctx
+        t.data, t.grad, t._ctx, t._freed = array, None, ctx, False
         t.requires_grad = ctx is not None
         return t
 
@@ -133,8 +135,13 @@ class Tensor:
             if grad.shape != self.shape:
                 raise ValueError(f"backward(): gradient of shape {grad.shape} for a tensor of shape {self.shape}")
 
+        order = _topological_order(self)
+        if any(node._freed for node in order):  # checked first, so that no leaf gets half a gradient
+            raise RuntimeError("backward() through a graph that an earlier backward() already freed; "
+                               "minisd frees the graph as it goes (torch's retain_graph=False): "
+                               "run the forward pass again, or sum the losses and call backward() once")
         grads = {id(self): grad}  # dL/dnode for the nodes reached so far
-        for node in _topological_order(self):
+        for node in order:
             g = grads.pop(id(node), None)
             ctx = node._ctx
             if g is None:
@@ -153,7 +160,7 @@ class Tensor:
                 pg = _unbroadcast(pg, parent.shape)
                 key = id(parent)
                 grads[key] = pg if key not in grads else grads[key] + pg
-            node._ctx = None  # free the graph as we go: the saved arrays die here
+            node._ctx, node._freed = None, True  # free the graph as we go: the saved arrays die here
             del ctx
 
     # ---- operators: all defined in functional.py -----------------------------------
