@@ -393,3 +393,21 @@ def test_custom_function_and_needs_input_grad():
     c = Tensor(np.ones(4))
     Spy.apply(c, x).sum().backward()
     assert seen["needs"] == (False, True)
+
+
+def test_second_backward_through_a_freed_graph_is_an_error_not_a_silent_zero():
+    """The graph is freed as backward() walks it (torch's retain_graph=False): going through
+    it again would leave the leaves without their gradients, so it raises instead."""
+    x = leaf(3)
+    h = x * 2.0
+    loss = h.sum()
+    loss.backward()
+    np.testing.assert_allclose(x.grad, 2.0)
+    with pytest.raises(RuntimeError, match="already freed"):
+        loss.backward()
+    with pytest.raises(RuntimeError, match="already freed"):
+        (h * 3.0 + x).sum().backward()  # a new loss on a freed intermediate
+    np.testing.assert_allclose(x.grad, 2.0)  # nothing half-accumulated
+    assert h.grad is None
+    (h.detach() * 3.0 + x).sum().backward()  # detached, it is a constant: fine
+    np.testing.assert_allclose(x.grad, 3.0)
