@@ -16,7 +16,7 @@ PROMPTS = [
     "",
     "   leading\tand trailing\n whitespace   ",
     "don't stop: it's 2024, we're at 3.14159 -- #1 (really?) [yes] {no} <ok> @you $5 50% a&b",
-    "Café crème brûlée, naïve façade; Straße; Ελληνικά; 日本語のテキスト; emoji 🍎🍏 😀",
+    "Café crème brûlée, naïve façade; Straße; Ελληνικά; 日本語のテキスト; हिन्दी; العربية; emoji 🍎🍏 😀",
     "e\u0301 vs \u00e9",  # decomposed and composed é: NFC makes them one
     "the quick brown fox jumps over the lazy dog " * 12,  # far past 77 tokens
     "<|endoftext|> inside a prompt",
