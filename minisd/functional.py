@@ -392,7 +392,8 @@ def unsqueeze(a, axis):
 
 
 def squeeze(a, axis=None):
-    axes = [i for i, n in enumerate(a.shape) if n == 1] if axis is None else [axis % a.ndim]
+    """Drop size-1 axes: all of them, or ``axis`` when it has size 1 (otherwise, as torch, a no-op)."""
+    axes = [i for i, n in enumerate(a.shape) if n == 1 and (axis is None or i == axis % a.ndim)]
     return reshape(a, [n for i, n in enumerate(a.shape) if i not in axes])
 
 
