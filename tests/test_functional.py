@@ -170,6 +170,8 @@ case("unsqueeze", lambda a: a.unsqueeze(1), lambda a: a.unsqueeze(1), lambda: [r
 case("unsqueeze_last", lambda a: F.unsqueeze(a, -1), lambda a: a.unsqueeze(-1), lambda: [randn(2, 3)])
 case("squeeze_all", lambda a: a.squeeze(), lambda a: a.squeeze(), lambda: [randn(2, 1, 3, 1)])
 case("squeeze_one", lambda a: F.squeeze(a, 1), lambda a: a.squeeze(1), lambda: [randn(2, 1, 3, 1)])
+case("squeeze_negative", lambda a: a.squeeze(-1), lambda a: a.squeeze(-1), lambda: [randn(2, 1, 3, 1)])
+case("squeeze_not_size1_is_noop", lambda a: F.squeeze(a, 0), lambda a: a.squeeze(0), lambda: [randn(2, 1, 3)])
 case("expand", lambda a: a.expand(2, 3, 4), lambda a: a.expand(2, 3, 4), lambda: [randn(3, 1)])
 case("expand_minus1", lambda a: F.expand(a, (4, -1, 3)), lambda a: a.expand(4, -1, 3), lambda: [randn(2, 1)])
 
@@ -192,6 +194,7 @@ case("getitem_tensor_index", lambda a: a[Tensor(np.array([2, 2, 1]))],
 case("getitem_two_arrays", lambda a: a[np.array([0, 2, 2]), np.array([3, 1, 1])],
      lambda a: a[torch.tensor([0, 2, 2]), torch.tensor([3, 1, 1])], lambda: [randn(3, 4)])
 case("getitem_bool_mask", lambda a: a[_mask], lambda a: a[torch.tensor(_mask)], lambda: [randn(3, 4)])
+case("getitem_bool_tensor_mask", lambda a: a[a > 0.3], lambda a: a[a > 0.3], lambda: [randn(3, 4)])
 case("getitem_bool_rows", lambda a: a[np.array([True, False, True])],
      lambda a: a[torch.tensor([True, False, True])], lambda: [randn(3, 4)])
 
