@@ -137,3 +137,18 @@ def test_emoji_errors(tmp_path):
         emoji.render_emoji("\U0001F34E", size=0)
     with pytest.raises(ValueError, match="no glyph"):
         emoji.render_emoji("A")
+
+
+def test_load_dataset_by_name():
+    from minisd.data import load_dataset
+
+    every = load_dataset("shapes")
+    assert every.images.shape == (150 * 9, 32, 32, 3)
+    assert load_dataset("shapes", n=10, seed=3).captions == shapes.make_dataset(10, "train", 3).captions
+    with pytest.raises(ValueError, match="unknown dataset"):
+        load_dataset("mnist")
+    with pytest.raises(ValueError, match="32x32"):
+        load_dataset("shapes", size=64)
+    _font_or_skip()
+    small = load_dataset("emoji", n=3, size=64, seed=1)
+    assert small.images.shape == (3, 64, 64, 3) and len(small.captions) == 3
