@@ -129,9 +129,14 @@ def image_grid(images, titles=None, ncols: int | None = None, cell: float = 1.3,
     fig, axes = plt.subplots(nrows, ncols, figsize=(cell * ncols, cell * nrows + (0.3 if title else 0)),
                              squeeze=False)
     for i, ax in enumerate(axes.flat):
-        ax.axis("off")
-        if i < n:
+        ax.set_xticks([])
+        ax.set_yticks([])
+        if i >= n:
+            ax.axis("off")
+        else:  # a thin frame, so that a white canvas stands out from the page
             ax.imshow(images[i], interpolation="nearest", cmap="gray" if images[i].ndim == 2 else None)
+            for spine in ax.spines.values():
+                spine.set_color("0.75")
             if titles is not None:
                 ax.set_title(_wrap(str(titles[i]), 22), fontsize=fontsize)
     if title:
