@@ -199,7 +199,7 @@ def sqrt(a): return Sqrt.apply(a)
 def abs(a): return Abs.apply(a)  # noqa: A001  (torch's name)
 def sin(a): return Sin.apply(a)
 def cos(a): return Cos.apply(a)
-def clip(a, lo=None, hi=None): return Clip.apply(a, lo=lo, hi=hi)
+def clip(a, lo=None, hi=None): return Clip.apply(a, lo=_number(lo), hi=_number(hi))
 clamp = clip
 def cast(a, dtype): return Cast.apply(a, dtype=np.dtype(dtype))
 
@@ -207,7 +207,13 @@ def cast(a, dtype): return Cast.apply(a, dtype=np.dtype(dtype))
 def pow(a, p):  # noqa: A001
     if isinstance(p, Tensor):
         raise TypeError("pow: the exponent must be a number, not a Tensor")
-    return Pow.apply(a, p=p)
+    return Pow.apply(a, p=_number(p))
+
+
+def _number(value):
+    """A NumPy scalar as a Python number, which NumPy lets take the array's dtype
+    (float32 ** np.float64(0.5) would be float64; float32 ** 0.5 stays float32)."""
+    return value.item() if isinstance(value, np.generic) else value
 
 
 # =====================================================================================
@@ -688,7 +694,7 @@ def group_norm(x, num_groups: int, weight=None, bias=None, eps=1e-5):
         raise ValueError("group_norm: give both weight and bias, or neither")
     _check_param_shapes("group_norm", x, x.shape[1:2], weight=weight, bias=bias)
     args = (x,) if weight is None else (x, weight, bias)
-    return GroupNorm.apply(*args, num_groups=num_groups, eps=eps)
+    return GroupNorm.apply(*args, num_groups=num_groups, eps=float(eps))  # an np.float64 eps would promote
 
 
 # =====================================================================================
