@@ -425,6 +425,19 @@ def test_sigmoid_and_silu_do_not_overflow():
     np.testing.assert_allclose(y.numpy(), [0, 0, 0, 100, 1e4], atol=1e-30)
 
 
+def test_numpy_scalar_arguments_keep_float32():
+    """NumPy scalars are float64 and 'strong' in NumPy's promotion; as arguments they must not promote."""
+    x = Tensor(positive(2, 4, 3, 3).astype(np.float32), requires_grad=True)
+    outs = [x ** np.float64(0.5), F.pow(x, np.float64(2)), F.clip(x, np.float64(0.6), np.float64(1.5)),
+            F.group_norm(x, 2, eps=np.float64(1e-5)), F.layer_norm(x, 3, eps=np.float64(1e-5)),
+            F.dropout(x, np.float64(0.5)), F.interpolate(x, scale_factor=np.float64(2.0)),
+            F.scaled_dot_product_attention(x, x, x, scale=np.float64(0.5)), x * np.sqrt(2.0), np.float64(2) - x]
+    for out in outs:
+        assert out.dtype == np.float32
+        out.backward(np.ones(out.shape, np.float32))
+        assert x.grad.dtype == np.float32
+
+
 def test_cast_between_float32_and_float64():
     x = Tensor(randn(2, 3).astype(np.float32), requires_grad=True)
     y = F.cast(x, np.float64)
