@@ -352,7 +352,9 @@ class DDPMScheduler(Scheduler):
         beta_t = 1 - a_t / a_prev
         x0, _ = self._x0_and_eps(model_output, sample, a_t)
         x0 = self._clip(x0)
-        mean = (math.sqrt(a_prev) * beta_t / (1 - a_t)) * x0 + (math.sqrt(1 - beta_t) * (1 - a_prev) / (1 - a_t)) * sample
+        coef_x0 = math.sqrt(a_prev) * beta_t / (1 - a_t)
+        coef_xt = math.sqrt(1 - beta_t) * (1 - a_prev) / (1 - a_t)
+        mean = coef_x0 * x0 + coef_xt * sample
         prev = mean
         if t > 0:
             if self.config["variance_type"] == "fixed_large":

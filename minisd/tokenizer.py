@@ -121,7 +121,8 @@ class Tokenizer:
     def __init__(self, vocab: dict[str, int], merges: list[tuple[str, str]], max_length: int = MAX_LENGTH,
                  pad_token: str = EOS):
         if not isinstance(max_length, (int, np.integer)) or max_length < 2:
-            raise ValueError(f"max_length must be an integer >= 2 (room for the start and end tokens), got {max_length!r}")
+            raise ValueError(f"max_length must be an integer >= 2 (room for the start and end tokens), "
+                             f"got {max_length!r}")
         if pad_token not in vocab:
             raise ValueError(f"pad token {pad_token!r} is not in the vocabulary")
         self.vocab = dict(vocab)
@@ -153,7 +154,8 @@ class Tokenizer:
             raise ValueError("captions must be a non-empty list of strings")
         fixed = 2 * 256 + 2
         if not isinstance(vocab_size, (int, np.integer)) or vocab_size < fixed:
-            raise ValueError(f"vocab_size must be at least {fixed} (256 bytes, 256 bytes + </w>, 2 specials), got {vocab_size!r}")
+            raise ValueError(f"vocab_size must be at least {fixed} (256 bytes, 256 bytes + </w>, 2 specials), "
+                             f"got {vocab_size!r}")
         scratch = _pipeline({BOS: 0, EOS: 1}, [])
         trainer = trainers.BpeTrainer(
             vocab_size=vocab_size + fixed,  # the trainer counts its own alphabet; we cut the merges below
@@ -193,7 +195,8 @@ class Tokenizer:
             merges = [tuple(line.split(" ")) for line in lines if line and not line.startswith("#version")]
             bad = [m for m in merges if len(m) != 2]
             if bad:
-                raise ValueError(f"{merges_path}: a merge is two symbols separated by one space, got {' '.join(bad[0])!r}")
+                raise ValueError(f"{merges_path}: a merge is two symbols separated by one space, "
+                                 f"got {' '.join(bad[0])!r}")
         else:
             raise ValueError(f"no tokenizer in {folder}: expected tokenizer.json or vocab.json + merges.txt")
         config = {}
@@ -252,7 +255,8 @@ class Tokenizer:
     encode = __call__
 
     def tokenize(self, prompt: str) -> list[str]:
-        """The BPE pieces of a prompt, without start/end tokens: "a red circle" -> ["a</w>", "red</w>", "circle</w>"]."""
+        """The BPE pieces of a prompt, without start and end tokens:
+        "a red circle" -> ["a</w>", "red</w>", "circle</w>"]."""
         if not isinstance(prompt, str):
             raise ValueError(f"prompt must be a string, got {type(prompt).__name__}")
         return self._tk.encode(prompt, add_special_tokens=False).tokens

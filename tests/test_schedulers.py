@@ -147,7 +147,8 @@ def test_euler_churn_matches_diffusers(steps, monkeypatch):
 @parity
 def test_euler_sigmas_match_diffusers():
     for spacing in ("leading", "trailing", "linspace"):
-        ours, theirs = S.EulerDiscreteScheduler(**SD, timestep_spacing=spacing), diffusers.EulerDiscreteScheduler(**SD, timestep_spacing=spacing)
+        ours = S.EulerDiscreteScheduler(**SD, timestep_spacing=spacing)
+        theirs = diffusers.EulerDiscreteScheduler(**SD, timestep_spacing=spacing)
         ours.set_timesteps(30)
         theirs.set_timesteps(30)
         # sigma_0 = sqrt((1 - a) / a) with 1 - a = 0.00085: float32 (diffusers) loses 1e-5 of it
@@ -187,7 +188,8 @@ def test_euler_add_noise_matches_diffusers():
 @parity
 @pytest.mark.parametrize("name", ["ddpm", "euler"])
 def test_saved_config_loads_in_diffusers(name, tmp_path):
-    ours = S.get_scheduler_class(name)(**SD, steps_offset=1, prediction_type="v_prediction", timestep_spacing="trailing")
+    ours = S.get_scheduler_class(name)(**SD, steps_offset=1, prediction_type="v_prediction",
+                                       timestep_spacing="trailing")
     ours.save_config(str(tmp_path))
     theirs = getattr(diffusers, type(ours).__name__).from_pretrained(str(tmp_path))
     assert {k: theirs.config[k] for k in ours.config} == ours.config

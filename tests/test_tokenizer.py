@@ -64,7 +64,8 @@ def learn_merges(text, n):
 @pytest.fixture(scope="module")
 def clip_folder(tmp_path_factory):
     """A small CLIP-format folder (vocab.json + merges.txt), as SD v1.x ships, written here."""
-    text = " ".join(PROMPTS[:2] + PROMPTS[4:6] + PROMPTS[7:]) + " " + " ".join(shapes.every_image("train").captions[::9])
+    captions = shapes.every_image("train").captions[::9]
+    text = " ".join(PROMPTS[:2] + PROMPTS[4:6] + PROMPTS[7:] + captions)
     vocab, merges = learn_merges(text, 150)
     folder = tmp_path_factory.mktemp("sd") / "tokenizer"
     folder.mkdir()
