@@ -29,7 +29,7 @@ from minisd import functional as F
 from minisd import nn
 from minisd.backend import get_backend, to_numpy
 from minisd.models.blocks import AttentionLayer, as_input, multi_head_attention
-from minisd.models.config import check_config
+from minisd.models.config import Pretrained, check_config
 from minisd.tensor import Tensor
 
 _ACTIVATIONS = {"quick_gelu": F.quick_gelu, "gelu": F.gelu,
@@ -120,11 +120,13 @@ _TEXT_PASSIVE = {"attention_dropout": 0.0, "initializer_range": 0.02, "initializ
                  "projection_dim": 512, "pad_token_id": 1, "bos_token_id": 49406}
 
 
-class CLIPTextModel(nn.Module):
+class CLIPTextModel(Pretrained, nn.Module):
     """input_ids (B, L) -> last_hidden_state (B, L, hidden_size). transformers' CLIPTextConfig keys.
 
-    minisd's shapes model: 4 layers of width 64 over 16 tokens.
+    At minisd's toy scale, e.g. 4 layers of width 64 over 16 tokens.
     """
+
+    passive_config = _TEXT_PASSIVE
 
     def __init__(self, vocab_size: int = 49408, hidden_size: int = 512, intermediate_size: int = 2048,
                  num_hidden_layers: int = 12, num_attention_heads: int = 8, max_position_embeddings: int = 77,
@@ -252,7 +254,7 @@ _VISION_PASSIVE = {"attention_dropout": 0.0, "initializer_range": 0.02, "initial
                    "projection_dim": 512}
 
 
-class CLIPModel(nn.Module):
+class CLIPModel(Pretrained, nn.Module):
     """Text and image towers projected into one space, as transformers' CLIPModel.
 
         t = text_projection(pooled text),  i = visual_projection(pooled image),  both L2-normalised

@@ -43,3 +43,18 @@ def _normalise(value):
 def as_json(config: dict[str, Any]) -> dict[str, Any]:
     """The config with tuples as lists, ready for json.dump."""
     return {k: _normalise(v) for k, v in config.items()}
+
+
+class Pretrained:
+    """diffusers' two methods for checkpoints, as thin calls into minisd.io."""
+
+    def save_pretrained(self, folder, dtype=None):
+        from minisd.io import save_pretrained
+
+        return save_pretrained(self, folder, dtype)
+
+    @classmethod
+    def from_pretrained(cls, folder, dtype="float32"):
+        from minisd.io import load_pretrained
+
+        return load_pretrained(folder, cls, dtype)

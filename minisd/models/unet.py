@@ -18,7 +18,7 @@ recover epsilon from (z_t, t, c), c being the caption's CLIP token embeddings (H
 
 SD v1.5: block_out_channels (320, 640, 1280, 1280), layers_per_block 2, 8 heads,
 cross_attention_dim 768, latents (4, 64, 64), text (77, 768): 859,520,964 parameters.
-minisd's shapes model: (64, 128) channels, latents (4, 16, 16), text (16, 64).
+At minisd's toy scale, e.g.: (64, 128) channels, latents (4, 16, 16), text (16, 64).
 Parameter names and config keys are diffusers'.
 """
 
@@ -32,7 +32,7 @@ from minisd import functional as F
 from minisd import nn
 from minisd.backend import get_backend, to_numpy
 from minisd.models.blocks import Attention, Downsample2D, ResnetBlock2D, Upsample2D, as_input
-from minisd.models.config import check_config
+from minisd.models.config import Pretrained, check_config
 from minisd.tensor import Tensor
 
 # =====================================================================================
@@ -265,7 +265,7 @@ _FIXED = {
 }
 
 
-class UNet2DConditionModel(nn.Module):
+class UNet2DConditionModel(Pretrained, nn.Module):
     """epsilon_theta(z_t, t, c): ``unet(sample, timestep, encoder_hidden_states)`` -> predicted noise.
 
     Config keys are diffusers', with their defaults. Note the legacy meaning of

@@ -26,7 +26,7 @@ from minisd import functional as F
 from minisd import nn
 from minisd.backend import get_backend
 from minisd.models.blocks import Attention, Downsample2D, ResnetBlock2D, Upsample2D, as_input
-from minisd.models.config import check_config
+from minisd.models.config import Pretrained, check_config
 from minisd.tensor import Tensor
 
 _EPS = 1e-6  # every norm in diffusers' VAE uses eps 1e-6
@@ -158,10 +158,10 @@ _FIXED = {"act_fn": "silu", "shift_factor": None, "latents_mean": None, "latents
           "force_upcast": True}
 
 
-class AutoencoderKL(nn.Module):
+class AutoencoderKL(Pretrained, nn.Module):
     """The VAE: ``encode(x)`` -> posterior q(z|x), ``decode(z)`` -> image. diffusers' config keys.
 
-    minisd's shapes model: block_out_channels (32, 64), latents 4 x 16 x 16 for 32 x 32 images.
+    At minisd's toy scale, e.g. block_out_channels (32, 64): latents 4 x 16 x 16 for 32 x 32 images.
     """
 
     def __init__(self, in_channels: int = 3, out_channels: int = 3,
