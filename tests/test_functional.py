@@ -276,6 +276,19 @@ case("conv2d_tuple_args", lambda x, w: F.conv2d(x, w, stride=(1, 1), padding=(1,
      lambda x, w: TF.conv2d(x, w, stride=1, padding=1), lambda: [randn(1, 1, 4, 4), randn(2, 1, 3, 3, seed=1)],
      atol=REDUCE_ATOL)
 
+# ---- size-1 axes through the heavier ops
+case("matmul_size1", F.matmul, torch.matmul if torch else None, lambda: [randn(1, 3), randn(3, 1, seed=1)],
+     atol=REDUCE_ATOL)
+case("conv2d_height1", lambda x, w, b: F.conv2d(x, w, b), lambda x, w, b: TF.conv2d(x, w, b),
+     lambda: [randn(2, 3, 1, 5), randn(2, 3, 1, 1, seed=1), randn(2, seed=2)], atol=REDUCE_ATOL)
+case("conv2d_1x1_image_padded", lambda x, w: F.conv2d(x, w, padding=1), lambda x, w: TF.conv2d(x, w, padding=1),
+     lambda: [randn(1, 2, 1, 1), randn(3, 2, 3, 3, seed=1)], atol=REDUCE_ATOL)
+case("group_norm_1x1_spatial", lambda x: F.group_norm(x, 2), lambda x: TF.group_norm(x, 2),
+     lambda: [randn(3, 4, 1, 1)], atol=REDUCE_ATOL)
+case("softmax_size1_axis", lambda a: F.softmax(a, axis=1), lambda a: torch.softmax(a, 1), lambda: [randn(3, 1, 2)])
+case("layer_norm_batch1", lambda x, w, b: F.layer_norm(x, 4, w, b), lambda x, w, b: TF.layer_norm(x, (4,), w, b),
+     lambda: [randn(1, 1, 4), 1 + 0.3 * randn(4, seed=1), randn(4, seed=2)], atol=REDUCE_ATOL)
+
 # ---- resampling
 case("interpolate_nearest_x2", lambda x: F.interpolate(x, scale_factor=2, mode="nearest"),
      lambda x: TF.interpolate(x, scale_factor=2, mode="nearest"), lambda: [randn(1, 2, 3, 4)])
@@ -306,6 +319,8 @@ case("attention_bool_mask_3d", lambda q, k, v: _sdpa(q, k, v, attn_mask=Tensor(_
 case("attention_additive_mask", lambda q, k, v: _sdpa(q, k, v, attn_mask=_add_mask),
      lambda q, k, v: _tsdpa(q, k, v, attn_mask=torch.tensor(_add_mask, dtype=q.dtype)), _qkv(4, 6),
      atol=REDUCE_ATOL)
+case("attention_single_key", _sdpa, _tsdpa, lambda: [randn(1, 1, 3, 2), randn(1, 1, 1, 2, seed=1),
+                                                      randn(1, 1, 1, 4, seed=2)], atol=REDUCE_ATOL)
 case("attention_scale", lambda q, k, v: _sdpa(q, k, v, scale=0.3),
      lambda q, k, v: _tsdpa(q, k, v, scale=0.3), _qkv(3, 4), atol=REDUCE_ATOL)
 
