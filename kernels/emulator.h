@@ -13,7 +13,7 @@
 //       in passes over the fibers (forward, reverse or a random order each pass):
 //           resume every fiber that may run;
 //           a barrier opens when every thread that has not exited waits at it;
-//           a warp operation completes when every live lane of that warp is at it;
+//           a warp operation completes when every live lane its mask names is at it;
 //       a pass in which no fiber can run is a deadlock: report which thread waits where.
 //
 // A fiber is a stack of its own. It is created once with ucontext (makecontext), and
@@ -71,7 +71,7 @@ struct dim3 {
 namespace emu {
 
 enum class Order { forward = 0, reverse = 1, random = 2 };
-enum class State { ready, at_barrier, at_warp, exited };
+enum class State { ready, at_barrier, at_warp, exited, faulted };
 
 constexpr int kWarpSize = 32;
 constexpr int kMaxThreadsPerBlock = 1024;
@@ -84,7 +84,9 @@ struct Fiber {
     State state = State::ready;
     const char *site_file = nullptr;  // where it waits (barrier or warp op)
     int site_line = 0;
-    unsigned warp_ops = 0;  // warp operations completed so far, picks the exchange buffer
+    uint32_t warp_mask = 0;  // the lanes named by the warp operation it waits at
+    unsigned warp_ops = 0;   // warp operations completed so far, picks the exchange buffer
+    char fault[160] = "";    // why it stopped, when state == faulted
     jmp_buf ctx;
     ucontext_t start;   // used once, to enter the fiber for the first time
     char *stack_lo = nullptr;
@@ -92,8 +94,8 @@ struct Fiber {
 };
 
 struct Warp {
-    int live = 0;     // lanes that have not exited
-    int waiting = 0;  // lanes waiting at a warp operation
+    uint32_t live = 0;     // lanes that have not exited, one bit each
+    uint32_t waiting = 0;  // lanes waiting at a warp operation
     uint64_t slots[2][kWarpSize];  // values exchanged by shuffles, double-buffered
 };
 
@@ -232,30 +234,29 @@ inline std::string where(const Fiber *f) {
     const Fiber &t = *f;
     switch (t.state) {
         case State::at_barrier:
-            snprintf(buf, sizeof buf, "__syncthreads at %s:%d", t.site_file, t.site_line);
+            snprintf(buf, sizeof buf, "wait at __syncthreads at %s:%d", t.site_file, t.site_line);
             break;
         case State::at_warp:
-            snprintf(buf, sizeof buf, "a warp operation at %s:%d", t.site_file, t.site_line);
+            snprintf(buf, sizeof buf, "wait at a warp operation at %s:%d", t.site_file, t.site_line);
             break;
         case State::exited: snprintf(buf, sizeof buf, "exited"); break;
-        default: snprintf(buf, sizeof buf, "running"); break;
+        case State::faulted: snprintf(buf, sizeof buf, "stopped (%s)", t.fault); break;
+        default: snprintf(buf, sizeof buf, "are runnable"); break;
     }
     return buf;
 }
 
-// "threads 0-15 wait at __syncthreads at f.cu:12; threads 16-31 exited", runs of equal state.
+// "threads 0-15 wait at __syncthreads at f.cu:12; threads 16-31 exited": runs of equal state.
 inline std::string describe_threads(int n) {
     std::string out;
     int start = 0;
     for (int i = 1; i <= n; ++i) {
         if (i < n && where(rt.fibers[i]) == where(rt.fibers[start])) continue;
         char buf[64];
-        if (i - 1 == start) snprintf(buf, sizeof buf, "thread %d", start);
-        else snprintf(buf, sizeof buf, "threads %d-%d", start, i - 1);
+        if (i - 1 == start) snprintf(buf, sizeof buf, "thread %d ", start);
+        else snprintf(buf, sizeof buf, "threads %d-%d ", start, i - 1);
         if (!out.empty()) out += "; ";
-        out += buf;
-        out += rt.fibers[start]->state == State::exited ? " " : " wait at ";
-        out += where(rt.fibers[start]);
+        out += buf + where(rt.fibers[start]);
         start = i;
     }
     return out;
@@ -288,24 +289,27 @@ inline bool try_open_barrier(const char *kernel, int n, int live, int &waiting) 
     return true;
 }
 
-// Complete warp w's operation if every live lane waits at it; they must wait at one line.
+// Complete the warp operations of warp w whose lanes have all arrived. A lane waits for
+// the live lanes its mask names; they must wait at the same line with the same mask.
 inline bool try_complete_warp(const char *kernel, int n, int w) {
     Warp &warp = rt.warps[w];
-    if (warp.waiting == 0 || warp.waiting != warp.live) return true;
-    const int lo = w * kWarpSize, hi = lo + kWarpSize < n ? lo + kWarpSize : n;
-    const Fiber *first = nullptr;
-    for (int i = lo; i < hi; ++i) {
-        Fiber *f = rt.fibers[i];
-        if (f->state != State::at_warp) continue;
-        if (!first) first = f;
-        else if (f->site_line != first->site_line || strcmp(f->site_file, first->site_file)) {
-            fail(kernel, "divergent warp operation (lanes of one warp wait at different lines)", n);
-            return false;
+    Fiber **lanes = &rt.fibers[w * kWarpSize];
+    for (uint32_t pending = warp.waiting; pending;) {
+        const Fiber *first = lanes[__builtin_ctz(pending)];
+        const uint32_t group = first->warp_mask & warp.live;
+        pending &= ~group;
+        if ((group & warp.waiting) != group) continue;  // someone it waits for is not there yet
+        for (uint32_t m = group; m; m &= m - 1) {
+            const Fiber *f = lanes[__builtin_ctz(m)];
+            if (f->warp_mask != first->warp_mask || f->site_line != first->site_line ||
+                strcmp(f->site_file, first->site_file)) {
+                fail(kernel, "divergent warp operation (lanes of one warp wait at different lines)", n);
+                return false;
+            }
         }
+        for (uint32_t m = group; m; m &= m - 1) lanes[__builtin_ctz(m)]->state = State::ready;
+        warp.waiting &= ~group;
     }
-    for (int i = lo; i < hi; ++i)
-        if (rt.fibers[i]->state == State::at_warp) rt.fibers[i]->state = State::ready;
-    warp.waiting = 0;
     return true;
 }
 
@@ -314,7 +318,8 @@ inline bool run_block(const char *kernel, int n) {
     if (shared) poison(__start_emu_shared, __stop_emu_shared);
     const int nwarps = (n + kWarpSize - 1) / kWarpSize;
     for (int w = 0; w < nwarps; ++w) {
-        rt.warps[w].live = (w + 1) * kWarpSize <= n ? kWarpSize : n - w * kWarpSize;
+        const int lanes = (w + 1) * kWarpSize <= n ? kWarpSize : n - w * kWarpSize;
+        rt.warps[w].live = lanes == kWarpSize ? 0xffffffffu : (1u << lanes) - 1;
         rt.warps[w].waiting = 0;
     }
     for (int i = 0; i < n; ++i) {
@@ -336,11 +341,16 @@ inline bool run_block(const char *kernel, int n) {
             resume(f);
             progressed = true;
             const int w = i / kWarpSize;
+            const uint32_t bit = 1u << (i % kWarpSize);
+            if (f->state == State::faulted) {
+                fail(kernel, "a thread stopped", n);
+                return false;
+            }
             if (f->state == State::exited) {
                 --live;
-                --rt.warps[w].live;
+                rt.warps[w].live &= ~bit;
             }
-            if (f->state == State::at_warp) ++rt.warps[w].waiting;
+            if (f->state == State::at_warp) rt.warps[w].waiting |= bit;
             if (f->state == State::at_barrier) ++at_barrier;
             if (!try_complete_warp(kernel, n, w)) return false;
             if (!try_open_barrier(kernel, n, live, at_barrier)) return false;
@@ -425,17 +435,30 @@ inline void wait_at(State s, const char *file, int line) {
 
 inline void syncthreads(const char *file, int line) { wait_at(State::at_barrier, file, line); }
 
+// Stop this thread for good with a message; the launch fails and reports it. (A fiber
+// must never throw: there is no frame below it to catch an exception.)
+inline void fault(const char *file, int line, const char *what) {
+    Fiber *self = rt.current;
+    snprintf(self->fault, sizeof self->fault, "%s at %s:%d", what, file, line);
+    self->state = State::faulted;
+    yield();
+}
+
 // A shuffle: every lane publishes its value, waits for its warp, then reads lane `src`'s.
 // src < 0 means "keep my own value" (a source outside the lane's segment).
 template <class T>
-T exchange(T value, int (*source)(int lane, int arg, int width), int arg, int width,
+T exchange(unsigned mask, T value, int (*source)(int lane, int arg, int width), int arg, int width,
            const char *file, int line) {
     static_assert(sizeof(T) <= sizeof(uint64_t), "warp shuffles move at most 8 bytes");
     Fiber *self = rt.current;
     const int lane = self->tid % kWarpSize;
+    if (width < 1 || width > kWarpSize || (width & (width - 1)))
+        fault(file, line, "a warp shuffle's width must be a power of 2 from 1 to 32");
+    if (!(mask >> lane & 1u)) fault(file, line, "a warp operation's mask leaves out the calling lane");
     Warp &warp = rt.warps[self->tid / kWarpSize];
     uint64_t *slots = warp.slots[self->warp_ops & 1];
     memcpy(&slots[lane], &value, sizeof(T));
+    self->warp_mask = mask;
     wait_at(State::at_warp, file, line);
     ++self->warp_ops;
     const int src = source(lane, arg, width);
@@ -470,16 +493,18 @@ inline int src_up(int lane, int arg, int width) {
 #define warpSize 32
 
 #define __syncthreads() emu::syncthreads(__FILE__, __LINE__)
-#define __syncwarp(...) ((void)emu::exchange<int>(0, emu::src_idx, 0, 32, __FILE__, __LINE__))
+#define __syncwarp(...) \
+    ((void)emu::exchange<int>(emu_mask(__VA_ARGS__), 0, emu::src_idx, 0, 32, __FILE__, __LINE__))
 #define __shfl_sync(mask, v, src, ...) \
-    emu::exchange((v), emu::src_idx, (src), emu_width(__VA_ARGS__), __FILE__, __LINE__)
+    emu::exchange((mask), (v), emu::src_idx, (src), emu_width(__VA_ARGS__), __FILE__, __LINE__)
 #define __shfl_xor_sync(mask, v, m, ...) \
-    emu::exchange((v), emu::src_xor, (m), emu_width(__VA_ARGS__), __FILE__, __LINE__)
+    emu::exchange((mask), (v), emu::src_xor, (m), emu_width(__VA_ARGS__), __FILE__, __LINE__)
 #define __shfl_down_sync(mask, v, d, ...) \
-    emu::exchange((v), emu::src_down, (d), emu_width(__VA_ARGS__), __FILE__, __LINE__)
+    emu::exchange((mask), (v), emu::src_down, (d), emu_width(__VA_ARGS__), __FILE__, __LINE__)
 #define __shfl_up_sync(mask, v, d, ...) \
-    emu::exchange((v), emu::src_up, (d), emu_width(__VA_ARGS__), __FILE__, __LINE__)
-inline int emu_width(int w = 32) { return w; }
+    emu::exchange((mask), (v), emu::src_up, (d), emu_width(__VA_ARGS__), __FILE__, __LINE__)
+inline int emu_width(int width = 32) { return width; }
+inline unsigned emu_mask(unsigned mask = 0xffffffffu) { return mask; }
 
 // One OS thread runs every fiber, and fibers switch only at barriers: a plain update is atomic.
 template <class T>

@@ -192,6 +192,22 @@ def test_syncwarp_orders_the_lanes_of_a_warp(order):
     np.testing.assert_array_equal(y, np.arange(64) ^ 1)
 
 
+def test_shuffle_mask_names_the_lanes_that_take_part():
+    program = load("probes.cu")
+    x, y = np.arange(64, dtype=np.float32), np.empty(64, np.float32)
+    program["half_warp_shuffle_kernel"](1, 64, (x, y))
+    lanes = np.arange(64)
+    np.testing.assert_array_equal(y, np.where(lanes % 32 < 16, lanes ^ 1, lanes))
+
+
+def test_invalid_shuffle_width_is_reported():
+    program = load("bad_shuffle.cu")
+    x, y = np.zeros(32, np.float32), np.zeros(32, np.float32)
+    with pytest.raises(kernels.KernelError, match=r"width must be a power of 2.*bad_shuffle.cu:6"):
+        program["shuffle_bad_width_kernel"](1, 32, (x, y, 12))
+    program["shuffle_bad_width_kernel"](1, 32, (x, y, 8))  # a valid width runs
+
+
 def test_random_order_depends_on_the_seed():
     program = load("missing_sync.cu")
     x = np.arange(1, 257, dtype=np.float32)

@@ -58,3 +58,11 @@ extern "C" __global__ void warp_swap_kernel(const float *x, float *y) {
     __syncwarp();
     y[t] = s[t ^ 1];
 }
+
+// A shuffle among the lower 16 lanes only, named by its mask; the upper lanes skip it.
+extern "C" __global__ void half_warp_shuffle_kernel(const float *x, float *y) {
+    const int t = threadIdx.x;
+    float v = x[t];
+    if (t % 32 < 16) v = __shfl_xor_sync(0x0000ffffu, v, 1, 16);
+    y[t] = v;
+}
