@@ -26,6 +26,8 @@ from minisd.gradcheck import gradcheck
 try:
     import torch
     import torch.nn.functional as TF
+
+    torch.set_num_threads(1)  # tiny ops on a shared machine: threads only add contention
 except ImportError:  # the torch comparisons skip themselves; gradchecks still run
     torch = TF = None
 
