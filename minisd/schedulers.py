@@ -18,6 +18,15 @@ in that walk:
     DDIMScheduler           a deterministic (eta = 0) or partly random (eta > 0) jump to t_prev
     EulerDiscreteScheduler  Euler's method on the probability-flow ODE in sigma = sqrt((1 - alpha_bar) / alpha_bar)
 
+The sampling loop is the same for all three (it is SD's pipeline without the guidance):
+
+    scheduler.set_timesteps(50)
+    x = rng.standard_normal((N, 4, 64, 64)) * scheduler.init_noise_sigma      # x_T
+    for t in scheduler.timesteps:
+        eps = unet(scheduler.scale_model_input(x, t), t, text_embeddings)
+        x = scheduler.step(eps, t, x, generator=rng).prev_sample             # x_{t_prev}
+    # step() also returns pred_original_sample: the current guess of x_0
+
 Each follows diffusers' scheduler of the same name: the same config keys, defaults and
 formulas, so that ``scheduler/scheduler_config.json`` moves between minisd and diffusers
 and the two produce the same timesteps and the same samples (tests/test_schedulers.py).
