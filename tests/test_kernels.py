@@ -170,6 +170,34 @@ def test_attention(ops, setting, case):
 
 
 # ------------------------------------------------------------------------------------
+# determinism: no atomics, so the thread order cannot change a single bit
+# ------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("version", kernels.VERSIONS)
+def test_results_are_bitwise_the_same_in_every_run_order(ops, version):
+    rng = np.random.default_rng(11)
+    x, w, dy = randn(rng, 2, 3, 6, 5), randn(rng, 4, 3, 3, 3), randn(rng, 2, 4, 6, 5)
+    q, k, v, do = randn(rng, 1, 2, 33, 40), randn(rng, 1, 2, 35, 40), randn(rng, 1, 2, 35, 40), randn(rng, 1, 2, 33, 40)
+    xg, gamma = randn(rng, 2, 6, 9, 9), randn(rng, 6)
+
+    def everything():
+        o, lse = ops.attention_forward(q, k, v, 0.2, True)
+        y, mean, rstd = ops.group_norm_forward(xg, 3, gamma, gamma, 1e-5)
+        return [ops.conv2d_forward(x, w, None, 1, 1), *ops.conv2d_backward(dy, x, w, 1, 1),
+                o, lse, *ops.attention_backward(do, q, k, v, o, lse, 0.2, True),
+                y, mean, rstd, *ops.group_norm_backward(xg, xg, 3, gamma, mean, rstd)]
+
+    runs = []
+    for order in kernels.ORDERS:
+        with kernels.settings(version=version, order=order, seed=4):
+            runs.append(everything())
+    for other in runs[1:]:
+        for a, b in zip(runs[0], other):
+            np.testing.assert_array_equal(a, b)
+
+
+# ------------------------------------------------------------------------------------
 # bad input: one clear line, never a traceback from inside a kernel
 # ------------------------------------------------------------------------------------
 
