@@ -517,3 +517,53 @@ def test_attention_probabilities_match_the_op():
     pc = F.attention_probabilities(q, k, is_causal=True)
     out = F.scaled_dot_product_attention(Tensor(q), Tensor(k), Tensor(v), is_causal=True)
     np.testing.assert_allclose(out.numpy(), pc @ v, rtol=1e-10, atol=1e-12)
+
+
+# ------------------------------------------------------------------------------------
+# Property tests: random broadcastable shapes, random axes, random permutations
+# ------------------------------------------------------------------------------------
+
+try:  # hypothesis comes with the test extra; without it only these tests are skipped
+    from hypothesis import given, settings, strategies as st
+    from hypothesis.extra import numpy as hnp
+except ImportError:
+    @pytest.mark.skip(reason="hypothesis is not installed")
+    def test_property_tests_need_hypothesis():
+        pass
+else:
+    _small = settings(max_examples=25, deadline=None, derandomize=True)
+
+    @_small
+    @given(shapes=hnp.mutually_broadcastable_shapes(num_shapes=2, min_dims=0, max_dims=3, max_side=3),
+           op=st.sampled_from(["add", "sub", "mul", "div"]), seed=st.integers(0, 2 ** 16))
+    def test_property_broadcast_arithmetic_gradcheck(shapes, op, seed):
+        a = randn(*shapes.input_shapes[0], seed=seed)
+        b = away_from_zero(*shapes.input_shapes[1], seed=seed + 1, margin=0.5)
+        fn = getattr(F, op)
+        out = fn(Tensor(a), Tensor(b))
+        assert out.shape == shapes.result_shape
+        assert gradcheck(fn, [a, b])
+
+
+    @_small
+    @given(shape=hnp.array_shapes(min_dims=1, max_dims=4, max_side=3), data=st.data(),
+           reduce=st.sampled_from(["sum", "mean", "var", "max"]), keepdims=st.booleans())
+    def test_property_reductions_over_random_axes(shape, data, reduce, keepdims):
+        axes = data.draw(st.lists(st.integers(-len(shape), len(shape) - 1), min_size=1, max_size=len(shape),
+                                  unique_by=lambda ax: ax % len(shape)))
+        axis = tuple(axes) if len(axes) > 1 else axes[0]
+        x = distinct(*shape, seed=len(axes))
+        out = getattr(F, reduce)(Tensor(x), axis, keepdims)
+        want = getattr(np, reduce)(x, axis=axis, keepdims=keepdims)
+        np.testing.assert_allclose(out.numpy(), want, rtol=1e-12, atol=1e-12)
+        assert gradcheck(lambda t: getattr(F, reduce)(t, axis, keepdims), [x])
+
+
+    @_small
+    @given(shape=hnp.array_shapes(min_dims=2, max_dims=4, max_side=4), data=st.data())
+    def test_property_permute_then_reshape_round_trip(shape, data):
+        perm = data.draw(st.permutations(range(len(shape))))
+        x = randn(*shape)
+        y = Tensor(x).permute(*perm)
+        np.testing.assert_array_equal(y.numpy(), x.transpose(perm))
+        assert gradcheck(lambda t: t.permute(*perm).reshape(-1)[::2] * 1.5, [x])
