@@ -1,0 +1,164 @@
+"""The lessons: each runs in --fast mode, writes its figures (non-blank, the expected ones)
+and prints numbers that are checked here (each lesson writes them to OUT/results.json).
+
+Every lesson is run once, through the CLI (`python -m minisd lesson N --fast --out DIR`),
+and the tests of its figures and of its numbers share that run.
+"""
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+ROOT = Path(__file__).resolve().parent.parent
+LESSONS = ROOT / "lessons"
+
+# lesson -> the figures it always writes
+FIGURES = {
+    "00_autograd": {"computation_graph.png", "finite_differences.png", "training.png"},
+    "01_kernels": {"conv2d_blocks.png", "group_norm_blocks.png", "attention_blocks.png", "kernel_check.png"},
+    "02_inputs": {"dataset_grid.png", "image_as_tensor.png", "attribute_counts.png", "heldout.png"},
+    "03_forward_noise": {"schedule.png", "noising_grid.png", "noising.gif", "histograms.png"},
+}
+# figures written only when the shipped model loads
+MODEL_FIGURES = {"03_forward_noise": {"latent_noising.png"}}
+
+PIXEL_VARIANCE_FLOOR = 30.0  # in (0-255)^2: a blank or single-colour image has ~0
+
+present = sorted(p.stem for p in LESSONS.glob("[0-9][0-9]_*.py"))
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    """name -> (output folder, results dict, stdout); each lesson run once, lazily."""
+    cache = {}
+
+    def get(name):
+        if name not in cache:
+            out = tmp_path_factory.mktemp(name)
+            env = dict(os.environ, PYTHONPATH=str(ROOT), MPLBACKEND="Agg")
+            proc = subprocess.run([sys.executable, "-m", "minisd", "lesson", name[:2], "--fast", "--out", str(out)],
+                                  capture_output=True, text=True, env=env, cwd=str(out), timeout=300)
+            assert proc.returncode == 0, f"lesson {name} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
+            cache[name] = (out, json.loads((out / "results.json").read_text()), proc.stdout)
+        return cache[name]
+
+    return get
+
+
+def test_every_lesson_is_known():
+    assert set(present) >= set(FIGURES), f"missing lessons: {set(FIGURES) - set(present)}"
+    unknown = set(present) - set(FIGURES)
+    assert not unknown, f"lessons without figure expectations in this test: {unknown}"
+
+
+@pytest.mark.parametrize("name", present)
+def test_lesson_is_a_notebook(name):
+    """`# %%` cells with markdown cells explaining the steps, opening with a title."""
+    text = (LESSONS / f"{name}.py").read_text()
+    assert text.startswith("# %% [markdown]\n# # Lesson"), "a lesson opens with a markdown title cell"
+    markdown = text.count("# %% [markdown]")
+    code = text.count("\n# %%\n")
+    assert markdown >= 4 and code >= 4, f"{markdown} markdown and {code} code cells"
+    assert "SD" in text and "--fast" in text
+
+
+@pytest.mark.parametrize("name", present)
+def test_lesson_figures(name, runs):
+    out, results, _ = runs(name)
+    written = {p.name for p in out.iterdir() if p.suffix in (".png", ".gif")}
+    expected = set(FIGURES[name])
+    if results.get("latent_part"):
+        expected |= MODEL_FIGURES.get(name, set())
+    assert written == expected
+    for fname in written:
+        with Image.open(out / fname) as im:
+            frames = getattr(im, "n_frames", 1)
+            im.seek(frames - 1 if fname.endswith(".gif") else 0)
+            pixels = np.asarray(im.convert("RGB"), dtype=np.float64)
+        assert pixels.var() > PIXEL_VARIANCE_FLOOR, f"{fname} looks blank (variance {pixels.var():.1f})"
+        assert max(pixels.shape[:2]) <= 1400, f"{fname} is {pixels.shape[1]}x{pixels.shape[0]}: keep figures small"
+        assert (out / fname).stat().st_size < 600_000, f"{fname} is too large a file"
+    assert results["seconds"] < 60
+
+
+def test_00_autograd_numbers(runs):
+    _, r, out = runs("00_autograd")
+    assert r["graph_tensors"] == 12 and r["graph_functions"] == 7
+    assert r["grad_max_disagreement"] < 1e-5  # backward() = the walk by hand = calculus
+    assert abs(r["grad_w"] - r["grad_w_calculus"]) < 1e-5
+    assert r["fd_best_error_float64"] < 1e-9 < r["fd_best_error_float32"]
+    assert r["gradchecks_passed"] == r["gradchecks_total"] == 6
+    assert r["wrong_backward_caught"] is True
+    assert r["train_final_loss"] < 0.2 * r["train_first_loss"]
+    assert r["train_accuracy"] > 0.9
+    assert "passed" in out and "caught: gradcheck" in out
+
+
+def test_01_kernels_numbers(runs):
+    _, r, out = runs("01_kernels")
+    # the launches drawn are kernels.py's: conv2d (2, 32, 16, 16) * (64, 32, 3, 3) tiles y
+    # (N*P*Q = 512 rows, K = 64 columns) in 32 x 32 blocks; group norm a block per (n, g)
+    assert r["conv_grid"] == [2, 16, 1]
+    assert r["gn_grid"] == [16, 1, 1] and r["gn_block"] == 64
+    assert r["attn_grid"] == [4, 4, 1] and r["attn_block"] == 64
+    assert r["online_softmax_lse_error"] < 1e-4
+    if shutil.which("g++"):
+        assert r["emulator_available"], "g++ is here, so the emulator must have run"
+    if r["emulator_available"]:
+        assert r["kernel_checks"] >= 12
+        assert r["kernel_checks_passed"] == r["kernel_checks"]
+        assert r["kernel_max_error"] < 1e-3
+    else:
+        assert "not available" in out
+
+
+def test_02_inputs_numbers(runs):
+    _, r, _ = runs("02_inputs")
+    assert (r["captions_all"], r["captions_train"], r["captions_heldout"]) == (180, 150, 30)
+    assert r["tensor_shape"] == [3, 32, 32]
+    assert -1.0 <= r["tensor_min"] < 0 and r["tensor_max"] == 1.0  # [-1, 1], white background at 1
+    assert r["heldout_images"] == 270 and r["heldout_in_train"] == 0
+    assert r["distinct_words"] == 19
+
+
+def test_03_forward_noise_numbers(runs):
+    _, r, _ = runs("03_forward_noise")
+    assert r["n_steps"] == 50 and (r["timesteps_first"], r["timesteps_last"]) == (1, 981)
+    assert r["frames"] == 51
+    assert abs(r["alpha_bar_last"] - 0.0057755) < 1e-6
+    # the histogram at the last step: mean ~0 (a 7.6% trace of the image is left), std ~1
+    assert abs(r["last_step_mean"]) < 0.15
+    assert abs(r["last_step_mean"] - r["last_step_expected_mean"]) < 0.03
+    assert abs(r["last_step_std"] - 1) < 0.03
+    # 1000 small steps give the one-jump distribution
+    assert r["chain_vs_jump_mean_diff"] < 0.05 and r["chain_vs_jump_std_diff"] < 0.05
+    assert 300 < r["t_snr_equals_1"] < 400
+    if r["latent_part"]:
+        assert abs(r["latent_last_step_mean"]) < 0.2 and abs(r["latent_last_step_std"] - 1) < 0.1
+
+
+def test_cli_lists_lessons_and_rejects_unknown():
+    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    listing = subprocess.run([sys.executable, "-m", "minisd", "lessons", "--list"], capture_output=True,
+                             text=True, env=env)
+    assert listing.returncode == 0
+    for name in present:
+        assert name in listing.stdout
+    bad = subprocess.run([sys.executable, "-m", "minisd", "lesson", "99"], capture_output=True, text=True, env=env)
+    assert bad.returncode == 2 and "no lesson '99'" in bad.stderr and "Traceback" not in bad.stderr
+
+
+def test_lesson_resolution():
+    from minisd import lessons_cli
+
+    assert lessons_cli.resolve("3").name == "03_forward_noise.py"
+    assert lessons_cli.resolve("03").name == "03_forward_noise.py"
+    assert lessons_cli.resolve("forward_noise").name == "03_forward_noise.py"
+    assert lessons_cli.resolve("00_autograd.py").name == "00_autograd.py"
