@@ -1,0 +1,617 @@
+"""Training: the three stages that make a Stable Diffusion, from captioned images.
+
+Stable Diffusion is three networks trained separately, and so is minisd:
+
+ 1. vae   the autoencoder E, D.  x (3, 32, 32) in [-1, 1] -> z = E(x) (4, 8, 8) -> D(z) ~ x.
+          loss = |D(z) - x|_1 + |D(z) - x|^2 + beta KL(q(z|x) || N(0, I)),   z ~ q(z|x)
+          (beta small, 1e-6: the latents stay close to unit scale without losing detail;
+          SD's VAE added a perceptual loss and a GAN, which 32x32 flat shapes do not need.)
+ 2. clip  the text encoder, pretrained contrastively with an image tower (CLIP, Radford
+          et al. 2021): for a batch of N (image, caption) pairs, the N x N cosine
+          similarities s_ij times exp(logit_scale) are trained with a cross-entropy in both
+          directions to pick out the true pairs (the diagonal). SD took OpenAI's CLIP as it
+          was and froze it; here the text tower is frozen after this stage too.
+ 3. unet  the denoiser eps_theta(x_t, t, c) on latents z_0 = scaling_factor * E(x), where
+          scaling_factor = 1 / std(E(x)) is measured on the training set (SD: 0.18215):
+              t ~ U{0, ..., 999},  epsilon ~ N(0, I)
+              x_t = sqrt(alpha_bar_t) z_0 + sqrt(1 - alpha_bar_t) epsilon
+              loss = |epsilon - eps_theta(x_t, t, c)|^2                (Ho et al. 2020)
+          with c the frozen text encoder's (77, hidden) states for the caption, replaced by
+          those of the empty prompt 10% of the time so that the same network also learns
+          the unconditional eps_theta(x_t, t, {}) that classifier-free guidance needs.
+
+Every stage: AdamW, a linear warmup then a cosine decay of the learning rate, gradient
+clipping, a tqdm bar with the loss and steps/s, a loss curve (CSV and PNG) in OUT/logs/,
+and a checkpoint in OUT/checkpoints/ every ``--checkpoint-every`` steps, written atomically
+(temporary file, then os.replace). ``--resume`` reloads it and continues exactly: the
+batch of step s is drawn from a generator seeded with (seed, stage, s), so the data do not
+depend on how many steps ran before, and weights, optimizer moments and EMA are restored
+bit for bit; an interrupted run then gives the same losses as an uninterrupted one.
+The UNet's shipped weights are its exponential moving average (decay 0.999, as SD's).
+
+The result is a model folder in diffusers' layout (vae/, text_encoder/, tokenizer/,
+unet/, scheduler/, model_index.json), and clip/ (both towers, for ``minisd eval``'s CLIP
+score). Sizes, SD v1.5 against minisd's shapes model:
+    image (3, 512, 512) -> latents (4, 64, 64)     here (3, 32, 32) -> (4, 8, 8)
+    text (77, 768), 12 layers                      here (77, 64), 2 layers
+    UNet 860M parameters                           here about 1M
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+import os
+import shutil
+import time
+
+import numpy as np
+
+from minisd import functional as F
+from minisd import nn
+from minisd.optim import EMA, AdamW, clip_grad_norm, warmup_cosine
+from minisd.tensor import Tensor, no_grad
+
+STAGES = ("vae", "clip", "unet")
+DATASETS = ("shapes", "emoji")
+UNCONDITIONAL_PROMPT = ""  # SD's unconditional input: the empty prompt, [bos, eos, eos, ...]
+
+# ---------------------------------------------------------------------------------------
+# The default model: sizes chosen so that all stages train in minutes on two CPU cores and
+# 50 guided sampling steps (batch 8 through the UNet) take well under a second per image.
+# ---------------------------------------------------------------------------------------
+
+VAE_CONFIG = dict(
+    in_channels=3, out_channels=3, latent_channels=4,
+    block_out_channels=(32, 64, 64), layers_per_block=1, norm_num_groups=8,
+    down_block_types=("DownEncoderBlock2D",) * 3, up_block_types=("UpDecoderBlock2D",) * 3,
+    sample_size=32, mid_block_add_attention=True,
+)  # f = 4: (3, 32, 32) -> (4, 8, 8). SD: (128, 256, 512, 512), f = 8.
+
+TEXT_CONFIG = dict(
+    hidden_size=64, intermediate_size=256, num_hidden_layers=2, num_attention_heads=4,
+    max_position_embeddings=77, hidden_act="quick_gelu", layer_norm_eps=1e-5,
+)  # SD: 768 wide, 12 layers, 12 heads, MLP 3072. vocab_size comes from the tokenizer.
+
+VISION_CONFIG = dict(
+    hidden_size=64, intermediate_size=256, num_hidden_layers=2, num_attention_heads=4,
+    num_channels=3, image_size=32, patch_size=8, hidden_act="quick_gelu",
+)  # a ViT over 4 x 4 patches of 8 px; CLIP ViT-L/14: 24 layers over 16 x 16 patches of 14 px.
+
+UNET_CONFIG = dict(
+    sample_size=8, in_channels=4, out_channels=4,
+    down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+    up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+    block_out_channels=(32, 64), layers_per_block=1, norm_num_groups=8,
+    cross_attention_dim=64, attention_head_dim=4,
+)  # SD: (320, 640, 1280, 1280), 2 layers per block, cross_attention_dim 768.
+
+SCHEDULER_CONFIG = dict(
+    num_train_timesteps=1000, beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012,
+    steps_offset=1, set_alpha_to_one=False, clip_sample=False, prediction_type="epsilon",
+)  # exactly SD v1.x's schedule
+
+# Steps, batch and learning rate per stage for `minisd train all` (about 20 minutes in all).
+DEFAULT_STEPS = {"vae": 1500, "clip": 300, "unet": 4000}
+DEFAULT_BATCH = {"vae": 16, "clip": 64, "unet": 64}
+DEFAULT_LR = {"vae": 2e-3, "clip": 1e-3, "unet": 1e-3}
+KL_WEIGHT = 1e-6
+CAPTION_DROPOUT = 0.1
+EMA_DECAY = 0.999
+
+
+# ---------------------------------------------------------------------------------------
+# Data
+# ---------------------------------------------------------------------------------------
+
+
+def to_model_images(images_uint8: np.ndarray) -> np.ndarray:
+    """uint8 (N, H, W, 3) in [0, 255] -> float32 (N, 3, H, W) in [-1, 1], the VAE's input range."""
+    return (images_uint8.astype(np.float32) / 127.5 - 1.0).transpose(0, 3, 1, 2).copy()
+
+
+def to_uint8_images(x) -> np.ndarray:
+    """float (N, 3, H, W) in [-1, 1] -> uint8 (N, H, W, 3), rounded and clipped."""
+    x = np.asarray(x, dtype=np.float32)
+    return np.clip(np.round((x + 1.0) * 127.5), 0, 255).astype(np.uint8).transpose(0, 2, 3, 1)
+
+
+def load_dataset(name: str, split: str = "train"):
+    """(images uint8 (N, 32, 32, 3), captions). shapes: every combination of the split at every
+    jitter (train: 150 x 9 = 1350 images; the held-out colour-shape pairs never appear in it)."""
+    from minisd import data
+
+    if name not in DATASETS:
+        raise ValueError(f"unknown dataset {name!r}; choose one of {', '.join(DATASETS)}")
+    d = data.load_dataset(name, split=split)
+    return d.images, list(d.captions)
+
+
+def step_rng(seed: int, stage: str, step: int) -> np.random.Generator:
+    """The generator for one training step: a function of (seed, stage, step) alone, so resume is exact."""
+    return np.random.default_rng([seed, STAGES.index(stage), step])
+
+
+# ---------------------------------------------------------------------------------------
+# Writing files without ever leaving a half-written one
+# ---------------------------------------------------------------------------------------
+
+
+def atomic_write(path: str, write) -> None:
+    """Call write(tmp_path), then move tmp_path over path in one step (os.replace)."""
+    tmp = f"{path}.tmp-{os.getpid()}"
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+def save_checkpoint(path: str, params: dict, opt: AdamW, ema: EMA | None, step: int, losses: list) -> None:
+    """Everything needed to continue exactly: weights, AdamW's t, m, v, the EMA, the step and the losses."""
+    arrays = {f"param/{k}": np.asarray(v.data) for k, v in params.items()}
+    names = list(params)
+    for i, name in enumerate(names):
+        if opt.m[i] is not None:
+            arrays[f"adam_m/{name}"] = np.asarray(opt.m[i])
+            arrays[f"adam_v/{name}"] = np.asarray(opt.v[i])
+        if ema is not None:
+            arrays[f"ema/{name}"] = np.asarray(ema.shadow[i])
+    arrays["losses"] = np.asarray(losses, dtype=np.float64)
+    meta = {"step": step, "adam_t": opt.t, "lr": opt.lr, "names": names}
+    arrays["meta"] = np.frombuffer(json.dumps(meta).encode(), dtype=np.uint8)
+
+    def write(tmp):
+        with open(tmp, "wb") as f:
+            np.savez(f, **arrays)
+
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    atomic_write(path, write)
+
+
+def load_checkpoint(path: str, params: dict, opt: AdamW, ema: EMA | None) -> tuple[int, list]:
+    """Restore what save_checkpoint wrote; returns (step, losses). A bad file is a one-line error."""
+    try:
+        with np.load(path, allow_pickle=False) as z:
+            data = {k: z[k] for k in z.files}
+        meta = json.loads(bytes(data["meta"]).decode())
+    except Exception as e:  # zipfile, JSON and key errors all mean the same thing here
+        raise ValueError(f"checkpoint {path} is unreadable or corrupt ({type(e).__name__}: {e})") from None
+    if meta["names"] != list(params):
+        raise ValueError(f"checkpoint {path} holds a different model (parameter names differ); "
+                         "start without --resume or use another --out")
+    for i, name in enumerate(meta["names"]):
+        p = params[name]
+        saved = data[f"param/{name}"]
+        if saved.shape != p.shape:
+            raise ValueError(f"checkpoint {path}: {name} has shape {saved.shape}, the model {p.shape}")
+        p.data[...] = saved
+        if f"adam_m/{name}" in data:
+            opt.m[i], opt.v[i] = data[f"adam_m/{name}"].copy(), data[f"adam_v/{name}"].copy()
+        if ema is not None:
+            ema.shadow[i] = data[f"ema/{name}"].copy()
+    opt.t, opt.lr = meta["adam_t"], meta["lr"]
+    return int(meta["step"]), [float(x) for x in data["losses"]]
+
+
+# ---------------------------------------------------------------------------------------
+# The loop every stage shares
+# ---------------------------------------------------------------------------------------
+
+
+def fit(stage: str, params: dict, loss_fn, *, steps: int, lr: float, out: str, seed: int = 0,
+        warmup: int | None = None, weight_decay: float = 0.01, max_grad_norm: float = 1.0,
+        ema_decay: float | None = None, checkpoint_every: int = 200, resume: bool = False,
+        progress: bool = True, stop_after: int | None = None) -> dict:
+    """Minimise loss_fn(rng) -> scalar Tensor over ``params`` (a dict name -> Parameter).
+
+    AdamW with lr warmup_cosine(step), gradient clipping at max_grad_norm, an optional EMA
+    of the weights. Returns {"losses", "seconds", "ema", "step"}. ``stop_after`` stops early
+    after that many steps of this call (a test's way to interrupt a run and resume it).
+    """
+    from tqdm import tqdm
+
+    warmup = max(1, steps // 20) if warmup is None else warmup
+    named = list(params.items())
+    opt = AdamW([p for _, p in named], lr=lr, weight_decay=weight_decay)
+    ema = EMA([p for _, p in named], decay=ema_decay) if ema_decay else None
+    ckpt = os.path.join(out, "checkpoints", f"{stage}.npz")
+    start, losses = 0, []
+    if resume and os.path.exists(ckpt):
+        start, losses = load_checkpoint(ckpt, params, opt, ema)
+    elif resume:
+        print(f"minisd train {stage}: no checkpoint at {ckpt}; starting from step 0")
+    t0, done_here = time.perf_counter(), 0
+    bar = tqdm(range(start, steps), initial=start, total=steps, desc=stage, disable=not progress,
+               dynamic_ncols=True, mininterval=1.0)
+    for step in bar:
+        opt.lr = warmup_cosine(step, steps, warmup, lr, min_lr=lr * 0.05)
+        opt.zero_grad()
+        loss = loss_fn(step_rng(seed, stage, step))
+        loss.backward()
+        clip_grad_norm(opt.params, max_grad_norm)
+        opt.step()
+        if ema is not None:
+            ema.update()
+        losses.append(float(loss.item()))
+        done_here += 1
+        if progress and (step % 10 == 0 or step == steps - 1):
+            recent = float(np.mean(losses[-50:]))
+            bar.set_postfix(loss=f"{recent:.4f}", lr=f"{opt.lr:.1e}")
+        if (step + 1) % checkpoint_every == 0 or step + 1 == steps:
+            save_checkpoint(ckpt, params, opt, ema, step + 1, losses)
+        if stop_after is not None and done_here >= stop_after:
+            break
+    bar.close()
+    seconds = time.perf_counter() - t0
+    write_loss_curve(out, stage, losses)
+    return {"losses": losses, "seconds": seconds, "ema": ema, "step": start + done_here}
+
+
+def write_loss_curve(out: str, stage: str, losses: list) -> None:
+    """OUT/logs/STAGE_loss.csv (step, loss) and STAGE_loss.png (raw and smoothed, log scale)."""
+    logs = os.path.join(out, "logs")
+    os.makedirs(logs, exist_ok=True)
+    path = os.path.join(logs, f"{stage}_loss.csv")
+
+    def write_csv(tmp):
+        with open(tmp, "w", newline="") as f:
+            w = csv.writer(f)
+            w.writerow(["step", "loss"])
+            w.writerows((i, f"{v:.6g}") for i, v in enumerate(losses))
+
+    atomic_write(path, write_csv)
+    if not losses:
+        return
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 3.5), dpi=80)
+    ax.plot(losses, lw=0.5, alpha=0.4, label="loss")
+    k = max(1, len(losses) // 50)
+    smooth = np.convolve(losses, np.ones(k) / k, mode="valid")
+    ax.plot(np.arange(len(smooth)) + k - 1, smooth, lw=1.5, label=f"mean of {k}")
+    if min(losses) > 0:
+        ax.set_yscale("log")
+    ax.set(xlabel="step", ylabel="loss", title=f"minisd train {stage}")
+    ax.legend()
+    fig.tight_layout()
+    atomic_write(os.path.join(logs, f"{stage}_loss.png"), lambda tmp: fig.savefig(tmp, format="png"))
+    plt.close(fig)
+
+
+# ---------------------------------------------------------------------------------------
+# Saving and loading the parts of a model folder
+# ---------------------------------------------------------------------------------------
+
+
+def save_part(model, folder: str) -> None:
+    from minisd import io
+
+    io.save_pretrained(model, folder)
+
+
+def load_part(folder: str, cls):
+    from minisd import io
+
+    return io.load_pretrained(folder, cls)
+
+
+def finished(out: str, part: str) -> bool:
+    return os.path.isfile(os.path.join(out, part, "config.json"))
+
+
+# ---------------------------------------------------------------------------------------
+# Stage 1: the VAE
+# ---------------------------------------------------------------------------------------
+
+
+def train_vae(out: str, dataset: str = "shapes", steps: int | None = None, batch_size: int | None = None,
+              lr: float | None = None, seed: int = 0, config: dict | None = None, resume: bool = False,
+              checkpoint_every: int = 200, progress: bool = True, stop_after: int | None = None,
+              images=None) -> dict:
+    """Train AutoencoderKL on the dataset's images; writes OUT/vae/. Returns the stage's record."""
+    from minisd.models.vae import AutoencoderKL
+
+    steps = steps or DEFAULT_STEPS["vae"]
+    batch_size = batch_size or DEFAULT_BATCH["vae"]
+    if images is None:
+        images, _ = load_dataset(dataset, "train")
+    x_all = to_model_images(images)
+    nn.manual_seed(seed)
+    vae = AutoencoderKL(**(config or VAE_CONFIG))
+
+    def loss_fn(rng):
+        x = x_all[rng.integers(0, len(x_all), size=batch_size)]
+        x = x[:, :, :, ::-1].copy() if dataset == "emoji" and rng.random() < 0.5 else x  # flips only for emoji
+        posterior = vae.encode(x)
+        recon = vae.decode(posterior.sample(rng))
+        diff = recon - x
+        return F.abs(diff).mean() + (diff * diff).mean() + KL_WEIGHT * posterior.kl().mean()
+
+    record = fit("vae", dict(vae.named_parameters()), loss_fn, steps=steps, lr=lr or DEFAULT_LR["vae"],
+                 out=out, seed=seed, resume=resume, checkpoint_every=checkpoint_every, progress=progress,
+                 stop_after=stop_after)
+    if record["step"] >= steps:
+        vae.config["scaling_factor"] = measure_scaling_factor(vae, x_all, seed)
+        save_part(vae, os.path.join(out, "vae"))
+    record["model"] = vae
+    return record
+
+
+def measure_scaling_factor(vae, x_all: np.ndarray, seed: int = 0, batch: int = 128) -> float:
+    """1 / std of the latents z ~ q(z|x) over the training images (SD measured 0.18215 this way)."""
+    rng = np.random.default_rng(seed)
+    zs = []
+    with no_grad():
+        for i in range(0, len(x_all), batch):
+            zs.append(vae.encode(x_all[i:i + batch]).sample(rng).numpy())
+    return float(1.0 / np.concatenate(zs).std())
+
+
+# ---------------------------------------------------------------------------------------
+# Stage 2: CLIP (text tower + image tower, contrastive), and the tokenizer
+# ---------------------------------------------------------------------------------------
+
+
+def train_tokenizer(captions, out: str):
+    """A BPE vocabulary learned from the captions (SD's CLIP: 49,408 tokens; here a few hundred)."""
+    from minisd.tokenizer import Tokenizer
+
+    tok = Tokenizer.train(sorted(set(captions)), vocab_size=1024)
+    tok.save(os.path.join(out, "tokenizer"))
+    return tok
+
+
+def train_clip(out: str, dataset: str = "shapes", steps: int | None = None, batch_size: int | None = None,
+               lr: float | None = None, seed: int = 0, text_config: dict | None = None,
+               vision_config: dict | None = None, resume: bool = False, checkpoint_every: int = 200,
+               progress: bool = True, stop_after: int | None = None, data=None) -> dict:
+    """Train CLIPModel contrastively; writes OUT/tokenizer/, OUT/clip/ and the text tower as OUT/text_encoder/."""
+    from minisd.models.clip import CLIPModel
+
+    steps = steps or DEFAULT_STEPS["clip"]
+    batch_size = batch_size or DEFAULT_BATCH["clip"]
+    images, captions = data if data is not None else load_dataset(dataset, "train")
+    tok = train_tokenizer(captions, out)
+    x_all = to_model_images(images)
+    ids_all = tok(captions)
+    # Group images by caption: a batch takes distinct captions, since two images of the same
+    # caption in one batch would each be told that the other is a wrong match.
+    groups = {}
+    for i, c in enumerate(captions):
+        groups.setdefault(c, []).append(i)
+    groups = list(groups.values())
+    batch_size = min(batch_size, len(groups))
+    tc = {**(text_config or TEXT_CONFIG), "vocab_size": tok.vocab_size, "eos_token_id": tok.eos_id,
+          "bos_token_id": tok.bos_id, "pad_token_id": tok.pad_id}
+    vc = {**(vision_config or VISION_CONFIG), "image_size": x_all.shape[-1]}
+    nn.manual_seed(seed + 1)
+    clip = CLIPModel(text_config=tc, vision_config=vc, projection_dim=tc["hidden_size"])
+
+    def loss_fn(rng):
+        chosen = rng.choice(len(groups), size=batch_size, replace=False)
+        idx = np.array([groups[g][rng.integers(len(groups[g]))] for g in chosen])
+        return clip.contrastive_loss(x_all[idx], ids_all[idx])
+
+    record = fit("clip", dict(clip.named_parameters()), loss_fn, steps=steps, lr=lr or DEFAULT_LR["clip"],
+                 out=out, seed=seed, resume=resume, checkpoint_every=checkpoint_every, progress=progress,
+                 stop_after=stop_after)
+    if record["step"] >= steps:
+        save_part(clip, os.path.join(out, "clip"))
+        save_part(clip.text_model, os.path.join(out, "text_encoder"))
+    record["model"] = clip
+    return record
+
+
+# ---------------------------------------------------------------------------------------
+# Stage 3: the UNet, on frozen latents and frozen text embeddings
+# ---------------------------------------------------------------------------------------
+
+
+def encode_dataset(vae, images: np.ndarray, batch: int = 128) -> tuple[np.ndarray, np.ndarray]:
+    """The posterior q(z|x) of every image, (mean, std), computed once: the VAE is frozen now."""
+    x_all = to_model_images(images)
+    means, stds = [], []
+    with no_grad():
+        for i in range(0, len(x_all), batch):
+            post = vae.encode(x_all[i:i + batch])
+            means.append(post.mean.numpy())
+            stds.append(post.std.numpy())
+    return np.concatenate(means), np.concatenate(stds)
+
+
+def encode_prompts(text_encoder, tokenizer, prompts, batch: int = 64) -> np.ndarray:
+    """The frozen text encoder's (len(prompts), 77, hidden) states, computed once."""
+    out = []
+    with no_grad():
+        for i in range(0, len(prompts), batch):
+            out.append(text_encoder(tokenizer(prompts[i:i + batch])).numpy())
+    return np.concatenate(out)
+
+
+def train_unet(out: str, dataset: str = "shapes", steps: int | None = None, batch_size: int | None = None,
+               lr: float | None = None, seed: int = 0, config: dict | None = None, resume: bool = False,
+               checkpoint_every: int = 200, progress: bool = True, stop_after: int | None = None,
+               data=None) -> dict:
+    """Train UNet2DConditionModel on OUT/vae's latents and OUT/text_encoder's states; writes OUT/unet/ (EMA weights)."""
+    from minisd.models.clip import CLIPTextModel
+    from minisd.models.unet import UNet2DConditionModel
+    from minisd.models.vae import AutoencoderKL
+    from minisd.schedulers import DDPMScheduler
+    from minisd.tokenizer import Tokenizer
+
+    for part in ("vae", "text_encoder", "tokenizer"):
+        if not os.path.isdir(os.path.join(out, part)):
+            raise ValueError(f"train unet needs {os.path.join(out, part)}: run `minisd train "
+                             f"{'vae' if part == 'vae' else 'clip'} --out {out}` first")
+    steps = steps or DEFAULT_STEPS["unet"]
+    batch_size = batch_size or DEFAULT_BATCH["unet"]
+    images, captions = data if data is not None else load_dataset(dataset, "train")
+    vae = load_part(os.path.join(out, "vae"), AutoencoderKL)
+    text_encoder = load_part(os.path.join(out, "text_encoder"), CLIPTextModel)
+    tok = Tokenizer.from_folder(os.path.join(out, "tokenizer"))
+    scale = float(vae.config["scaling_factor"])
+
+    mean, std = encode_dataset(vae, images)
+    prompts = sorted(set(captions))
+    embeddings = encode_prompts(text_encoder, tok, [UNCONDITIONAL_PROMPT] + prompts)  # row 0: unconditional
+    caption_row = np.array([1 + prompts.index(c) for c in captions])
+    del vae, text_encoder  # frozen, and no longer needed: their outputs are cached above
+
+    scheduler = DDPMScheduler.from_config(SCHEDULER_CONFIG)  # from_config: DDIM-only keys are ignored
+    unet_config = dict(config or UNET_CONFIG)
+    unet_config["cross_attention_dim"] = embeddings.shape[-1]
+    unet_config["sample_size"] = mean.shape[-1]
+    nn.manual_seed(seed + 2)
+    unet = UNet2DConditionModel(**unet_config)
+
+    def loss_fn(rng):
+        idx = rng.integers(0, len(mean), size=batch_size)
+        z0 = scale * (mean[idx] + std[idx] * rng.standard_normal(mean[idx].shape).astype(np.float32))
+        noise = rng.standard_normal(z0.shape).astype(np.float32)
+        t = rng.integers(0, scheduler.num_train_timesteps, size=batch_size)
+        x_t = scheduler.add_noise(z0, noise, t)
+        rows = np.where(rng.random(batch_size) < CAPTION_DROPOUT, 0, caption_row[idx])
+        pred = unet(x_t, t, embeddings[rows])
+        return F.mse_loss(pred, noise)
+
+    record = fit("unet", dict(unet.named_parameters()), loss_fn, steps=steps, lr=lr or DEFAULT_LR["unet"],
+                 out=out, seed=seed, resume=resume, checkpoint_every=checkpoint_every, progress=progress,
+                 ema_decay=EMA_DECAY, stop_after=stop_after)
+    if record["step"] >= steps:
+        record["ema"].copy_to(unet.parameters())  # ship the averaged weights, as SD does
+        save_part(unet, os.path.join(out, "unet"))
+        from minisd.schedulers import DDIMScheduler
+
+        DDIMScheduler.from_config(SCHEDULER_CONFIG).save_config(os.path.join(out, "scheduler"))
+        write_model_index(out)
+    record["model"] = unet
+    return record
+
+
+def write_model_index(out: str) -> None:
+    """model_index.json: which class each subfolder holds, as diffusers' StableDiffusionPipeline reads it."""
+    index = {
+        "_class_name": "StableDiffusionPipeline",
+        "_diffusers_version": "0.30.0",
+        "_minisd_version": __import__("minisd").__version__,
+        "scheduler": ["diffusers", "DDIMScheduler"],
+        "text_encoder": ["transformers", "CLIPTextModel"],
+        "tokenizer": ["transformers", "CLIPTokenizer"],
+        "unet": ["diffusers", "UNet2DConditionModel"],
+        "vae": ["diffusers", "AutoencoderKL"],
+        "safety_checker": [None, None],
+        "feature_extractor": [None, None],
+        "requires_safety_checker": False,
+    }
+    path = os.path.join(out, "model_index.json")
+
+    def write(tmp):
+        with open(tmp, "w") as f:
+            json.dump(index, f, indent=2)
+            f.write("\n")
+
+    atomic_write(path, write)
+
+
+# ---------------------------------------------------------------------------------------
+# All stages, and the command line
+# ---------------------------------------------------------------------------------------
+
+
+def train_all(out: str, dataset: str = "shapes", steps: dict | None = None, seed: int = 0, resume: bool = False,
+              checkpoint_every: int = 200, progress: bool = True, keep_checkpoints: bool = False) -> dict:
+    """vae -> clip -> unet; a stage already finished in OUT is skipped when resuming."""
+    steps = steps or {}
+    data = load_dataset(dataset, "train")
+    report = {"dataset": dataset, "seed": seed, "stages": {}}
+    runners = {"vae": lambda **kw: train_vae(images=data[0], **kw),
+               "clip": lambda **kw: train_clip(data=data, **kw),
+               "unet": lambda **kw: train_unet(data=data, **kw)}
+    done_marker = {"vae": "vae", "clip": "text_encoder", "unet": "unet"}
+    for stage in STAGES:
+        if resume and finished(out, done_marker[stage]):
+            print(f"minisd train all: {stage} already trained in {out}; skipped")
+            continue
+        rec = runners[stage](out=out, dataset=dataset, steps=steps.get(stage), seed=seed, resume=resume,
+                             checkpoint_every=checkpoint_every, progress=progress)
+        report["stages"][stage] = summarise(stage, rec)
+        print(f"minisd train {stage}: {rec['step']} steps in {rec['seconds']:.0f} s, "
+              f"final loss {report['stages'][stage]['final_loss']:.4f}")
+    if not keep_checkpoints:
+        shutil.rmtree(os.path.join(out, "checkpoints"), ignore_errors=True)
+    return report
+
+
+def summarise(stage: str, rec: dict) -> dict:
+    losses = rec["losses"]
+    return {"steps": rec["step"], "seconds": round(rec["seconds"], 1),
+            "final_loss": float(np.mean(losses[-50:])) if losses else math.nan}
+
+
+def add_arguments(parser) -> None:
+    parser.add_argument("stage", choices=(*STAGES, "all"), help="which network to train (all: vae, clip, unet)")
+    parser.add_argument("--dataset", choices=DATASETS, default="shapes")
+    parser.add_argument("--out", default="checkpoints/mine", help="model folder to write (default: checkpoints/mine)")
+    parser.add_argument("--steps", type=int, help="training steps (of the one stage; with `all`, of every stage)")
+    parser.add_argument("--batch-size", type=int)
+    parser.add_argument("--lr", type=float)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--checkpoint-every", type=int, default=200, metavar="N")
+    parser.add_argument("--resume", action="store_true", help="continue from OUT/checkpoints/ where a run stopped")
+    parser.add_argument("--keep-checkpoints", action="store_true", help="keep OUT/checkpoints/ after `all` finishes")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bars")
+
+
+def run(args) -> int:
+    from minisd.cli import UsageError
+
+    for name in ("steps", "batch_size", "checkpoint_every"):
+        value = getattr(args, name)
+        if value is not None and value <= 0:
+            raise UsageError(f"minisd train: --{name.replace('_', '-')} must be a positive integer, got {value}")
+    if args.lr is not None and not args.lr > 0:
+        raise UsageError(f"minisd train: --lr must be positive, got {args.lr}")
+    out = args.out
+    try:
+        os.makedirs(out, exist_ok=True)
+    except OSError as e:
+        raise OSError(f"cannot create --out {out}: {e.strerror}") from None
+    if not os.access(out, os.W_OK):
+        raise PermissionError(f"--out {out} is not writable")
+    progress = not args.no_progress
+    start = time.perf_counter()
+    if args.stage == "all":
+        if args.batch_size or args.lr:
+            raise UsageError("minisd train all: --batch-size and --lr apply to one stage; train the stages one by one")
+        steps = {s: args.steps for s in STAGES} if args.steps else None
+        report = train_all(out, args.dataset, steps, args.seed, args.resume, args.checkpoint_every, progress,
+                           args.keep_checkpoints)
+    else:
+        fn = {"vae": train_vae, "clip": train_clip, "unet": train_unet}[args.stage]
+        rec = fn(out=out, dataset=args.dataset, steps=args.steps, batch_size=args.batch_size, lr=args.lr,
+                 seed=args.seed, resume=args.resume, checkpoint_every=args.checkpoint_every, progress=progress)
+        report = {"dataset": args.dataset, "seed": args.seed, "stages": {args.stage: summarise(args.stage, rec)}}
+        print(f"minisd train {args.stage}: {rec['step']} steps in {rec['seconds']:.0f} s, "
+              f"final loss {report['stages'][args.stage]['final_loss']:.4f}")
+    report["total_seconds"] = round(time.perf_counter() - start, 1)
+    report["peak_memory_mb"] = round(peak_memory_mb(), 1)
+    path = os.path.join(out, "logs", f"train_{args.stage}.json")
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    with open(path, "w") as f:
+        json.dump(report, f, indent=2)
+    print(f"minisd train {args.stage}: {report['total_seconds']:.0f} s in all, peak memory "
+          f"{report['peak_memory_mb']:.0f} MB; model in {out}")
+    return 0
+
+
+def peak_memory_mb() -> float:
+    """This process's peak resident memory (Linux ru_maxrss is in kB)."""
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
