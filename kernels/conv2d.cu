@@ -27,6 +27,13 @@
 //              dw:      C = dw, m = k,        n = (c,r,s),  summed over (n,p,q)
 //            db is a block reduction per output channel. No atomics anywhere: every
 //            output element is written by exactly one thread, so results are deterministic.
+//
+// Reference: conv2d_forward, conv2d_backward in minisd/reference.py (NumPy).
+// Launchers (grid, block, shared memory): minisd/kernels.py. Check and time them with:
+//   python -m pytest tests/test_kernels.py -k conv2d      (the CPU emulator, every version and order)
+//   python -m pytest tests/test_kernels_gpu.py -k conv2d  (a GPU, through CuPy)
+//   minisd bench kernels                              (each version against the vendor library)
+
 #include "common.cuh"
 
 // ---------------------------------------------------------------------------------------
