@@ -97,6 +97,19 @@ class Tensor:
         """The values as a NumPy array on the host (a copy only when they live on a GPU)."""
         return to_numpy(self.data)
 
+    def __bool__(self) -> bool:
+        """NumPy's rule (and torch's): one element gives its truth, more is an error. Without
+        this, Python would use len(), and ``if (x > 1):`` or ``b in [a]`` would be True for any x."""
+        return bool(self.data)
+
+    def __float__(self) -> float:
+        return float(self.item())
+
+    def __array__(self, dtype=None, copy=None):
+        """np.asarray(tensor) gives the values (not an object array of 0-d Tensors); no graph."""
+        array = self.numpy()
+        return array if dtype is None else array.astype(dtype, copy=False)
+
     def item(self) -> float:
         if self.data.size != 1:
             raise ValueError(f"item() needs a tensor with one element, got shape {self.shape}")
