@@ -412,3 +412,18 @@ def test_second_backward_through_a_freed_graph_is_an_error_not_a_silent_zero():
     assert h.grad is None
     (h.detach() * 3.0 + x).sum().backward()  # detached, it is a constant: fine
     np.testing.assert_allclose(x.grad, 3.0)
+
+
+def test_truth_value_float_and_numpy_conversion():
+    """bool() follows NumPy and torch: one element gives its truth, more is an error (not len())."""
+    assert not Tensor(np.array([0.0]))
+    assert not (Tensor(np.array([0.5])) > 1)
+    assert Tensor(np.float32(2.0))
+    a, b = Tensor(np.ones(3)), Tensor(np.zeros(3))
+    with pytest.raises(ValueError, match="ambiguous"):
+        bool(a == b)
+    assert a in [a]  # identity is checked before ==
+    assert float(Tensor(np.array([[2.5]]))) == 2.5
+    arr = np.asarray(leaf(2, 3) * 2.0)
+    assert type(arr) is np.ndarray and arr.dtype == np.float64 and arr.shape == (2, 3)
+    assert np.asarray(a, dtype=np.float32).dtype == np.float32
