@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import functools
 import hashlib
 import math
 import os
@@ -36,6 +37,7 @@ import re
 import shutil
 import subprocess
 import tempfile
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -254,6 +256,12 @@ def _compiler() -> str:
     return cxx
 
 
+@functools.lru_cache(maxsize=None)
+def _compiler_version(cxx: str) -> str:
+    """The first line of ``cxx --version``: part of the cache key, so an upgraded compiler rebuilds."""
+    return subprocess.run([cxx, "--version"], capture_output=True, text=True).stdout.split("\n")[0]
+
+
 def _translation_unit(path: Path, kernels: dict[str, list[Param]], first: bool) -> str:
     """The .cu file as C++ for the emulator: the header first, dynamic shared memory
     declarations rewritten (C++ has no ``extern __shared__``), then one launch function per kernel."""
@@ -277,7 +285,7 @@ def build_emulator(sources, sanitize: bool = False) -> Path:
     header_dir = source_dir()
     flags = _SANITIZE_FLAGS if sanitize else _CXX_FLAGS
     cxx = _compiler()
-    digest = hashlib.sha256(" ".join([cxx] + flags).encode())
+    digest = hashlib.sha256(" ".join([cxx, _compiler_version(cxx)] + flags).encode())
     for path in [header_dir / "emulator.h", header_dir / "common.cuh"] + sources:
         digest.update(str(path).encode() + b"\0" + path.read_bytes())
     for path in sorted({p.parent for p in sources} - {header_dir}):  # headers beside other sources
@@ -313,6 +321,9 @@ def _asan_preloaded() -> bool:
     return "libasan" in os.environ.get("LD_PRELOAD", "")
 
 
+# ctypes lets go of the GIL during a call, and an emulator library's runtime is one set of
+# globals: one launch at a time.
+_emulator_lock = threading.Lock()
 _CTYPE = {"float*": ctypes.c_void_p, "int": ctypes.c_int, "float": ctypes.c_float}
 
 
@@ -334,12 +345,13 @@ def load_emulated(sources, sanitize: bool | None = None) -> Program:
         fn.restype = ctypes.c_int
 
         def launch(grid, block, args, shared_mem):
-            if applied[0] != (current_order, current_seed):
-                lib.emu_set_order(ORDERS.index(current_order), current_seed)
-                applied[0] = (current_order, current_seed)
             raw = [None if a is None else a.ctypes.data if isinstance(a, np.ndarray) else a.item() for a in args]
-            if fn(*grid, *block, shared_mem, *raw) != 0:
-                raise KernelError(lib.emu_last_error().decode())
+            with _emulator_lock:
+                if applied[0] != (current_order, current_seed):
+                    lib.emu_set_order(ORDERS.index(current_order), current_seed)
+                    applied[0] = (current_order, current_seed)
+                if fn(*grid, *block, shared_mem, *raw) != 0:
+                    raise KernelError(lib.emu_last_error().decode())
 
         return launch
 
