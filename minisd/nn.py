@@ -74,7 +74,10 @@ class Module:
                 yield from value.named_parameters(full)
 
     def parameters(self) -> list[Parameter]:
-        return [p for _, p in self.named_parameters()]
+        """Each parameter once, even when two modules share it (tied weights): an optimiser
+        must step it once per step. (named_parameters and state_dict list every name.)"""
+        unique = {id(p): p for _, p in self.named_parameters()}
+        return list(unique.values())
 
     def num_parameters(self) -> int:
         return sum(p.size for p in self.parameters())
