@@ -342,3 +342,27 @@ def test_identity_and_module_without_forward():
     assert nn.Identity()(x) is x
     with pytest.raises(NotImplementedError, match="no forward"):
         nn.Module()(x)
+
+
+def test_tied_weights_are_one_parameter_to_the_optimiser():
+    """An output layer that shares the embedding's table (weight tying) is stepped once per step."""
+    from minisd.optim import SGD
+
+    class Tied(nn.Module):
+        def __init__(self):
+            self.emb = nn.Embedding(5, 3)
+            self.out = nn.Linear(3, 5, bias=False)
+            self.out.weight = self.emb.weight
+
+        def forward(self, ids):
+            return self.out(self.emb(ids))
+
+    m = Tied()
+    assert [n for n, _ in m.named_parameters()] == ["emb.weight", "out.weight"]
+    assert list(m.state_dict()) == ["emb.weight", "out.weight"]
+    assert len(m.parameters()) == 1 and m.num_parameters() == 15
+    w0 = m.emb.weight.numpy().copy()
+    m(np.array([0, 3])).sum().backward()
+    g = m.emb.weight.grad.copy()
+    SGD(m.parameters(), lr=0.1).step()
+    np.testing.assert_allclose(m.emb.weight.numpy(), w0 - 0.1 * g, rtol=1e-6)
