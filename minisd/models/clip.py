@@ -192,7 +192,8 @@ class CLIPTextModel(Pretrained, nn.Module):
             end = ids.argmax(axis=-1)
         else:
             end = (ids == self.config["eos_token_id"]).argmax(axis=-1)
-        return h[np.arange(ids.shape[0]), end]
+        rows, end = (get_backend().asarray(a) for a in (np.arange(ids.shape[0]), end))
+        return h[rows, end]
 
     def load_state_dict(self, state: dict, strict: bool = True) -> None:
         """Accepts keys with or without the ``text_model.`` prefix; ignores the ``position_ids`` buffer."""
