@@ -427,14 +427,14 @@ def _cdiv(a: int, b: int) -> int:
     return -(-a // b)
 
 
-def _flash_tiles(d: int, shared_floats) -> tuple[int, int]:
-    """(threads, tile) for a flash kernel: the largest pair whose shared memory fits in 48 KiB.
+def _flash_tiles(d: int, shared_floats) -> tuple[int, int, int]:
+    """(threads, tile, shared bytes) for a flash kernel: the largest tiles that fit in 48 KiB.
 
     A block has ``threads`` rows (one per thread) and walks the other side in tiles of ``tile``
-    rows; ``shared_floats(threads, tile)`` is what the kernel's head comment lays out."""
-    for pair in ((64, 32), (32, 32), (32, 16), (32, 8), (16, 16), (16, 8), (8, 8)):
-        if 4 * shared_floats(*pair) <= MAX_SHARED_BYTES:
-            return pair
+    rows; ``shared_floats(threads, tile)`` is the layout in the kernel's head comment."""
+    for threads, tile in ((64, 32), (32, 32), (32, 16), (32, 8), (16, 16), (16, 8), (8, 8)):
+        if 4 * shared_floats(threads, tile) <= MAX_SHARED_BYTES:
+            return threads, tile, 4 * shared_floats(threads, tile)
     raise ValueError(f"attention head dim {d} is too large for the flash kernels' 48 KiB of shared memory")
 
 
@@ -455,9 +455,14 @@ class KernelOps:
         """A C-contiguous float32 array on this runtime (a copy only where needed); None stays None."""
         return None if a is None else self.xp.ascontiguousarray(self.xp.asarray(a, dtype=self.xp.float32))
 
+    def _launch(self, kernel: str, grid, block, args, shared_mem: int = 0):
+        """Launch ``kernel``; a grid with no blocks (an empty batch) has nothing to compute."""
+        if all(g > 0 for g in np.atleast_1d(grid)):
+            self.program[kernel](grid, block, args, shared_mem)
+
     def _run(self, name: str, grid, block, args, shared_mem: int = 0):
         """Launch the current version of kernel ``name``: ``{name}_kernel{version}``."""
-        self.program[f"{name}_kernel{current_version}"](grid, block, args, shared_mem)
+        self._launch(f"{name}_kernel{current_version}", grid, block, args, shared_mem)
 
     # ---- conv2d ----------------------------------------------------------------------
 
@@ -578,8 +583,8 @@ class KernelOps:
     def _matmul1(self, a, b, c, M, Ncols, Kd, trans_a, trans_b, alpha):
         """version 1's batched C = alpha op(A) op(B), one matrix per (batch, head)."""
         batch = c.size // (M * Ncols)
-        self.program["attention_matmul_kernel1"]((_cdiv(M * Ncols, 256), batch), 256,
-                                                 (a, b, c, M, Ncols, Kd, int(trans_a), int(trans_b), alpha))
+        self._launch("attention_matmul_kernel1", (_cdiv(M * Ncols, 256), batch), 256,
+                     (a, b, c, M, Ncols, Kd, int(trans_a), int(trans_b), alpha))
 
     def attention_forward(self, q, k, v, scale, is_causal):
         q, k, v = self._f32(q), self._f32(k), self._f32(v)
@@ -591,13 +596,12 @@ class KernelOps:
             s = xp.empty((B, H, Lq, Lk), dtype=xp.float32)
             self._matmul1(q, k, s, Lq, Lk, d, False, True, float(scale))
             rows = B * H * Lq
-            self.program["attention_softmax_kernel1"](_cdiv(rows, 4), 128, (s, lse, rows, Lq, Lk, causal))
+            self._launch("attention_softmax_kernel1", _cdiv(rows, 4), 128, (s, lse, rows, Lq, Lk, causal))
             self._matmul1(s, v, o, Lq, d, Lk, False, False, 1.0)
             return o, lse
-        threads, tile = _flash_tiles(d, lambda bq, bk: 2 * bq * (d + 1) + 2 * bk * d + bq * (bk + 1))
-        shared = 4 * (2 * threads * (d + 1) + 2 * tile * d + threads * (tile + 1))
-        self.program["attention_forward_kernel2"]((_cdiv(Lq, threads), B * H), threads,
-                                                  (q, k, v, o, lse, Lq, Lk, d, float(scale), causal, tile), shared)
+        threads, tile, shared = _flash_tiles(d, lambda bq, bk: 2 * bq * (d + 1) + 2 * bk * d + bq * (bk + 1))
+        self._launch("attention_forward_kernel2", (_cdiv(Lq, threads), B * H), threads,
+                     (q, k, v, o, lse, Lq, Lk, d, float(scale), causal, tile), shared)
         return o, lse
 
     def attention_backward(self, do, q, k, v, o, lse, scale, is_causal):
@@ -613,26 +617,22 @@ class KernelOps:
             p = xp.empty((B, H, Lq, Lk), dtype=xp.float32)
             dp = xp.empty((B, H, Lq, Lk), dtype=xp.float32)
             self._matmul1(q, k, p, Lq, Lk, d, False, True, scale)  # S
-            self.program["attention_probs_kernel1"](_cdiv(p.size, 256), 256, (p, lse, rows, Lq, Lk, causal))
+            self._launch("attention_probs_kernel1", _cdiv(p.size, 256), 256, (p, lse, rows, Lq, Lk, causal))
             self._matmul1(p, do, dv, Lk, d, Lq, True, False, 1.0)  # dV = P^T dO
             self._matmul1(do, v, dp, Lq, Lk, d, False, True, 1.0)  # dP = dO V^T
-            self.program["attention_softmax_backward_kernel1"](_cdiv(rows, 4), 128, (p, dp, do, o, rows, Lk, d))
+            self._launch("attention_softmax_backward_kernel1", _cdiv(rows, 4), 128, (p, dp, do, o, rows, Lk, d))
             self._matmul1(dp, k, dq, Lq, d, Lk, False, False, scale)  # dQ = s dS K
             self._matmul1(dp, q, dk, Lk, d, Lq, True, False, scale)  # dK = s dS^T Q
             return dq, dk, dv
         D = xp.empty((B, H, Lq), dtype=xp.float32)
-        self.program["attention_backward_dot_kernel2"](_cdiv(rows, 4), 128, (do, o, D, rows, d))
+        self._launch("attention_backward_dot_kernel2", _cdiv(rows, 4), 128, (do, o, D, rows, d))
         row = d + 1
-        kv_threads, kv_tile = _flash_tiles(d, lambda bk, bq: 4 * bk * row + 2 * bq * d + 2 * bq)
-        self.program["attention_backward_kv_kernel2"](
-            (_cdiv(Lk, kv_threads), B * H), kv_threads,
-            (q, k, v, do, lse, D, dk, dv, Lq, Lk, d, scale, causal, kv_tile),
-            4 * (4 * kv_threads * row + 2 * kv_tile * d + 2 * kv_tile))
-        q_threads, q_tile = _flash_tiles(d, lambda bq, bk: 3 * bq * row + 2 * bk * d)
-        self.program["attention_backward_q_kernel2"](
-            (_cdiv(Lq, q_threads), B * H), q_threads,
-            (q, k, v, do, lse, D, dq, Lq, Lk, d, scale, causal, q_tile),
-            4 * (3 * q_threads * row + 2 * q_tile * d))
+        threads, tile, shared = _flash_tiles(d, lambda bk, bq: 4 * bk * row + 2 * bq * d + 2 * bq)
+        self._launch("attention_backward_kv_kernel2", (_cdiv(Lk, threads), B * H), threads,
+                     (q, k, v, do, lse, D, dk, dv, Lq, Lk, d, scale, causal, tile), shared)
+        threads, tile, shared = _flash_tiles(d, lambda bq, bk: 3 * bq * row + 2 * bk * d)
+        self._launch("attention_backward_q_kernel2", (_cdiv(Lq, threads), B * H), threads,
+                     (q, k, v, do, lse, D, dq, Lq, Lk, d, scale, causal, tile), shared)
         return dq, dk, dv
 
 

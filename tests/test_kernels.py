@@ -215,6 +215,21 @@ def test_bad_shapes_are_reported(ops):
         ops.attention_forward(q, np.zeros((1, 1, 4, 7), np.float32), np.zeros((1, 1, 4, 7), np.float32), 1.0, False)
 
 
+def test_empty_batch_gives_empty_results(ops):
+    x, w = np.zeros((0, 3, 5, 5), np.float32), np.ones((2, 3, 3, 3), np.float32)
+    assert ops.conv2d_forward(x, w, None, 1, 1).shape == (0, 2, 5, 5)
+    y, mean, rstd = ops.group_norm_forward(x, 3, None, None, 1e-5)
+    assert y.shape == x.shape and mean.shape == (0, 3)
+
+
+def test_settings_from_the_environment(monkeypatch):
+    monkeypatch.setenv("MINISD_KERNEL_VERSION", "1")
+    assert kernels._env_version() == 1
+    monkeypatch.setenv("MINISD_KERNEL_VERSION", "fast")
+    with pytest.raises(ValueError, match="MINISD_KERNEL_VERSION must be 1 or 2"):
+        kernels._env_version()
+
+
 def test_version_setting_is_checked():
     with pytest.raises(ValueError, match="version"):
         kernels.set_version(3)
