@@ -195,8 +195,10 @@ class Kernel:
                     out.append(None)
                     continue
                 if not isinstance(arg, self._array_type):
-                    raise TypeError(f"{where} must be a {self._array_type.__module__} array, "
+                    raise TypeError(f"{where} must be a {self._array_type.__module__.split('.')[0]} array, "
                                     f"got {type(arg).__name__}")
+                if "const" not in param.decl.split() and not getattr(arg.flags, "writeable", True):
+                    raise TypeError(f"{where} is written by the kernel, but the array is read-only")
                 if arg.dtype != np.float32 or not arg.flags.c_contiguous:
                     raise TypeError(f"{where} must be a C-contiguous float32 array, got "
                                     f"{arg.dtype}{'' if arg.flags.c_contiguous else ' (not contiguous)'}")

@@ -249,6 +249,10 @@ def test_arguments_are_checked_against_the_parameter_list():
         kernel(1, 32, (x, y))
     with pytest.raises(TypeError, match="must be a numpy array, got list"):
         kernel(1, 32, ([0.0] * 32, y, 32))
+    frozen = y.copy()
+    frozen.flags.writeable = False
+    with pytest.raises(TypeError, match=r"argument 1 \(float \*y\) is written by the kernel, but the array is read-only"):
+        kernel(1, 32, (x, frozen, 32))
     with pytest.raises(KeyError, match="no kernel named 'nope'"):
         program["nope"]
 
