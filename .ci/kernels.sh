@@ -26,8 +26,11 @@ for src in kernels/*.cu; do
   for arch in "${ARCHS[@]}"; do
     "$NVCC" -ptx -arch="$arch" -Werror all-warnings "$src" -o "$out/$name.$arch.ptx"
     # -cubin runs ptxas, which is what reports the resources; no GPU is needed for it.
-    "$NVCC" -cubin -arch="$arch" -Werror all-warnings -Xptxas -v "$src" -o "$out/$name.$arch.cubin" \
-      2>"$out/$name.$arch.log"
+    if ! "$NVCC" -cubin -arch="$arch" -Werror all-warnings -Xptxas -v "$src" -o "$out/$name.$arch.cubin" \
+      2>"$out/$name.$arch.log"; then
+      cat "$out/$name.$arch.log" >&2
+      exit 1
+    fi
     awk -v arch="$arch" '
       /Compiling entry function/ { match($0, /'"'"'[^'"'"']+'"'"'/); kernel = substr($0, RSTART + 1, RLENGTH - 2) }
       /bytes stack frame/ { spill = $0; sub(/.*frame, /, "", spill); sub(/ bytes spill stores.*/, "", spill) }
