@@ -154,7 +154,8 @@ class Tensor:
                                "minisd frees the graph as it goes (torch's retain_graph=False): "
                                "run the forward pass again, or sum the losses and call backward() once")
         grads = {id(self): grad}  # dL/dnode for the nodes reached so far
-        for node in order:
+        for i, node in enumerate(order):
+            order[i] = None  # let go of the node: its arrays die as soon as its users are done
             g = grads.pop(id(node), None)
             ctx = node._ctx
             if g is None:
