@@ -427,3 +427,30 @@ def test_truth_value_float_and_numpy_conversion():
     arr = np.asarray(leaf(2, 3) * 2.0)
     assert type(arr) is np.ndarray and arr.dtype == np.float64 and arr.shape == (2, 3)
     assert np.asarray(a, dtype=np.float32).dtype == np.float32
+
+
+def test_backward_releases_intermediate_arrays_as_it_goes():
+    """By the time backward() reaches the first op of a chain, the arrays of the later ops,
+    which nothing needs any more, are gone: memory falls during the backward pass."""
+    seen = {}
+
+    class Probe(Function):  # the identity, which looks at what is still alive when its backward runs
+        def forward(self, a):
+            return a.copy()
+
+        def backward(self, g):
+            gc.collect()
+            seen["alive"] = [r() is not None for r in refs]
+            return g
+
+    def build(x):
+        a = Probe.apply(x)
+        b = a * 2.0  # Mul keeps a and the constant, not b
+        c = b.exp()  # Exp keeps its output c
+        return c.sum(), [weakref.ref(b.data), weakref.ref(c.data)]
+
+    x = leaf(100, 100)
+    loss, refs = build(x)
+    loss.backward()
+    assert seen["alive"] == [False, False]
+    np.testing.assert_allclose(x.grad, 2 * np.exp(2 * x.numpy()))
