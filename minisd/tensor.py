@@ -144,7 +144,7 @@ class Tensor:
                                    "argument; only a single-element tensor (a loss) gets 1 implicitly")
             grad = xp.ones_like(self.data)
         else:
-            grad = grad.data if isinstance(grad, Tensor) else xp.asarray(grad, dtype=self.dtype)
+            grad = xp.asarray(grad.data if isinstance(grad, Tensor) else grad, dtype=self.dtype)  # keep float32
             if grad.shape != self.shape:
                 raise ValueError(f"backward(): gradient of shape {grad.shape} for a tensor of shape {self.shape}")
 
