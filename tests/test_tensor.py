@@ -110,6 +110,10 @@ def test_backward_with_explicit_gradient():
     x2 = leaf(2, 3)
     (x2 * 3.0).backward(Tensor(g))
     np.testing.assert_allclose(x2.grad, 3 * g)
+    x3 = leaf(2, 3, dtype=np.float32)
+    (x3 * 3.0).backward(Tensor(g))  # a float64 gradient for a float32 tensor is taken in float32
+    assert x3.grad.dtype == np.float32
+    np.testing.assert_allclose(x3.grad, 3 * g, rtol=1e-6)
 
 
 def test_leaf_gradients_are_owned_and_writable():
