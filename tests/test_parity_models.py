@@ -319,3 +319,12 @@ def test_clip_contrastive_model_matches_transformers():
     loss.backward()
     ref.loss.backward()
     check_grads(ours, theirs)
+
+
+def test_bench_unet_runs_and_reports_ratios(capsys):
+    """`minisd bench unet` at a tiny batch: both sides run the same weights and a ratio is printed."""
+    from minisd.benchmarks import unet as bench
+
+    assert bench.main(["--batch", "2", "--tokens", "3", "--repeats", "1", "--warmup", "0"]) == 0
+    out = capsys.readouterr().out
+    assert "train step" in out and "forward" in out and out.count("x\n") == 2
