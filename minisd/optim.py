@@ -68,6 +68,10 @@ class SGD(Optimizer):
 class AdamW(Optimizer):
     """Adam with decoupled weight decay (Loshchilov & Hutter, 2019).
 
+    t counts this optimiser's steps. torch counts steps per parameter instead; the two
+    agree whenever every parameter gets a gradient at every step (a parameter without
+    one is skipped: not moved, not decayed).
+
         m <- b1 m + (1 - b1) g          v <- b2 v + (1 - b2) g^2
         theta <- theta - lr * wd * theta                        (decay, not through g)
         theta <- theta - lr * (m / (1 - b1^t)) / (sqrt(v / (1 - b2^t)) + eps)
@@ -163,12 +167,15 @@ class EMA:
 
 
 def warmup_cosine(step: int, total_steps: int, warmup_steps: int, base_lr: float, min_lr: float = 0.0) -> float:
-    """The learning rate at ``step``: linear from 0 over the warmup, then a cosine down to min_lr.
+    """The learning rate at ``step``: linear up to base_lr over the warmup, then a cosine down to min_lr.
 
-        lr(s) = base * s / warmup                                       for s < warmup
+        lr(s) = base * (s + 1) / warmup                                 for s < warmup
         lr(s) = min + (base - min) * (1 + cos(pi * (s - warmup) / (total - warmup))) / 2
+
+    The warmup is diffusers' get_cosine_schedule_with_warmup one step ahead (theirs is
+    base * s / warmup), so that step 0 already learns; from the warmup on they agree.
     """
     if step < warmup_steps:
-        return base_lr * step / warmup_steps  # as the formula above and diffusers' get_cosine_schedule_with_warmup
+        return base_lr * (step + 1) / warmup_steps
     progress = min(1.0, (step - warmup_steps) / max(1, total_steps - warmup_steps))
     return min_lr + (base_lr - min_lr) * 0.5 * (1 + math.cos(math.pi * progress))
