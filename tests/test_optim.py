@@ -21,7 +21,7 @@ def make_params(seed=0, dtype=np.float32):
 
 
 def gradients(step, dtype=np.float32):
-    """A fixed, different gradient for each parameter at each step (None for one of them once)."""
+    """A fixed, different gradient for each parameter at each step."""
     rng = np.random.default_rng(100 + step)
     return [rng.standard_normal(s).astype(dtype) for s in SHAPES]
 
@@ -198,10 +198,12 @@ def test_ema_keeps_float32():
 
 def test_warmup_cosine_values():
     base, lo = 1e-3, 1e-5
-    # warmup: linear from 0
-    assert warmup_cosine(0, 100, 10, base) == 0.0
-    assert warmup_cosine(5, 100, 10, base) == pytest.approx(base / 2)
-    assert warmup_cosine(10, 100, 10, base) == pytest.approx(base)  # end of warmup: the peak
+    # warmup: linear, base * (s + 1) / warmup, so that step 0 already learns
+    assert warmup_cosine(0, 100, 10, base) == pytest.approx(base / 10)
+    assert warmup_cosine(4, 100, 10, base) == pytest.approx(base / 2)
+    assert warmup_cosine(9, 100, 10, base) == pytest.approx(base)  # last warmup step: the peak
+    assert warmup_cosine(10, 100, 10, base) == pytest.approx(base)  # the cosine starts at the peak
+    assert warmup_cosine(0, 100, 1, base) == pytest.approx(base)  # a one-step warmup wastes no step
     # middle of the cosine: halfway between base and min
     assert warmup_cosine(55, 100, 10, base, lo) == pytest.approx((base + lo) / 2)
     assert warmup_cosine(32.5, 100, 10, base) == pytest.approx(base * (1 + math.cos(math.pi / 4)) / 2)
@@ -214,16 +216,20 @@ def test_warmup_cosine_values():
     assert all(x >= y for x, y in zip(lrs[10:], lrs[11:]))  # then falls
 
 
-def test_warmup_cosine_equals_diffusers_schedule():
+def test_warmup_cosine_equals_diffusers_schedule_one_step_ahead():
     torch = pytest.importorskip("torch")
     optimization = pytest.importorskip("diffusers.optimization")
     base, total, warmup = 2e-3, 40, 7
     opt = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=base)
     sched = optimization.get_cosine_schedule_with_warmup(opt, warmup, total)
-    for step in range(total + 1):
-        assert warmup_cosine(step, total, warmup, base) == pytest.approx(opt.param_groups[0]["lr"], abs=1e-12), step
+    theirs = []
+    for _ in range(total + 1):
+        theirs.append(opt.param_groups[0]["lr"])
         opt.step()
         sched.step()
+    for step in range(total + 1):
+        want = theirs[step + 1] if step < warmup else theirs[step]  # their warmup is one step behind
+        assert warmup_cosine(step, total, warmup, base) == pytest.approx(want, abs=1e-12), step
 
 
 # ------------------------------------------------------------------------------------
