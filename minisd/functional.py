@@ -582,8 +582,11 @@ def _erf(x):
     for c in coefficients[-2::-1]:  # Horner's rule
         poly *= t
         poly += x.dtype.type(c)
-    erfc = t * np.exp(poly - z * z)
-    return np.where(x >= 0, 1 - erfc, erfc - 1)
+    poly -= z * z
+    erfc = t * np.exp(poly, out=poly)
+    # erf(-x) = -erf(x). copysign, not np.where(x >= 0, ...): where() on random signs is
+    # several times slower than the whole polynomial (it is a third of GEGLU's time in the UNet).
+    return np.copysign(1 - erfc, x)
 
 
 class Softmax(Function):
