@@ -172,6 +172,8 @@ class Tensor:
                 if pg is None or not parent.requires_grad:
                     continue
                 pg = _unbroadcast(pg, parent.shape)
+                if pg.dtype != parent.dtype:  # as torch: a gradient has its tensor's dtype (x32 * y64)
+                    pg = pg.astype(parent.dtype)
                 key = id(parent)
                 grads[key] = pg if key not in grads else grads[key] + pg
             node._ctx, node._freed = None, True  # free the graph as we go: the saved arrays die here
