@@ -458,3 +458,15 @@ def test_backward_releases_intermediate_arrays_as_it_goes():
     loss.backward()
     assert seen["alive"] == [False, False]
     np.testing.assert_allclose(x.grad, 2 * np.exp(2 * x.numpy()))
+
+
+def test_gradient_has_the_dtype_of_its_tensor():
+    """Mixing a float32 tensor with float64 data promotes the result (NumPy's and torch's rule),
+    but the float32 tensor's gradient stays float32, as in torch."""
+    x = leaf(2, 3, dtype=np.float32)
+    y = x * np.linspace(0, 1, 3)  # a float64 array
+    assert y.dtype == np.float64
+    z = Tensor(np.ones(3), requires_grad=True)  # float64
+    (y * z).sum().backward()
+    assert x.grad.dtype == np.float32 and z.grad.dtype == np.float64
+    np.testing.assert_allclose(x.grad, np.broadcast_to(np.linspace(0, 1, 3), (2, 3)), rtol=1e-6)
