@@ -1,8 +1,8 @@
 // attention.cu: scaled dot-product attention, forward and backward.
 //
-// Per batch item and head (b, h), with queries Q (Lq, d), keys K and values V (Lk, d)
-// and s = scale (usually 1/sqrt(d)):
-//   S = s Q K^T  (Lq, Lk),   P = softmax(S) along each row,   O = P V  (Lq, d)
+// Per batch item and head (b, h), with queries Q (Lq, d), keys K (Lk, d), values
+// V (Lk, d_v) (d_v = d in Stable Diffusion) and s = scale (usually 1/sqrt(d)):
+//   S = s Q K^T  (Lq, Lk),   P = softmax(S) along each row,   O = P V  (Lq, d_v)
 //   L_i = log sum_j exp(S_ij)  (the log-sum-exp of row i; saved for the backward pass)
 // With is_causal, key j is masked for query i when j > i (S_ij = -inf, so P_ij = 0),
 // PyTorch's top-left alignment. Backward, given dO:
@@ -90,15 +90,16 @@ extern "C" __global__ void attention_probs_kernel1(float *S, const float *lse, i
     S[e] = (is_causal && j > i) ? 0.0f : __expf(S[e] - lse[row]);
 }
 
-// Backward, step 2: dP to dS in place, dS_ij = P_ij (dP_ij - D_i) with D_i = sum_c dO_ic O_ic;
-// one warp per row.
+// Backward, step 2: dP to dS in place, dS_ij = P_ij (dP_ij - D_i) with D_i = sum_c dO_ic O_ic
+// (rows of dO and O have length d_v); one warp per row.
 extern "C" __global__ void attention_softmax_backward_kernel1(const float *P, float *dP,
                                                               const float *dO, const float *O,
-                                                              int rows, int Lk, int d) {
+                                                              int rows, int Lk, int d_v) {
     const int row = blockIdx.x * (blockDim.x / 32) + threadIdx.x / 32, lane = threadIdx.x % 32;
     if (row >= rows) return;
     float D = 0.0f;
-    for (int c = lane; c < d; c += 32) D += dO[(long long)row * d + c] * O[(long long)row * d + c];
+    for (int c = lane; c < d_v; c += 32)
+        D += dO[(long long)row * d_v + c] * O[(long long)row * d_v + c];
     D = warp_sum(D);
     for (int j = lane; j < Lk; j += 32) {
         const long long e = (long long)row * Lk + j;
@@ -127,30 +128,30 @@ __device__ __forceinline__ void load_rows(float *dst, int stride, const float *s
 }
 
 // Forward. Grid (ceil(Lq / Bq), B*H); block Bq threads, one per query row; key tiles of Bk.
-// Shared: q rows and output rows (Bq x (d+1) each; the +1 spreads a column over the
-// banks), a K and a V tile (Bk x d each; all threads read the same element: a broadcast),
-// each thread's Bk scores (Bq x (Bk+1)).
+// Shared: q rows (Bq x (d+1); the +1 spreads a column over the banks), output rows
+// (Bq x (d_v+1)), a K and a V tile (Bk x d, Bk x d_v; all threads read the same
+// element at once: a broadcast), and each thread's Bk scores (Bq x (Bk+1)).
 extern "C" __global__ void attention_forward_kernel2(const float *q, const float *k,
                                                      const float *v, float *o, float *lse, int Lq,
-                                                     int Lk, int d, float scale, int is_causal,
-                                                     int Bk) {
+                                                     int Lk, int d, int d_v, float scale,
+                                                     int is_causal, int Bk) {
     extern __shared__ float smem[];
     const int Bq = blockDim.x, t = threadIdx.x, q0 = blockIdx.x * Bq, i = q0 + t;
     const long long bh = blockIdx.y;
-    q += bh * Lq * d, o += bh * Lq * d, k += bh * Lk * d, v += bh * Lk * d, lse += bh * Lq;
-    float *qs = smem, *acc = qs + Bq * (d + 1), *ks = acc + Bq * (d + 1), *vs = ks + Bk * d,
-          *ps = vs + Bk * d;
-    float *my_q = qs + t * (d + 1), *my_acc = acc + t * (d + 1), *my_p = ps + t * (Bk + 1);
+    q += bh * Lq * d, k += bh * Lk * d, v += bh * Lk * d_v, o += bh * Lq * d_v, lse += bh * Lq;
+    float *qs = smem, *acc = qs + Bq * (d + 1), *ks = acc + Bq * (d_v + 1), *vs = ks + Bk * d,
+          *ps = vs + Bk * d_v;
+    float *my_q = qs + t * (d + 1), *my_acc = acc + t * (d_v + 1), *my_p = ps + t * (Bk + 1);
 
     load_rows(qs, d + 1, q, q0, Bq, Lq, d);
-    for (int c = 0; c < d; ++c) my_acc[c] = 0.0f;
+    for (int c = 0; c < d_v; ++c) my_acc[c] = 0.0f;
     float m = NEG_INF, l = 0.0f;
     // Under the causal mask no query of this tile sees a key past its last row.
     const int k_end = is_causal ? min(Lk, q0 + Bq) : Lk;
     for (int k0 = 0; k0 < k_end; k0 += Bk) {
         __syncthreads();  // the previous tile is no longer in use
         load_rows(ks, d, k, k0, Bk, Lk, d);
-        load_rows(vs, d, v, k0, Bk, Lk, d);
+        load_rows(vs, d_v, v, k0, Bk, Lk, d_v);
         __syncthreads();
         if (i >= Lq) continue;
         float tile_max = NEG_INF;
@@ -168,25 +169,26 @@ extern "C" __global__ void attention_forward_kernel2(const float *q, const float
             my_p[jj] = __expf(my_p[jj] - m_new);
             l += my_p[jj];
         }
-        for (int c = 0; c < d; ++c) {
+        for (int c = 0; c < d_v; ++c) {
             float a = my_acc[c] * correction;
-            for (int jj = 0; jj < Bk; ++jj) a += my_p[jj] * vs[jj * d + c];
+            for (int jj = 0; jj < Bk; ++jj) a += my_p[jj] * vs[jj * d_v + c];
             my_acc[c] = a;
         }
         m = m_new;
     }
     if (i >= Lq) return;
-    for (int c = 0; c < d; ++c) o[(long long)i * d + c] = my_acc[c] / l;
+    for (int c = 0; c < d_v; ++c) o[(long long)i * d_v + c] = my_acc[c] / l;
     lse[i] = m + __logf(l);
 }
 
-// Backward, step 1: D_i = sum_c dO_ic O_ic; one warp per row (rows = B*H*Lq).
+// Backward, step 1: D_i = sum_c dO_ic O_ic; one warp per row (rows = B*H*Lq of length d_v).
 extern "C" __global__ void attention_backward_dot_kernel2(const float *dO, const float *O, float *D,
-                                                          int rows, int d) {
+                                                          int rows, int d_v) {
     const int row = blockIdx.x * (blockDim.x / 32) + threadIdx.x / 32, lane = threadIdx.x % 32;
     if (row >= rows) return;
     float acc = 0.0f;
-    for (int c = lane; c < d; c += 32) acc += dO[(long long)row * d + c] * O[(long long)row * d + c];
+    for (int c = lane; c < d_v; c += 32)
+        acc += dO[(long long)row * d_v + c] * O[(long long)row * d_v + c];
     acc = warp_sum(acc);
     if (lane == 0) D[row] = acc;
 }
@@ -195,33 +197,34 @@ extern "C" __global__ void attention_backward_dot_kernel2(const float *dO, const
 // row j, walking the queries in tiles of Bq. For each query i that sees key j:
 //   P_ij = exp(s q_i.k_j - L_i),  dV_j += P_ij dO_i,  dS_ij = P_ij (dO_i.v_j - D_i),
 //   dK_j += s dS_ij q_i.
-// Shared: the thread's k, v, dk, dv rows (Bk x (d+1) each), a Q and a dO tile (Bq x d),
-// and the tile's L and D (Bq each).
+// Shared: the thread's k and dk rows (Bk x (d+1) each), v and dv rows (Bk x (d_v+1)
+// each), a Q and a dO tile (Bq x d, Bq x d_v), and the tile's L and D (Bq each).
 extern "C" __global__ void attention_backward_kv_kernel2(const float *q, const float *k,
                                                          const float *v, const float *dO,
                                                          const float *lse, const float *D,
                                                          float *dk, float *dv, int Lq, int Lk,
-                                                         int d, float scale, int is_causal,
-                                                         int Bq) {
+                                                         int d, int d_v, float scale,
+                                                         int is_causal, int Bq) {
     extern __shared__ float smem[];
     const int Bk = blockDim.x, t = threadIdx.x, k0 = blockIdx.x * Bk, j = k0 + t;
     const long long bh = blockIdx.y;
-    q += bh * Lq * d, dO += bh * Lq * d, lse += bh * Lq, D += bh * Lq;
-    k += bh * Lk * d, v += bh * Lk * d, dk += bh * Lk * d, dv += bh * Lk * d;
-    const int row = d + 1;
-    float *ks = smem, *vs = ks + Bk * row, *dks = vs + Bk * row, *dvs = dks + Bk * row,
-          *qs = dvs + Bk * row, *dos = qs + Bq * d, *Ls = dos + Bq * d, *Ds = Ls + Bq;
-    float *my_k = ks + t * row, *my_v = vs + t * row, *my_dk = dks + t * row, *my_dv = dvs + t * row;
+    q += bh * Lq * d, dO += bh * Lq * d_v, lse += bh * Lq, D += bh * Lq;
+    k += bh * Lk * d, dk += bh * Lk * d, v += bh * Lk * d_v, dv += bh * Lk * d_v;
+    float *ks = smem, *dks = ks + Bk * (d + 1), *vs = dks + Bk * (d + 1), *dvs = vs + Bk * (d_v + 1),
+          *qs = dvs + Bk * (d_v + 1), *dos = qs + Bq * d, *Ls = dos + Bq * d_v, *Ds = Ls + Bq;
+    float *my_k = ks + t * (d + 1), *my_dk = dks + t * (d + 1);
+    float *my_v = vs + t * (d_v + 1), *my_dv = dvs + t * (d_v + 1);
 
-    load_rows(ks, row, k, k0, Bk, Lk, d);
-    load_rows(vs, row, v, k0, Bk, Lk, d);
-    for (int c = 0; c < d; ++c) my_dk[c] = my_dv[c] = 0.0f;
+    load_rows(ks, d + 1, k, k0, Bk, Lk, d);
+    load_rows(vs, d_v + 1, v, k0, Bk, Lk, d_v);
+    for (int c = 0; c < d; ++c) my_dk[c] = 0.0f;
+    for (int c = 0; c < d_v; ++c) my_dv[c] = 0.0f;
     // Under the causal mask queries before k0 see none of these keys.
     const int q_begin = is_causal ? (k0 / Bq) * Bq : 0;
     for (int i0 = q_begin; i0 < Lq; i0 += Bq) {
         __syncthreads();
         load_rows(qs, d, q, i0, Bq, Lq, d);
-        load_rows(dos, d, dO, i0, Bq, Lq, d);
+        load_rows(dos, d_v, dO, i0, Bq, Lq, d_v);
         for (int e = t; e < Bq; e += Bk) {
             Ls[e] = i0 + e < Lq ? lse[i0 + e] : 0.0f;
             Ds[e] = i0 + e < Lq ? D[i0 + e] : 0.0f;
@@ -230,56 +233,52 @@ extern "C" __global__ void attention_backward_kv_kernel2(const float *q, const f
         if (j >= Lk) continue;
         for (int ii = 0; ii < Bq && i0 + ii < Lq; ++ii) {
             if (is_causal && j > i0 + ii) continue;
-            const float *qi = qs + ii * d, *doi = dos + ii * d;
+            const float *qi = qs + ii * d, *doi = dos + ii * d_v;
             const float p = __expf(scale * dot(qi, my_k, d) - Ls[ii]);
-            const float ds = p * (dot(doi, my_v, d) - Ds[ii]);
-            for (int c = 0; c < d; ++c) {
-                my_dv[c] += p * doi[c];
-                my_dk[c] += scale * ds * qi[c];
-            }
+            const float ds = p * (dot(doi, my_v, d_v) - Ds[ii]);
+            for (int c = 0; c < d_v; ++c) my_dv[c] += p * doi[c];
+            for (int c = 0; c < d; ++c) my_dk[c] += scale * ds * qi[c];
         }
     }
     if (j >= Lk) return;
-    for (int c = 0; c < d; ++c) {
-        dk[(long long)j * d + c] = my_dk[c];
-        dv[(long long)j * d + c] = my_dv[c];
-    }
+    for (int c = 0; c < d; ++c) dk[(long long)j * d + c] = my_dk[c];
+    for (int c = 0; c < d_v; ++c) dv[(long long)j * d_v + c] = my_dv[c];
 }
 
 // Backward, step 3: dQ. Grid (ceil(Lq / Bq), B*H); block Bq threads, one per query row i,
 // walking the keys in tiles of Bk:  dQ_i += s dS_ij k_j  with dS_ij as in step 2.
-// Shared: the thread's q, dO, dq rows (Bq x (d+1) each), a K and a V tile (Bk x d each).
+// Shared: the thread's q and dq rows (Bq x (d+1) each) and dO row (Bq x (d_v+1)), a K
+// and a V tile (Bk x d, Bk x d_v).
 extern "C" __global__ void attention_backward_q_kernel2(const float *q, const float *k,
                                                         const float *v, const float *dO,
                                                         const float *lse, const float *D,
-                                                        float *dq, int Lq, int Lk, int d,
+                                                        float *dq, int Lq, int Lk, int d, int d_v,
                                                         float scale, int is_causal, int Bk) {
     extern __shared__ float smem[];
     const int Bq = blockDim.x, t = threadIdx.x, q0 = blockIdx.x * Bq, i = q0 + t;
     const long long bh = blockIdx.y;
-    q += bh * Lq * d, dO += bh * Lq * d, dq += bh * Lq * d, lse += bh * Lq, D += bh * Lq;
-    k += bh * Lk * d, v += bh * Lk * d;
-    const int row = d + 1;
-    float *qs = smem, *dos = qs + Bq * row, *dqs = dos + Bq * row, *ks = dqs + Bq * row,
+    q += bh * Lq * d, dq += bh * Lq * d, dO += bh * Lq * d_v, lse += bh * Lq, D += bh * Lq;
+    k += bh * Lk * d, v += bh * Lk * d_v;
+    float *qs = smem, *dqs = qs + Bq * (d + 1), *dos = dqs + Bq * (d + 1), *ks = dos + Bq * (d_v + 1),
           *vs = ks + Bk * d;
-    float *my_q = qs + t * row, *my_do = dos + t * row, *my_dq = dqs + t * row;
+    float *my_q = qs + t * (d + 1), *my_dq = dqs + t * (d + 1), *my_do = dos + t * (d_v + 1);
 
-    load_rows(qs, row, q, q0, Bq, Lq, d);
-    load_rows(dos, row, dO, q0, Bq, Lq, d);
+    load_rows(qs, d + 1, q, q0, Bq, Lq, d);
+    load_rows(dos, d_v + 1, dO, q0, Bq, Lq, d_v);
     for (int c = 0; c < d; ++c) my_dq[c] = 0.0f;
     const float L_i = i < Lq ? lse[i] : 0.0f, D_i = i < Lq ? D[i] : 0.0f;
     const int k_end = is_causal ? min(Lk, q0 + Bq) : Lk;
     for (int k0 = 0; k0 < k_end; k0 += Bk) {
         __syncthreads();
         load_rows(ks, d, k, k0, Bk, Lk, d);
-        load_rows(vs, d, v, k0, Bk, Lk, d);
+        load_rows(vs, d_v, v, k0, Bk, Lk, d_v);
         __syncthreads();
         if (i >= Lq) continue;
         for (int jj = 0; jj < Bk && k0 + jj < Lk; ++jj) {
             if (is_causal && k0 + jj > i) break;
             const float *kj = ks + jj * d;
             const float p = __expf(scale * dot(my_q, kj, d) - L_i);
-            const float ds = p * (dot(my_do, vs + jj * d, d) - D_i);
+            const float ds = p * (dot(my_do, vs + jj * d_v, d_v) - D_i);
             for (int c = 0; c < d; ++c) my_dq[c] += scale * ds * kj[c];
         }
     }

@@ -437,7 +437,7 @@ def _flash_tiles(d: int, shared_floats) -> tuple[int, int, int]:
     for threads, tile in ((64, 32), (32, 32), (32, 16), (32, 8), (16, 16), (16, 8), (8, 8)):
         if 4 * shared_floats(threads, tile) <= MAX_SHARED_BYTES:
             return threads, tile, 4 * shared_floats(threads, tile)
-    raise ValueError(f"attention head dim {d} is too large for the flash kernels' 48 KiB of shared memory")
+    raise ValueError(f"attention head dims around {d} are too large for the flash kernels' 48 KiB of shared memory")
 
 
 def _reduce_threads(m: int) -> int:
@@ -572,15 +572,16 @@ class KernelOps:
     # ---- attention -------------------------------------------------------------------
 
     def _attn_shape(self, q, k, v, what):
+        """(B, heads, Lq, Lk, d, d_v) for q (B, heads, Lq, d), k (B, heads, Lk, d), v (B, heads, Lk, d_v)."""
         if q.ndim != 4 or k.ndim != 4 or v.ndim != 4:
             raise ValueError(f"{what}: q, k, v must be 4-D (B, heads, L, d), got {q.shape}, {k.shape}, {v.shape}")
         B, H, Lq, d = q.shape
-        if k.shape[:2] != (B, H) or k.shape[3] != d or v.shape != k.shape:
-            raise ValueError(f"{what}: k and v must be (B, heads, Lk, d) = ({B}, {H}, Lk, {d}), "
+        if k.shape[:2] != (B, H) or k.shape[3] != d or v.shape[:3] != k.shape[:3]:
+            raise ValueError(f"{what}: k must be (B, heads, Lk, d) = ({B}, {H}, Lk, {d}) and v (B, heads, Lk, d_v); "
                              f"got {k.shape} and {v.shape}")
-        if Lq < 1 or k.shape[2] < 1 or d < 1:
-            raise ValueError(f"{what}: empty sequence or head dim: q {q.shape}, k {k.shape}")
-        return B, H, Lq, k.shape[2], d
+        if Lq < 1 or k.shape[2] < 1 or d < 1 or v.shape[3] < 1:
+            raise ValueError(f"{what}: empty sequence or head dim: q {q.shape}, k {k.shape}, v {v.shape}")
+        return B, H, Lq, k.shape[2], d, v.shape[3]
 
     def _matmul1(self, a, b, c, M, Ncols, Kd, trans_a, trans_b, alpha):
         """version 1's batched C = alpha op(A) op(B), one matrix per (batch, head)."""
@@ -590,28 +591,29 @@ class KernelOps:
 
     def attention_forward(self, q, k, v, scale, is_causal):
         q, k, v = self._f32(q), self._f32(k), self._f32(v)
-        B, H, Lq, Lk, d = self._attn_shape(q, k, v, "attention")
+        B, H, Lq, Lk, d, d_v = self._attn_shape(q, k, v, "attention")
         xp, causal = self.xp, int(bool(is_causal))
-        o = xp.empty((B, H, Lq, d), dtype=xp.float32)
+        o = xp.empty((B, H, Lq, d_v), dtype=xp.float32)
         lse = xp.empty((B, H, Lq), dtype=xp.float32)
         if current_version == 1:
             s = xp.empty((B, H, Lq, Lk), dtype=xp.float32)
-            self._matmul1(q, k, s, Lq, Lk, d, False, True, float(scale))
+            self._matmul1(q, k, s, Lq, Lk, d, False, True, float(scale))  # S = s Q K^T
             rows = B * H * Lq
             self._launch("attention_softmax_kernel1", _cdiv(rows, 4), 128, (s, lse, rows, Lq, Lk, causal))
-            self._matmul1(s, v, o, Lq, d, Lk, False, False, 1.0)
+            self._matmul1(s, v, o, Lq, d_v, Lk, False, False, 1.0)  # O = P V
             return o, lse
-        threads, tile, shared = _flash_tiles(d, lambda bq, bk: 2 * bq * (d + 1) + 2 * bk * d + bq * (bk + 1))
+        threads, tile, shared = _flash_tiles(
+            d, lambda bq, bk: bq * (d + 1) + bq * (d_v + 1) + bk * d + bk * d_v + bq * (bk + 1))
         self._launch("attention_forward_kernel2", (_cdiv(Lq, threads), B * H), threads,
-                     (q, k, v, o, lse, Lq, Lk, d, float(scale), causal, tile), shared)
+                     (q, k, v, o, lse, Lq, Lk, d, d_v, float(scale), causal, tile), shared)
         return o, lse
 
     def attention_backward(self, do, q, k, v, o, lse, scale, is_causal):
         q, k, v = self._f32(q), self._f32(k), self._f32(v)
         do, o, lse = self._f32(do), self._f32(o), self._f32(lse)
-        B, H, Lq, Lk, d = self._attn_shape(q, k, v, "attention backward")
-        if do.shape != q.shape or o.shape != q.shape or lse.shape != (B, H, Lq):
-            raise ValueError(f"attention backward: do and o must have q's shape {q.shape} and lse ({B}, {H}, {Lq}); "
+        B, H, Lq, Lk, d, d_v = self._attn_shape(q, k, v, "attention backward")
+        if do.shape != (B, H, Lq, d_v) or o.shape != do.shape or lse.shape != (B, H, Lq):
+            raise ValueError(f"attention backward: do and o must be {(B, H, Lq, d_v)} and lse {(B, H, Lq)}; "
                              f"got {do.shape}, {o.shape}, {lse.shape}")
         xp, causal, scale, rows = self.xp, int(bool(is_causal)), float(scale), B * H * Lq
         dq, dk, dv = (xp.empty(a.shape, dtype=xp.float32) for a in (q, k, v))
@@ -620,21 +622,22 @@ class KernelOps:
             dp = xp.empty((B, H, Lq, Lk), dtype=xp.float32)
             self._matmul1(q, k, p, Lq, Lk, d, False, True, scale)  # S
             self._launch("attention_probs_kernel1", _cdiv(p.size, 256), 256, (p, lse, rows, Lq, Lk, causal))
-            self._matmul1(p, do, dv, Lk, d, Lq, True, False, 1.0)  # dV = P^T dO
-            self._matmul1(do, v, dp, Lq, Lk, d, False, True, 1.0)  # dP = dO V^T
-            self._launch("attention_softmax_backward_kernel1", _cdiv(rows, 4), 128, (p, dp, do, o, rows, Lk, d))
+            self._matmul1(p, do, dv, Lk, d_v, Lq, True, False, 1.0)  # dV = P^T dO
+            self._matmul1(do, v, dp, Lq, Lk, d_v, False, True, 1.0)  # dP = dO V^T
+            self._launch("attention_softmax_backward_kernel1", _cdiv(rows, 4), 128, (p, dp, do, o, rows, Lk, d_v))
             self._matmul1(dp, k, dq, Lq, d, Lk, False, False, scale)  # dQ = s dS K
             self._matmul1(dp, q, dk, Lk, d, Lq, True, False, scale)  # dK = s dS^T Q
             return dq, dk, dv
         D = xp.empty((B, H, Lq), dtype=xp.float32)
-        self._launch("attention_backward_dot_kernel2", _cdiv(rows, 4), 128, (do, o, D, rows, d))
-        row = d + 1
-        threads, tile, shared = _flash_tiles(d, lambda bk, bq: 4 * bk * row + 2 * bq * d + 2 * bq)
+        self._launch("attention_backward_dot_kernel2", _cdiv(rows, 4), 128, (do, o, D, rows, d_v))
+        threads, tile, shared = _flash_tiles(
+            d, lambda bk, bq: 2 * bk * (d + 1) + 2 * bk * (d_v + 1) + bq * d + bq * d_v + 2 * bq)
         self._launch("attention_backward_kv_kernel2", (_cdiv(Lk, threads), B * H), threads,
-                     (q, k, v, do, lse, D, dk, dv, Lq, Lk, d, scale, causal, tile), shared)
-        threads, tile, shared = _flash_tiles(d, lambda bq, bk: 3 * bq * row + 2 * bk * d)
+                     (q, k, v, do, lse, D, dk, dv, Lq, Lk, d, d_v, scale, causal, tile), shared)
+        threads, tile, shared = _flash_tiles(
+            d, lambda bq, bk: 2 * bq * (d + 1) + bq * (d_v + 1) + bk * d + bk * d_v)
         self._launch("attention_backward_q_kernel2", (_cdiv(Lq, threads), B * H), threads,
-                     (q, k, v, do, lse, D, dq, Lq, Lk, d, scale, causal, tile), shared)
+                     (q, k, v, do, lse, D, dq, Lq, Lk, d, d_v, scale, causal, tile), shared)
         return dq, dk, dv
 
 

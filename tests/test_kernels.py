@@ -139,7 +139,7 @@ def test_group_norm(ops, setting, case):
 # attention
 # ------------------------------------------------------------------------------------
 
-# (B, heads, Lq, Lk, d, causal)
+# (B, heads, Lq, Lk, d, causal[, d_v]); d_v = d unless given
 ATTN_CASES = [
     (1, 1, 1, 1, 8, False),  # one query, one key
     (2, 3, 5, 7, 8, True),  # causal with Lq < Lk
@@ -149,20 +149,24 @@ ATTN_CASES = [
     (1, 1, 70, 5, 8, True),  # causal with Lq > Lk: late queries see every key
     (1, 2, 9, 77, 40, False),  # a text context of 77 tokens, as in SD
     (1, 1, 20, 24, 160, False),  # SD's largest head dim: the smallest flash tiles
+    (2, 1, 17, 9, 8, True, 24),  # values wider than queries and keys, as torch allows
+    (1, 2, 9, 40, 40, False, 5),  # ... and narrower
 ]
 
 
-@pytest.mark.parametrize("case", ATTN_CASES, ids=lambda c: "b{}h{}q{}k{}d{}{}".format(*c[:5], "c" if c[5] else ""))
+@pytest.mark.parametrize("case", ATTN_CASES, ids=lambda c: "b{}h{}q{}k{}d{}{}{}".format(
+    *c[:5], "c" if c[5] else "", f"v{c[6]}" if len(c) > 6 else ""))
 def test_attention(ops, setting, case):
-    B, H, Lq, Lk, d, causal = case
+    B, H, Lq, Lk, d, causal = case[:6]
+    d_v = case[6] if len(case) > 6 else d
     rng = np.random.default_rng(Lq * Lk + d)
-    q, k, v = randn(rng, B, H, Lq, d), randn(rng, B, H, Lk, d), randn(rng, B, H, Lk, d)
+    q, k, v = randn(rng, B, H, Lq, d), randn(rng, B, H, Lk, d), randn(rng, B, H, Lk, d_v)
     scale = d ** -0.5
     o_ref, lse_ref = reference.attention_forward(*f64(q, k, v), scale, causal)
     o, lse = ops.attention_forward(q, k, v, scale, causal)
     assert_close(o, o_ref, "o")
     assert_close(lse, lse_ref, "lse")
-    do = randn(rng, B, H, Lq, d)
+    do = randn(rng, B, H, Lq, d_v)
     grads = ops.attention_backward(do, q, k, v, o, lse, scale, causal)
     ref_grads = reference.attention_backward(*f64(do, q, k, v, o, lse), scale, causal)
     for name, out, ref in zip(("dq", "dk", "dv"), grads, ref_grads):
@@ -211,8 +215,10 @@ def test_bad_shapes_are_reported(ops):
     with pytest.raises(ValueError, match="groups"):
         ops.group_norm_forward(x, 2, None, None, 1e-5)
     q = np.zeros((1, 1, 4, 8), np.float32)
-    with pytest.raises(ValueError, match="k and v"):
+    with pytest.raises(ValueError, match="k must be"):
         ops.attention_forward(q, np.zeros((1, 1, 4, 7), np.float32), np.zeros((1, 1, 4, 7), np.float32), 1.0, False)
+    with pytest.raises(ValueError, match="v \\(B, heads, Lk, d_v\\)"):
+        ops.attention_forward(q, np.zeros((1, 1, 4, 8), np.float32), np.zeros((1, 1, 5, 8), np.float32), 1.0, False)
 
 
 def test_empty_batch_gives_empty_results(ops):
@@ -269,7 +275,7 @@ def _engine_cases():
         "attention": (lambda q, k, v: F.scaled_dot_product_attention(q, k, v, is_causal=True),
                       [randn(rng, 1, 2, 9, 40), randn(rng, 1, 2, 11, 40), randn(rng, 1, 2, 11, 40)]),
         "cross_attention": (lambda q, k, v: F.scaled_dot_product_attention(q, k, v),
-                            [randn(rng, 2, 1, 6, 8), randn(rng, 2, 1, 13, 8), randn(rng, 2, 1, 13, 8)]),
+                            [randn(rng, 2, 1, 6, 8), randn(rng, 2, 1, 13, 8), randn(rng, 2, 1, 13, 12)]),
     }
 
 

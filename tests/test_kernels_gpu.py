@@ -78,14 +78,15 @@ def test_group_norm_on_gpu(gpu, version, shape, G):
 
 
 @pytest.mark.parametrize("version", kernels.VERSIONS)
-@pytest.mark.parametrize("case", [(2, 3, 5, 7, 8, True), (1, 2, 37, 77, 40, False), (1, 2, 100, 100, 80, True),
-                                  (1, 1, 70, 5, 160, True)])
+@pytest.mark.parametrize("case", [(2, 3, 5, 7, 8, True, 8), (1, 2, 37, 77, 40, False, 40),
+                                  (1, 2, 100, 100, 80, True, 80), (1, 1, 70, 5, 160, True, 160),
+                                  (2, 1, 17, 9, 8, True, 24)])
 def test_attention_on_gpu(gpu, version, case):
     cupy, ops = gpu
-    B, H, Lq, Lk, d, causal = case
+    B, H, Lq, Lk, d, causal, d_v = case
     rng = np.random.default_rng(2)
-    q, k, v = (rng.standard_normal(s).astype(np.float32) for s in ((B, H, Lq, d), (B, H, Lk, d), (B, H, Lk, d)))
-    do = rng.standard_normal((B, H, Lq, d)).astype(np.float32)
+    q, k, v = (rng.standard_normal(s).astype(np.float32) for s in ((B, H, Lq, d), (B, H, Lk, d), (B, H, Lk, d_v)))
+    do = rng.standard_normal((B, H, Lq, d_v)).astype(np.float32)
     scale = d ** -0.5
     o_ref, lse_ref = reference.attention_forward(*f64(q, k, v), scale, causal)
     with kernels.settings(version=version):
