@@ -7,7 +7,9 @@ model is the shipped shapes model unless --model names a model folder.
 from __future__ import annotations
 
 import os
+import sys
 import time
+import warnings
 
 import numpy as np
 
@@ -48,9 +50,13 @@ def run(args) -> int:
 
     pipe = load_pipeline(args.model)
     start = time.perf_counter()
-    images = pipe(args.prompt, steps=args.steps, guidance_scale=args.guidance, seed=args.seed,
-                  scheduler=args.scheduler.lower(), num_images_per_prompt=args.n)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        images = pipe(args.prompt, steps=args.steps, guidance_scale=args.guidance, seed=args.seed,
+                      scheduler=args.scheduler.lower(), num_images_per_prompt=args.n)
     seconds = time.perf_counter() - start
+    for w in caught:  # one line each (a too-long prompt, truncated at 77 tokens)
+        print(f"minisd generate: warning: {w.message}", file=sys.stderr)
     paths = write_pngs(images, args.out, args.scale)
     print(f"minisd generate: {len(paths)} image(s) in {seconds:.2f} s -> {paths[0]}"
           + (f" ... {os.path.basename(paths[-1])}" if len(paths) > 1 else ""))
