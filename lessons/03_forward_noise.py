@@ -210,21 +210,12 @@ print(f"  last step t = {timesteps[-1]}: mean {last.mean():+.4f} (expected sqrt(
 # Stable Diffusion never noises pixels: the VAE encoder first maps the image to latents
 # z_0 (SD: (4, 64, 64), here (4, h, w)), scaled by `scaling_factor` to unit variance,
 # and the forward process runs on those. Decoding a noisy latent shows what the UNet is
-# given. This part needs the trained model shipped with minisd
-# (`minisd.load_pipeline()`); without it the lesson says so and stops here.
+# given. This part needs a trained VAE: the model shipped with minisd
+# (`minisd.load_pipeline()`) or one given with `--model DIR`; without one the lesson says
+# so and skips this part.
 
 # %%
 viz.header("5. latent space")
-
-
-def load_vae():
-    """The shipped model's VAE, or None (with a note) when the weights are not there."""
-    try:
-        return minisd.load_pipeline().vae
-    except (ImportError, FileNotFoundError, ValueError, OSError, KeyError) as error:
-        print(f"  skipped: the shipped model could not be loaded ({str(error).splitlines()[0]}).")
-        print("  Train one with `minisd train all` or install a minisd that ships its weights.")
-        return None
 
 
 def noise_latents(vae, out):
@@ -238,7 +229,8 @@ def noise_latents(vae, out):
           f"SD: {np.prod(viz.SD['image']):,} -> {np.prod(viz.SD['latents']):,} (48x)")
     print(f"  scaled latents of the batch: mean {zb.mean():+.3f}, std {zb.std():.3f} (scaling_factor {sf})")
     zeps = np.random.default_rng(0).standard_normal(z0.shape).astype(np.float32)
-    picks = [int(t) for t in timesteps[::7]] + [int(timesteps[-1])]
+    picks = [int(t) for t in timesteps[::7]]
+    picks += [] if picks[-1] == timesteps[-1] else [int(timesteps[-1])]
     zt = np.concatenate([scheduler.add_noise(z0, zeps, np.array([t])) for t in picks])
     with minisd.no_grad():
         decoded = vae.decode(zt / sf).numpy()
@@ -265,10 +257,12 @@ def noise_latents(vae, out):
             "latent_last_step_std": float(zlast.std()), "latent_std": float(zb.std())}
 
 
-vae = load_vae()
-results["latent_part"] = vae is not None
-if vae is not None:
-    results.update(noise_latents(vae, args.out))
+pipe = viz.load_model(args.model)
+results["latent_part"] = pipe is not None
+if pipe is None:
+    print("  skipped the latent-space part (it needs a trained VAE)")
+else:
+    results.update(noise_latents(pipe.vae, args.out))
 
 # %% [markdown]
 # ## What we saw

@@ -73,6 +73,8 @@ def lesson_args(name: str, argv=None, description: str | None = None) -> argpars
     parser.add_argument("--out", type=Path, default=Path("figures") / name,
                         help=f"folder for the figures (default: ./figures/{name}/)")
     parser.add_argument("--fast", action="store_true", help="smaller and quicker (what CI runs)")
+    parser.add_argument("--model", default=None,
+                        help="a model folder (e.g. one `minisd train all --out DIR` wrote); default: the shipped model")
     args, _ = parser.parse_known_args(sys.argv[1:] if argv is None and not _in_notebook() else (argv or []))
     args.out.mkdir(parents=True, exist_ok=True)
     return args
@@ -89,6 +91,22 @@ def shape_line(what: str, ours, sd) -> str:
            f"| SD v1.5 {tuple(sd) if isinstance(sd, (tuple, list)) else sd}"
     print(line)
     return line
+
+
+def load_model(path=None):
+    """``minisd.load_pipeline(path)`` (the shipped model when path is None), or None with a note.
+
+    Lessons that need a trained model call this and skip what needs it when it is missing.
+    """
+    import minisd
+
+    try:
+        return minisd.load_pipeline(path)
+    except (ImportError, FileNotFoundError, ValueError, OSError, KeyError) as error:
+        print(f"  no trained model: {str(error).splitlines()[0]}")
+        print("  (train one with `minisd train all --out DIR` and pass --model DIR, or use a minisd that ships "
+              "its weights)")
+        return None
 
 
 # ---------------------------------------------------------------------------------------
