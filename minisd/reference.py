@@ -14,79 +14,179 @@ from __future__ import annotations
 import numpy as np
 
 # ------------------------------------------------------------------------------------
-# conv2d:  y[n,k,p,q] = b[k] + sum_{c,r,s} w[k,c,r,s] x[n,c, p*st - pd + r, q*st - pd + s]
+# conv2d:  y[n,k,p,q] = b[k] + sum_{c,r,s} w[k,c,r,s] xpad[n, c, p*st + r, q*st + s]
+#          (xpad: x with pd zeros around each image)
 # ------------------------------------------------------------------------------------
 #
-# im2col turns the convolution into one matrix product. Gather every receptive field
-# into a column:  cols[(c,r,s), (n,p,q)] = x_pad[n, c, p*st + r, q*st + s],
-# then  Y = W cols  with W viewed as a (K, C*R*S) matrix. The backward pass is two more
-# products of the same matrices:  dW = dY cols^T  and  dcols = W^T dY, and dcols is
-# scattered back onto the input (col2im), one shifted, strided add per (r, s).
+# The textbook route is im2col: copy every receptive field into a column of a matrix of
+# C*R*S rows and N*P*Q columns, then one matrix product W @ cols. On a CPU that copy is
+# the problem: it writes R*S = 9 copies of the input, and writing memory is as slow as
+# the multiplications. So we copy only S times (along the kernel's width) and get the
+# kernel's height for free.
 #
-# Columns are laid out as (C, R, S, N, P, Q) so that every product is a single GEMM
-# over the whole batch, with no transposed copy of the large cols matrix.
+# Stride 1 first. Unroll the width:  xs[(c,s), (n,i,q)] = xpad[n, c, i, q + s],
+# with i running over all Hp = H + 2*pd padded rows. Kernel row r of output row p reads
+# padded row p + r, so with W_r = w[:, :, r, :] as a (K, C*S) matrix,
+#     y[n, :, p, q] = sum_r  W_r @ xs[:, (n, p + r, q)].
+# Stack the R matrices W_r into one (R*K, C*S) matrix, and a single product gives
+#     Z[r, :, (n,i,q)] = W_r @ xs[:, (n,i,q)]   for every padded row i;
+# y is then the sum of R slices of Z, each shifted by r rows:
+#     y[n,k,p,q] = sum_r Z[r, k, n, p + r, q].
+# (Rows i >= P of Z are computed and never read: 2 of 34 rows at 32x32, 2 of 10 at 8x8.)
+#
+# Stride st: split the padded rows by phase a = i mod st. Kernel row r of output row p
+# reads padded row p*st + r = (p + r // st)*st + r % st: row p + r // st of phase r % st.
+# So xs gets a phase axis, xs[c, s, a, n, i, q] = xpad[n, c, i*st + a, q*st + s], there
+# is one product per phase (for the kernel rows r = a, a + st, ...), and kernel row r
+# is shifted by r // st rows. With st = 1 this is exactly the scheme above.
+#
+# The backward pass reuses both pieces:
+#   dW_r = sum over (n, p, q) of xs[:, (n, p + r // st, q)] dy[n, :, p, q]: a product
+#       of a column-shifted view of xs with dy laid out as a (N*I*Q, K) matrix;
+#   dX: for stride 1 the gradient of a convolution is itself a convolution, of dy with
+#       the kernel flipped in (r, s) and with C and K swapped (padding R - 1 - pd), so
+#       the forward code computes it. For stride > 1 each forward step is transposed
+#       instead: a product with the stacked W_r^T, then ``fold``, the adjoint of
+#       ``unroll``, adds every entry back onto the input position it was copied from.
+#
+# Everything runs over a few images at a time (a chunk): xs and Z of one chunk stay in
+# the CPU's cache, where the copies and the sums of Z's slices are several times
+# faster than in main memory. It also bounds the memory a convolution takes beyond its
+# input and output to about CONV_CHUNK_BYTES.
+
+CONV_CHUNK_BYTES = 2 << 20  # xs + Z per chunk: about one core's L2 cache (1-2 MB)
 
 
 def _out_size(size: int, k: int, stride: int, padding: int) -> int:
     return (size + 2 * padding - k) // stride + 1
 
 
-def _pad_hw(x, padding: int):
-    if padding == 0:
-        return x
-    return np.pad(x, ((0, 0), (0, 0), (padding, padding), (padding, padding)))
+def _geometry(x_shape, R: int, S: int, stride: int, padding: int):
+    """(P, Q, I): output height and width, and I, the rows per phase that xs keeps."""
+    P, Q = _out_size(x_shape[2], R, stride, padding), _out_size(x_shape[3], S, stride, padding)
+    return P, Q, P + (R - 1) // stride
 
 
-def im2col(x, R: int, S: int, stride: int, padding: int):
-    """cols (C*R*S, N*P*Q): every receptive field of x (N, C, H, W) as a column."""
-    x = _pad_hw(x, padding)
-    N, C, Hp, Wp = x.shape
-    P, Q = (Hp - R) // stride + 1, (Wp - S) // stride + 1
-    sN, sC, sH, sW = x.strides
-    windows = np.lib.stride_tricks.as_strided(
-        x, shape=(C, R, S, N, P, Q), strides=(sC, sH, sW, sN, sH * stride, sW * stride), writeable=False)
-    return windows.reshape(C * R * S, N * P * Q)  # the one copy of the forward pass
+def _inside(n_in: int, n_out: int, phase: int, stride: int, padding: int):
+    """(out slice, in slice): the positions o < n_out whose padded position o*stride + phase
+    falls inside the unpadded input [0, n_in), and the input positions they read."""
+    lo = max(0, -((phase - padding) // stride))  # ceil((padding - phase) / stride)
+    hi = min(n_out, -((phase - padding - n_in) // stride))
+    if hi <= lo:
+        return None
+    first = lo * stride + phase - padding
+    return slice(lo, hi), slice(first, first + (hi - lo - 1) * stride + 1, stride)
 
 
-def col2im(cols, x_shape, R: int, S: int, stride: int, padding: int):
-    """The adjoint of im2col: sum every column's entries back onto the input positions they came from."""
-    N, C, H, W = x_shape
-    P, Q = _out_size(H, R, stride, padding), _out_size(W, S, stride, padding)
-    cols = cols.reshape(C, R, S, N, P, Q)
-    # Accumulate channel-major (C, N, ...) so each shifted add walks contiguous rows.
-    dx = np.zeros((C, N, H + 2 * padding, W + 2 * padding), dtype=cols.dtype)
-    for r in range(R):
-        for s in range(S):
-            dx[:, :, r:r + stride * P:stride, s:s + stride * Q:stride] += cols[:, r, s]
-    dx = dx[:, :, padding:padding + H, padding:padding + W]
-    return np.ascontiguousarray(dx.transpose(1, 0, 2, 3))
+def _pairs(x_shape, R: int, S: int, stride: int, padding: int):
+    """For every (s, a): the xs slice and the (channel-major) x slice that hold the same numbers."""
+    H, W = x_shape[2:]
+    _, Q, I = _geometry(x_shape, R, S, stride, padding)
+    for s in range(S):
+        cols = _inside(W, Q, s, stride, padding)
+        for a in range(stride):
+            rows = _inside(H, I, a, stride, padding)
+            if cols and rows:
+                yield (slice(None), s, a, slice(None), rows[0], cols[0]), (slice(None), slice(None), rows[1], cols[1])
+
+
+def unroll(x, R: int, S: int, stride: int, padding: int):
+    """xs (C, S, stride, N, I, Q): xs[c, s, a, n, i, q] = xpad[n, c, i*stride + a, q*stride + s]."""
+    N, C = x.shape[:2]
+    _, Q, I = _geometry(x.shape, R, S, stride, padding)
+    xs = np.zeros((C, S, stride, N, I, Q), dtype=x.dtype)
+    xt = x.transpose(1, 0, 2, 3)
+    for dst, src in _pairs(x.shape, R, S, stride, padding):
+        xs[dst] = xt[src]
+    return xs
+
+
+def fold(dxs, x_shape, R: int, S: int, stride: int, padding: int):
+    """The adjoint of unroll: dx (N, C, H, W), each dxs entry added onto the x entry it copies."""
+    N, C = x_shape[:2]
+    dxt = np.zeros((C, N) + tuple(x_shape[2:]), dtype=dxs.dtype)
+    for dst, src in _pairs(x_shape, R, S, stride, padding):
+        dxt[src] += dxs[dst]
+    return dxt.transpose(1, 0, 2, 3)
+
+
+def _phase(xs, a: int):
+    """Phase a of xs as one (C*S, N*I*Q) matrix: a view (its rows are evenly spaced)."""
+    C, S, _, N, I, Q = xs.shape
+    return xs[:, :, a].reshape(C * S, N * I * Q)
+
+
+def _stacked_kernel_rows(w, a: int, stride: int):
+    """The matrices W_r (K, C*S) of the kernel rows r = a, a + stride, ... stacked: (J*K, C*S)."""
+    K, C, R, S = w.shape
+    return w[:, :, a::stride, :].transpose(2, 0, 1, 3).reshape(-1, C * S)
+
+
+def _chunks(N: int, bytes_per_image: int):
+    step = max(1, min(N, CONV_CHUNK_BYTES // bytes_per_image))
+    return [slice(n, min(N, n + step)) for n in range(0, N, step)]
 
 
 def conv2d_forward(x, w, b, stride: int, padding: int):
     """y (N, K, P, Q) = conv(x (N, C, H, W), w (K, C, R, S)) + b."""
     N = x.shape[0]
     K, C, R, S = w.shape
-    P, Q = _out_size(x.shape[2], R, stride, padding), _out_size(x.shape[3], S, stride, padding)
-    cols = im2col(x, R, S, stride, padding)
-    y = w.reshape(K, C * R * S) @ cols  # (K, N*P*Q)
-    y = y.reshape(K, N, P, Q).transpose(1, 0, 2, 3)
-    if b is not None:
-        y = y + b.reshape(1, K, 1, 1)  # also makes y contiguous NCHW
-    return np.ascontiguousarray(y)
+    P, Q, I = _geometry(x.shape, R, S, stride, padding)
+    W = [_stacked_kernel_rows(w, a, stride) for a in range(min(stride, R))]
+    y = np.empty((N, K, P, Q), dtype=x.dtype)
+    for chunk in _chunks(N, (C * S * stride + R * K) * I * Q * x.itemsize):
+        xs, yc = unroll(x[chunk], R, S, stride, padding), y[chunk]
+        terms = []
+        for a, Wa in enumerate(W):
+            Z = (Wa @ _phase(xs, a)).reshape(-1, K, yc.shape[0], I, Q)
+            terms += [Z[j, :, :, j:j + P].transpose(1, 0, 2, 3) for j in range(len(Z))]  # kernel row a + j*st
+        if b is None:
+            np.copyto(yc, terms[0])
+        else:
+            np.add(terms[0], b.reshape(K, 1, 1), out=yc)
+        for term in terms[1:]:
+            yc += term
+    return y
+
+
+def _dy_rows(dy, I: int):
+    """dy (n, K, P, Q) as the (n*I*Q, K) matrix whose row (n, i, q) pairs with column (n, i, q)
+    of xs; zero in the rows i >= P that no output uses."""
+    n, K, P, Q = dy.shape
+    D = np.zeros((n, I, Q, K), dtype=dy.dtype)
+    D[:, :P] = dy.transpose(0, 2, 3, 1)
+    return D.reshape(n * I * Q, K)
 
 
 def conv2d_backward(dy, x, w, stride: int, padding: int, need_dx=True, need_dw=True, need_db=True):
     """(dx, dw, db) from dy (N, K, P, Q); None for the gradients not asked for."""
-    K, C, R, S = w.shape
-    dy_mat = dy.transpose(1, 0, 2, 3).reshape(K, -1)  # (K, N*P*Q)
-    dx = dw = db = None
-    if need_dw:
-        dw = (dy_mat @ im2col(x, R, S, stride, padding).T).reshape(w.shape)
-    if need_dx:
-        dx = col2im(w.reshape(K, -1).T @ dy_mat, x.shape, R, S, stride, padding)
-    if need_db:
-        db = dy.sum(axis=(0, 2, 3))
-    return dx, dw, db
+    N, C, H, W = x.shape
+    K, _, R, S = w.shape
+    P, Q, I = _geometry(x.shape, R, S, stride, padding)
+    transposed_conv = stride == 1 and R == S and padding <= R - 1
+    dwt = np.zeros((R, C * S, K), dtype=w.dtype)  # dW_r^T
+    db = np.zeros(K, dtype=dy.dtype)
+    dx = np.empty(x.shape, dtype=dy.dtype) if need_dx and not transposed_conv else None
+    if need_dw or need_db or dx is not None:
+        for chunk in _chunks(N, (C * S * stride + K) * I * Q * x.itemsize):
+            D = _dy_rows(dy[chunk], I)
+            db += D.sum(axis=0)
+            if need_dw:
+                xs = unroll(x[chunk], R, S, stride, padding)
+                for r in range(R):
+                    shift = (r // stride) * Q
+                    dwt[r] += _phase(xs, r % stride)[:, shift:] @ D[:len(D) - shift]
+            if dx is not None:  # the forward steps transposed, then fold
+                dxs = np.zeros((C, S, stride, len(D) // (I * Q), I, Q), dtype=dy.dtype)
+                for r in range(R):
+                    shift = (r // stride) * Q
+                    _phase(dxs, r % stride)[:, shift:] += w[:, :, r, :].reshape(K, C * S).T @ D[:len(D) - shift].T
+                dx[chunk] = fold(dxs, x[chunk].shape, R, S, stride, padding)
+    if need_dx and transposed_conv:
+        w_flipped = w[:, :, ::-1, ::-1].transpose(1, 0, 2, 3)  # (C, K, R, S)
+        dx = conv2d_forward(dy, w_flipped, None, 1, R - 1 - padding)
+    dw = dwt.reshape(R, C, S, K).transpose(3, 1, 0, 2).copy() if need_dw else None
+    return dx, dw, (db if need_db else None)
 
 
 # ------------------------------------------------------------------------------------
