@@ -275,6 +275,10 @@ for k in (1, 3):
                      lambda *t, s=stride, p=padding: F.conv2d(*t, stride=s, padding=p),
                      lambda *t, s=stride, p=padding: TF.conv2d(*t, stride=s, padding=p),
                      lambda shapes=shapes: [randn(*sh, seed=i) for i, sh in enumerate(shapes)], atol=REDUCE_ATOL)
+for k, stride, padding in [(2, 1, 0), (2, 1, 1), (2, 2, 0), (4, 2, 1), (5, 3, 2), (3, 3, 0), (3, 1, 3)]:
+    case(f"conv2d_k{k}_s{stride}_p{padding}_more", lambda x, w, b, s=stride, p=padding: F.conv2d(x, w, b, s, p),
+         lambda x, w, b, s=stride, p=padding: TF.conv2d(x, w, b, stride=s, padding=p),
+         lambda k=k: [randn(2, 2, 7, 6), randn(3, 2, k, k, seed=1), randn(3, seed=2)], atol=REDUCE_ATOL)
 case("conv2d_odd_square", lambda x, w, b: F.conv2d(x, w, b, stride=2, padding=1),
      lambda x, w, b: TF.conv2d(x, w, b, stride=2, padding=1),
      lambda: [randn(1, 3, 7, 7), randn(2, 3, 3, 3, seed=1), randn(2, seed=2)], atol=REDUCE_ATOL)
@@ -525,6 +529,25 @@ def test_dropout_same_seed_same_mask_float64():
     # with a fixed mask, dropout is linear: its gradient check passes
     mask_rng = lambda: np.random.default_rng(5)  # noqa: E731
     assert gradcheck(lambda t: F.dropout(t, 0.4, rng=mask_rng()), [randn(4, 5)])
+
+
+@pytest.mark.parametrize("stride", [1, 2])
+def test_conv2d_over_several_chunks_of_images_against_torch(stride):
+    """A batch large enough that the reference convolution works through it a few images at a
+    time (its unrolled input, about 0.4 MB an image here, is cut into chunks of CONV_CHUNK_BYTES)."""
+    torch = pytest.importorskip("torch")
+    x, w, b = randn(7, 16, 32, 32), randn(16, 16, 3, 3, seed=1) * 0.1, randn(16, seed=2)
+    x32, w32, b32 = (a.astype(np.float32) for a in (x, w, b))
+    ours = [Tensor(a, requires_grad=True) for a in (x32, w32, b32)]
+    theirs = [torch.tensor(a, requires_grad=True) for a in (x32, w32, b32)]
+    out = F.conv2d(*ours, stride=stride, padding=1)
+    ref = TF.conv2d(*theirs, stride=stride, padding=1)
+    np.testing.assert_allclose(out.numpy(), ref.detach().numpy(), atol=1e-4, rtol=1e-3)
+    g = randn(*out.shape, seed=3).astype(np.float32)
+    out.backward(g)
+    ref.backward(torch.tensor(g))
+    for t, tt in zip(ours, theirs):
+        np.testing.assert_allclose(t.grad, tt.grad.numpy(), atol=1e-3, rtol=1e-3)
 
 
 def test_attention_probabilities_match_the_op():
