@@ -270,6 +270,11 @@ inline void fail(const char *kernel, const char *what, int nthreads) {
 }
 
 // ---- the scheduler --------------------------------------------------------------------
+inline bool same_site(const Fiber *a, const Fiber *b) {
+    return a->site_line == b->site_line &&
+           (a->site_file == b->site_file || !strcmp(a->site_file, b->site_file));
+}
+
 // Open the block barrier if every live thread waits at it; they must wait at one line.
 inline bool try_open_barrier(const char *kernel, int n, int live, int &waiting) {
     if (waiting == 0 || waiting != live) return true;
@@ -278,7 +283,7 @@ inline bool try_open_barrier(const char *kernel, int n, int live, int &waiting) 
         Fiber *f = rt.fibers[i];
         if (f->state != State::at_barrier) continue;
         if (!first) first = f;
-        else if (f->site_line != first->site_line || strcmp(f->site_file, first->site_file)) {
+        else if (!same_site(f, first)) {
             fail(kernel, "divergent __syncthreads (threads wait at different barriers)", n);
             return false;
         }
@@ -301,8 +306,7 @@ inline bool try_complete_warp(const char *kernel, int n, int w) {
         if ((group & warp.waiting) != group) continue;  // someone it waits for is not there yet
         for (uint32_t m = group; m; m &= m - 1) {
             const Fiber *f = lanes[__builtin_ctz(m)];
-            if (f->warp_mask != first->warp_mask || f->site_line != first->site_line ||
-                strcmp(f->site_file, first->site_file)) {
+            if (f->warp_mask != first->warp_mask || !same_site(f, first)) {
                 fail(kernel, "divergent warp operation (lanes of one warp wait at different lines)", n);
                 return false;
             }
