@@ -550,6 +550,30 @@ def test_conv2d_over_several_chunks_of_images_against_torch(stride):
         np.testing.assert_allclose(t.grad, tt.grad.numpy(), atol=1e-3, rtol=1e-3)
 
 
+@pytest.mark.parametrize("is_causal", [False, True])
+def test_attention_in_slices_of_the_batch_against_torch(monkeypatch, is_causal):
+    """The reference computes attention a few (batch) rows at a time to bound the memory of the
+    scores; shrink that bound so that a small batch is cut into several slices."""
+    torch = pytest.importorskip("torch")
+    from minisd import reference
+
+    if get_backend().name != "numpy":
+        pytest.skip("slicing is the numpy reference's")
+    B, H, Lq, Lk, d = 5, 2, 4, 6, 3
+    monkeypatch.setattr(reference, "MAX_SCORES_IN_MEMORY", 2 * H * Lq * Lk)  # two batch rows a slice
+    q, k, v = (randn(B, H, L, d, seed=i).astype(np.float32) for i, L in enumerate((Lq, Lk, Lk)))
+    ours = [Tensor(a, requires_grad=True) for a in (q, k, v)]
+    theirs = [torch.tensor(a, requires_grad=True) for a in (q, k, v)]
+    out = F.scaled_dot_product_attention(*ours, is_causal=is_causal)
+    ref = TF.scaled_dot_product_attention(*theirs, is_causal=is_causal)
+    np.testing.assert_allclose(out.numpy(), ref.detach().numpy(), atol=1e-5, rtol=1e-3)
+    g = randn(*out.shape, seed=9).astype(np.float32)
+    out.backward(g)
+    ref.backward(torch.tensor(g))
+    for t, tt in zip(ours, theirs):
+        np.testing.assert_allclose(t.grad, tt.grad.numpy(), atol=1e-4, rtol=1e-3)
+
+
 def test_attention_probabilities_match_the_op():
     _skip_float64_on_kernels("attention")
     q, k, v = _qkv(4, 6)()
