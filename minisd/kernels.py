@@ -247,8 +247,16 @@ _SANITIZE_FLAGS = ["-std=c++17", "-O1", "-g", "-fPIC", "-U_FORTIFY_SOURCE", "-w"
 
 
 def _cache_dir() -> Path:
+    """$XDG_CACHE_HOME/minisd/emulator (else ~/.cache/...), or a per-user temp folder if that is not writable."""
     root = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
-    return Path(root) / "minisd" / "emulator"
+    folder = Path(root) / "minisd" / "emulator"
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        if os.access(folder, os.W_OK):
+            return folder
+    except OSError:
+        pass
+    return Path(tempfile.gettempdir()) / f"minisd-{os.getuid() if hasattr(os, 'getuid') else 'user'}" / "emulator"
 
 
 def _compiler() -> str:
