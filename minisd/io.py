@@ -137,11 +137,11 @@ def save_pretrained(model, folder, dtype=None) -> Path:
     return folder
 
 
-def _model_class(config: dict, folder):
+def _model_class(config: dict, where: str):
     classes = _classes()
     name = config.get("_class_name") or next(iter(config.get("architectures") or []), None)
     if name not in classes:
-        raise ValueError(f"{folder}/{CONFIG}: model class {name!r} is not one minisd has "
+        raise ValueError(f"{where}: model class {name!r} is not one minisd has "
                          f"(expected one of {', '.join(classes)})")
     return classes[name]
 
@@ -165,6 +165,13 @@ def _constructor_config(cls, config: dict) -> dict:
             **{k: v for k, v in config.items() if k in ("projection_dim", "logit_scale_init_value")}}
 
 
+def from_config(config: dict, cls=None, where: str = "config"):
+    """A freshly initialised model from a config.json's contents (diffusers' or transformers'):
+    the class named in it (or ``cls``), with the keys that class takes."""
+    cls = cls or _model_class(config, where)
+    return cls(**_constructor_config(cls, config))
+
+
 def load_pretrained(folder, cls=None, dtype=np.float32):
     """Build the model a folder describes and load its weights (float16 files into float32 parameters).
 
@@ -172,9 +179,7 @@ def load_pretrained(folder, cls=None, dtype=np.float32):
     keys are reported by name.
     """
     folder = Path(folder)
-    config = load_config(folder)
-    cls = cls or _model_class(config, folder)
-    model = cls(**_constructor_config(cls, config))
+    model = from_config(load_config(folder), cls, f"{folder}/{CONFIG}")
     if np.dtype(dtype) != np.float32:
         model.to(dtype)
     for weights in (DIFFUSERS_WEIGHTS, TRANSFORMERS_WEIGHTS):

@@ -5,7 +5,7 @@ transformers is in test_parity_models.py.)"""
 import numpy as np
 import pytest
 
-from minisd import Tensor, nn
+from minisd import Tensor, io, nn
 from minisd.gradcheck import gradcheck
 from minisd.models import AutoencoderKL, CLIPModel, CLIPTextModel, UNet2DConditionModel, record_attention
 from minisd.models.blocks import Attention, Downsample2D, ResnetBlock2D, Upsample2D
@@ -231,7 +231,8 @@ def test_config_rebuilds_the_same_model():
         model = cls(**cfg)
         again = cls(**model.config)
         assert again.config == model.config
-        assert {k: v.shape for k, v in again.state_dict().items()} == {k: v.shape for k, v in model.state_dict().items()}
+        shapes = {k: v.shape for k, v in model.state_dict().items()}
+        assert {k: v.shape for k, v in again.state_dict().items()} == shapes
 
 
 # =====================================================================================
@@ -268,11 +269,25 @@ def test_record_attention_is_off_by_default_and_records_on_request():
 # SD v1.5's sizes
 # =====================================================================================
 
-SD15_UNET = dict(cross_attention_dim=768, sample_size=64)  # everything else is diffusers' default = SD v1.5
-SD15_VAE = dict(block_out_channels=(128, 256, 512, 512), layers_per_block=2, sample_size=512,
-                down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4)
-SD15_TEXT = dict(hidden_size=768, intermediate_size=3072, num_attention_heads=12, num_hidden_layers=12,
-                 projection_dim=768)
+# config.json of SD v1.5's unet/, vae/ and text_encoder/ as published (diffusers 0.6, transformers 4.22)
+SD15_UNET = {"_class_name": "UNet2DConditionModel", "_diffusers_version": "0.6.0", "act_fn": "silu",
+             "attention_head_dim": 8, "block_out_channels": [320, 640, 1280, 1280], "center_input_sample": False,
+             "cross_attention_dim": 768, "down_block_types": ["CrossAttnDownBlock2D", "CrossAttnDownBlock2D",
+                                                              "CrossAttnDownBlock2D", "DownBlock2D"],
+             "downsample_padding": 1, "flip_sin_to_cos": True, "freq_shift": 0, "in_channels": 4,
+             "layers_per_block": 2, "mid_block_scale_factor": 1, "norm_eps": 1e-05, "norm_num_groups": 32,
+             "out_channels": 4, "sample_size": 64,
+             "up_block_types": ["UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"]}
+SD15_VAE = {"_class_name": "AutoencoderKL", "_diffusers_version": "0.6.0", "act_fn": "silu",
+            "block_out_channels": [128, 256, 512, 512], "down_block_types": ["DownEncoderBlock2D"] * 4,
+            "in_channels": 3, "latent_channels": 4, "layers_per_block": 2, "norm_num_groups": 32, "out_channels": 3,
+            "sample_size": 512, "up_block_types": ["UpDecoderBlock2D"] * 4}
+SD15_TEXT = {"_name_or_path": "openai/clip-vit-large-patch14", "architectures": ["CLIPTextModel"],
+             "attention_dropout": 0.0, "bos_token_id": 0, "dropout": 0.0, "eos_token_id": 2, "hidden_act": "quick_gelu",
+             "hidden_size": 768, "initializer_factor": 1.0, "initializer_range": 0.02, "intermediate_size": 3072,
+             "layer_norm_eps": 1e-05, "max_position_embeddings": 77, "model_type": "clip_text_model",
+             "num_attention_heads": 12, "num_hidden_layers": 12, "pad_token_id": 1, "projection_dim": 768,
+             "torch_dtype": "float32", "transformers_version": "4.22.0.dev0", "vocab_size": 49408}
 
 
 class _ShapesOnly:
@@ -290,13 +305,14 @@ class _ShapesOnly:
 def sd15_models():
     saved, nn._rng = nn._rng, _ShapesOnly()
     try:
-        return (UNet2DConditionModel(**SD15_UNET), AutoencoderKL(**SD15_VAE), CLIPTextModel(**SD15_TEXT))
+        return tuple(io.from_config(c) for c in (SD15_UNET, SD15_VAE, SD15_TEXT))
     finally:
         nn._rng = saved
 
 
 def test_sd15_parameter_counts(sd15_models):
     unet, vae, text = sd15_models
+    assert (type(unet), type(vae), type(text)) == (UNet2DConditionModel, AutoencoderKL, CLIPTextModel)
     assert unet.num_parameters() == 859_520_964
     assert vae.num_parameters() == 83_653_863
     assert text.num_parameters() == 123_060_480
@@ -307,7 +323,7 @@ def test_sd15_keys_and_shapes_match_diffusers(sd15_models):
     diffusers = pytest.importorskip("diffusers")
     transformers = pytest.importorskip("transformers")
     with torch.device("meta"):  # shapes without memory on PyTorch's side too
-        theirs = (diffusers.UNet2DConditionModel(**SD15_UNET), diffusers.AutoencoderKL(**SD15_VAE),
+        theirs = (diffusers.UNet2DConditionModel.from_config(SD15_UNET), diffusers.AutoencoderKL.from_config(SD15_VAE),
                   transformers.CLIPTextModel(transformers.CLIPTextConfig(**SD15_TEXT)))
     for ours, ref in zip(sd15_models, theirs):
         assert {k: p.shape for k, p in ours.named_parameters()} == \

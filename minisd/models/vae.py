@@ -174,7 +174,8 @@ class AutoencoderKL(Pretrained, nn.Module):
         block_out_channels = tuple(block_out_channels)
         if len(down_block_types) != len(block_out_channels) or len(up_block_types) != len(block_out_channels):
             raise ValueError(f"AutoencoderKL: {len(block_out_channels)} block_out_channels need as many "
-                             f"down_block_types and up_block_types, got {len(down_block_types)} and {len(up_block_types)}")
+                             f"down_block_types and up_block_types, got {len(down_block_types)} and "
+                             f"{len(up_block_types)}")
         for kind in down_block_types:
             if kind != "DownEncoderBlock2D":
                 raise ValueError(f"AutoencoderKL: down block type {kind!r} is not supported (only DownEncoderBlock2D)")
@@ -210,7 +211,8 @@ class AutoencoderKL(Pretrained, nn.Module):
         if x.ndim != 4 or x.shape[1] != c:
             raise ValueError(f"AutoencoderKL.encode: expected images (B, {c}, H, W), got shape {tuple(x.shape)}")
         if x.shape[2] % f or x.shape[3] % f:
-            raise ValueError(f"AutoencoderKL.encode: height and width must be multiples of {f}, got {tuple(x.shape[2:])}")
+            raise ValueError(f"AutoencoderKL.encode: height and width must be multiples of {f}, "
+                             f"got {tuple(x.shape[2:])}")
         moments = self.encoder(x)
         if self.quant_conv is not None:
             moments = self.quant_conv(moments)
