@@ -52,7 +52,8 @@ class SGD(Optimizer):
                 continue
             g = p.grad + self.weight_decay * p.data if self.weight_decay else p.grad
             if self.momentum:
-                self.velocity[i] = g if self.velocity[i] is None else self.momentum * self.velocity[i] + g
+                # a copy at first (as torch clones): the buffer must not be p.grad itself
+                self.velocity[i] = g.copy() if self.velocity[i] is None else self.momentum * self.velocity[i] + g
                 g = self.velocity[i]
             p.data -= p.data.dtype.type(self.lr) * g
 
