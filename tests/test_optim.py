@@ -78,6 +78,26 @@ def test_adamw_equals_torch(kw):
         np.testing.assert_allclose(o.numpy(), t.detach().numpy(), atol=1e-6, rtol=1e-5)
 
 
+def test_sgd_momentum_survives_gradients_zeroed_in_place():
+    """Zeroing the gradient arrays in place (instead of setting them to None) between steps
+    must not reach into the momentum buffer."""
+    torch = pytest.importorskip("torch")
+    ours = make_params()
+    theirs = [torch.tensor(p.numpy(), requires_grad=True) for p in ours]
+    opt, topt = SGD(ours, lr=0.1, momentum=0.9), torch.optim.SGD(theirs, lr=0.1, momentum=0.9)
+    for p, t, g in zip(ours, theirs, gradients(0)):
+        p.grad, t.grad = g.copy(), torch.tensor(g)
+    opt.step(), topt.step()
+    for p, t, g in zip(ours, theirs, gradients(1)):
+        p.grad *= 0  # in place, as zero_grad(set_to_none=False) does
+        p.grad += g
+        t.grad.zero_()
+        t.grad += torch.tensor(g)
+    opt.step(), topt.step()
+    for p, t in zip(ours, theirs):
+        np.testing.assert_allclose(p.numpy(), t.detach().numpy(), atol=1e-6, rtol=1e-5)
+
+
 def test_adamw_first_step_by_hand():
     """At t = 1 the bias corrections make the step lr * g / (|g| + eps): each weight moves by about lr."""
     p = nn.Parameter(np.array([1.0, -2.0, 3.0]), dtype=np.float64)
