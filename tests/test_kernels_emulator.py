@@ -294,6 +294,13 @@ def test_the_sources_are_found():
         assert (root / name).is_file()
 
 
+def test_emulated_backend_says_when_there_is_no_compiler(monkeypatch, tmp_path):
+    monkeypatch.setenv("CXX", "no-such-compiler-g++")
+    monkeypatch.setattr(kernels, "_programs", {})
+    with pytest.raises(BackendUnavailable, match="needs a C\\+\\+ compiler; 'no-such-compiler-g\\+\\+' was not found"):
+        kernels.make_backend("emulated")
+
+
 def test_cupy_backend_says_why_it_is_unavailable():
     try:
         import cupy  # noqa: F401
