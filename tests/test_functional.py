@@ -26,10 +26,21 @@ from minisd.gradcheck import gradcheck
 try:
     import torch
     import torch.nn.functional as TF
-
-    torch.set_num_threads(1)  # tiny ops on a shared machine: threads only add contention
 except ImportError:  # the torch comparisons skip themselves; gradchecks still run
     torch = TF = None
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _torch_on_one_thread():
+    """The ops here are tiny: on a shared machine torch's threads only add contention.
+    Restored afterwards, so that other tests (benchmarks) see torch's own setting."""
+    if torch is None:
+        yield
+        return
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
 
 REDUCE_ATOL = 1e-5  # forward atol for float32 results that are sums of many terms
 
