@@ -4,6 +4,7 @@
     minisd lesson forward_noise --fast  # by name, quick sizes
     minisd lessons --out figures        # every lesson in order, each into figures/NN_name/
     minisd lessons --list               # what there is
+    minisd lesson 4 --model checkpoints/mine   # lessons 4-8 with a model you trained
 
 Each lesson runs as its own Python process (exactly as `python lessons/NN_name.py` would),
 so one lesson's plots and settings never leak into the next. The scripts are found in
@@ -59,13 +60,15 @@ def resolve(which: str) -> Path:
     raise UsageError(f"minisd lesson: no lesson {which!r}; available: {available}")
 
 
-def run_script(path: Path, out: Path | None = None, fast: bool = False) -> int:
+def run_script(path: Path, out: Path | None = None, fast: bool = False, model: str | None = None) -> int:
     """Run one lesson script in a fresh Python; its output streams through. Returns its exit status."""
     command = [sys.executable, str(path)]
     if out is not None:
         command += ["--out", str(out)]
     if fast:
         command.append("--fast")
+    if model is not None:
+        command += ["--model", str(model)]
     env = dict(os.environ)
     # The script imports this very minisd, installed or not.
     package_root = str(Path(__file__).resolve().parent.parent)
@@ -81,12 +84,13 @@ def add_lesson_arguments(parser) -> None:
     parser.add_argument("which", metavar="N", help="lesson number (0, 3, 03) or name (forward_noise)")
     parser.add_argument("--out", type=Path, help="folder for the figures (default: ./figures/NN_name/)")
     parser.add_argument("--fast", action="store_true", help="smaller and quicker (what CI runs)")
+    parser.add_argument("--model", help="a trained model folder (default: the shipped model)")
 
 
 def run_lesson(args) -> int:
     path = resolve(args.which)
     print(f"minisd lesson: {path}", flush=True)
-    return run_script(path, args.out, args.fast)
+    return run_script(path, args.out, args.fast, args.model)
 
 
 # ---- minisd lessons --------------------------------------------------------------------
@@ -96,6 +100,7 @@ def add_lessons_arguments(parser) -> None:
     parser.add_argument("--out", type=Path, default=Path("figures"),
                         help="parent folder: each lesson writes into OUT/NN_name/ (default: ./figures)")
     parser.add_argument("--fast", action="store_true", help="smaller and quicker (what CI runs)")
+    parser.add_argument("--model", help="a trained model folder (default: the shipped model)")
     parser.add_argument("--list", action="store_true", help="list the lessons and exit")
 
 
@@ -109,7 +114,7 @@ def run_lessons(args) -> int:
     for n, path in lessons.items():
         print(f"\n##### lesson {n}: {path.stem} #####", flush=True)
         t0 = time.perf_counter()
-        status = run_script(path, args.out / path.stem, args.fast)
+        status = run_script(path, args.out / path.stem, args.fast, args.model)
         timings.append((path.stem, time.perf_counter() - t0, status))
         if status:
             failed.append(path.stem)

@@ -109,6 +109,22 @@ def load_model(path=None):
         return None
 
 
+def require_model(args, results: dict):
+    """The trained pipeline for a lesson that cannot do without one.
+
+    Without a model the lesson records ``model: false`` in its results, says why, and ends
+    (exit status 0: a missing model is not an error of the lesson).
+    """
+    pipe = load_model(args.model)
+    results["model"] = pipe is not None
+    if pipe is None:
+        write_results(args.out, results)
+        print("this lesson needs a trained model; stopping here.")
+        raise SystemExit(0)
+    print(f"  model: {pipe.path}")
+    return pipe
+
+
 # ---------------------------------------------------------------------------------------
 # images
 # ---------------------------------------------------------------------------------------
