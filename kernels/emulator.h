@@ -88,7 +88,6 @@ struct Fiber {
     unsigned warp_ops = 0;   // warp operations completed so far, picks the exchange buffer
     char fault[160] = "";    // why it stopped, when state == faulted
     jmp_buf ctx;
-    ucontext_t start;   // used once, to enter the fiber for the first time
     char *stack_lo = nullptr;
     void *asan_fake_stack = nullptr;
 };
@@ -183,18 +182,19 @@ inline bool grow_pool(int n) {
         }
         mprotect(mem, page, PROT_NONE);  // guard page: a stack overflow faults here
         f->stack_lo = (char *)mem + page;
-        getcontext(&f->start);
-        f->start.uc_stack.ss_sp = f->stack_lo;
-        f->start.uc_stack.ss_size = kStackBytes;
-        f->start.uc_link = nullptr;
-        makecontext(&f->start, fiber_main, 0);
+        ucontext_t start;  // needed only to enter the fiber this once
+        getcontext(&start);
+        start.uc_stack.ss_sp = f->stack_lo;
+        start.uc_stack.ss_size = kStackBytes;
+        start.uc_link = nullptr;
+        makecontext(&start, fiber_main, 0);
         // Enter it once with setcontext; it parks at its first yield() and from then
         // on is reached with _longjmp only.
         static void *fake_stack = nullptr;
         rt.current = f;
         if (!_setjmp(rt.scheduler)) {
             before_switch(&fake_stack, f->stack_lo, kStackBytes);
-            setcontext(&f->start);
+            setcontext(&start);
         }
         after_switch(fake_stack, nullptr, nullptr);
         rt.current = nullptr;
