@@ -322,8 +322,6 @@ _bool_mask = np.array([[True, False, True, True, False, True],
                        [True, True, True, True, True, True],
                        [False, False, False, False, False, True]])
 _add_mask = np.random.default_rng(7).standard_normal((4, 6))
-# The fused primitive's contract (backend.py) has v as wide as k; a wider v goes through
-# the composed path with a mask (attention_additive_mask and attention_bool_mask below).
 _qkv = lambda Lq, Lk, lead=(2, 2), d=3, dv=3: lambda: [  # noqa: E731
     randn(*lead, Lq, d), randn(*lead, Lk, d, seed=1), randn(*lead, Lk, dv, seed=2)]
 case("attention_self", _sdpa, _tsdpa, _qkv(4, 4), atol=REDUCE_ATOL)
@@ -332,6 +330,9 @@ case("attention_causal", lambda q, k, v: _sdpa(q, k, v, is_causal=True),
      lambda q, k, v: _tsdpa(q, k, v, is_causal=True), _qkv(5, 5), atol=REDUCE_ATOL)
 case("attention_causal_cross", lambda q, k, v: _sdpa(q, k, v, is_causal=True),
      lambda q, k, v: _tsdpa(q, k, v, is_causal=True), _qkv(4, 6), atol=REDUCE_ATOL)
+case("attention_values_wider", _sdpa, _tsdpa, _qkv(4, 6, dv=5), atol=REDUCE_ATOL)
+case("attention_values_narrower_causal", lambda q, k, v: _sdpa(q, k, v, is_causal=True),
+     lambda q, k, v: _tsdpa(q, k, v, is_causal=True), _qkv(5, 5, d=4, dv=2), atol=REDUCE_ATOL)
 case("attention_3d", _sdpa, _tsdpa, _qkv(4, 6, lead=(3,)), atol=REDUCE_ATOL)
 case("attention_3d_causal", lambda q, k, v: _sdpa(q, k, v, is_causal=True),
      lambda q, k, v: _tsdpa(q, k, v, is_causal=True), _qkv(4, 4, lead=(2,)), atol=REDUCE_ATOL)
