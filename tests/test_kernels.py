@@ -252,7 +252,8 @@ def _forward_backward(backend: str, fn, arrays):
     """fn's output and every input's gradient for a fixed random output gradient, on ``backend``."""
     from minisd import Tensor
 
-    minisd.set_backend(backend)
+    active = minisd.set_backend(backend)
+    assert isinstance(active.ops, kernels.KernelOps) == (backend == "emulated")
     try:
         inputs = [Tensor(a, requires_grad=True) for a in arrays]
         out = fn(*inputs)
