@@ -470,3 +470,33 @@ def test_gradient_has_the_dtype_of_its_tensor():
     (y * z).sum().backward()
     assert x.grad.dtype == np.float32 and z.grad.dtype == np.float64
     np.testing.assert_allclose(x.grad, np.broadcast_to(np.linspace(0, 1, 3), (2, 3)), rtol=1e-6)
+
+
+@pytest.mark.parametrize("method, function", [
+    (lambda t: t.mean(1, True), lambda t: F.mean(t, 1, True)),
+    (lambda t: t.max(0), lambda t: F.max(t, 0)),
+    (lambda t: t.var(), lambda t: F.var(t)),
+    (lambda t: t.exp(), F.exp),
+    (lambda t: t.abs().log(), lambda t: F.log(F.abs(t))),
+    (lambda t: t.abs().sqrt(), lambda t: F.sqrt(F.abs(t))),
+    (lambda t: t.tanh(), F.tanh),
+    (lambda t: t.clip(-0.5, 0.5), lambda t: F.clip(t, -0.5, 0.5)),
+    (lambda t: t.view(4, 3), lambda t: F.reshape(t, (4, 3))),
+    (lambda t: t.flatten(), lambda t: F.reshape(t, (12,))),
+    (lambda t: t.unsqueeze(0).squeeze(0), lambda t: t),
+    (lambda t: t.expand(2, 3, 4), lambda t: F.stack([t, t])),
+    (lambda t: t.chunk(2, 1)[1], lambda t: t[:, 2:]),
+    (lambda t: t.softmax(0), lambda t: F.softmax(t, 0)),
+    (lambda t: t.T, lambda t: F.permute(t, (1, 0))),
+    (lambda t: t.permute((1, 0)), lambda t: F.transpose(t, 0, 1)),
+    (lambda t: t ** 2, lambda t: t * t),
+])
+def test_methods_are_the_functional_ops(method, function):
+    x = np.random.default_rng(0).standard_normal((3, 4))
+    a, b = Tensor(x, requires_grad=True), Tensor(x, requires_grad=True)
+    ya, yb = method(a), function(b)
+    np.testing.assert_allclose(ya.numpy(), yb.numpy(), rtol=1e-12, atol=1e-15)
+    g = np.random.default_rng(1).standard_normal(ya.shape)
+    ya.backward(g)
+    yb.backward(g)
+    np.testing.assert_allclose(a.grad, b.grad, rtol=1e-12, atol=1e-15)
