@@ -31,8 +31,9 @@ FIGURES = {
 FIGURES.update({
     "04_vae": {"latents.png", "reconstructions.png", "interpolation.png"},
     "05_text_encoder": {"tokens.png", "embedding_heatmap.png", "prompt_difference.png"},
+    "06_unet": {"timestep_embedding.png", "unet_step.png", "noise_prediction_error.png", "attention_maps.png"},
 })
-NEEDS_MODEL = {"04_vae", "05_text_encoder"}
+NEEDS_MODEL = {"04_vae", "05_text_encoder", "06_unet"}
 # figures written only when a model loads (03) or the model folder has CLIP's image tower (05)
 OPTIONAL_FIGURES = {"03_forward_noise": ("latent_part", {"latent_noising.png"}),
                     "05_text_encoder": ("clip_part", {"clip_similarity.png"})}
@@ -183,6 +184,17 @@ def test_05_text_encoder_numbers(runs):
     assert r["max_change_before_edit"] < 1e-5  # causal: positions before an edited word do not change
     if r["clip_part"] and not OTHER_MODEL:
         assert r["clip_top1"] >= 0.75 and r["clip_diagonal_mean"] > r["clip_offdiagonal_mean"]
+
+
+def test_06_unet_numbers(runs):
+    _, r, _ = runs("06_unet")
+    needs_model(r)
+    assert r["timestep_embedding_at_0"] < 1e-6  # t = 0: every cos is 1, every sin 0
+    assert r["attention_row_sum_error"] < 1e-4  # each pixel's attention over the 77 tokens sums to 1
+    assert set(r["mse_by_t"]) == {"50", "250", "500", "750", "950"}
+    if not OTHER_MODEL:  # a trained UNet predicts the noise far better than predicting 0 (MSE 1)
+        assert r["loss_mean_caption"] < 0.5
+        assert r["loss_mean_caption"] <= r["loss_mean_empty"] + 0.01
 
 
 def test_cli_lists_lessons_and_rejects_unknown():
