@@ -194,42 +194,73 @@ def conv2d_backward(dy, x, w, stride: int, padding: int, need_dx=True, need_dw=T
 #   mu = mean(x),  var = mean((x - mu)^2),  rstd = 1/sqrt(var + eps)
 #   xhat = (x - mu) * rstd,   y = xhat * gamma[c] + beta[c]
 # ------------------------------------------------------------------------------------
+#
+# Group norm is a handful of passes over memory, so the work is in making few of them.
+# Sums over the M values of a row are matrix-vector products (BLAS: x @ ones, and
+# batched dot products for sums of products), and every elementwise step writes in
+# place. Per-channel factors are folded together first, so that y is one multiply and
+# one add over the data.
+
+
+def _row_sums(a):
+    """sum over the last axis, as a matrix-vector product with ones (one BLAS pass)."""
+    return a @ np.ones(a.shape[-1], dtype=a.dtype)
+
+
+def _row_dots(a, b):
+    """sum over the last axis of a * b, as batched dot products (no a * b temporary)."""
+    return (a[..., None, :] @ b[..., :, None])[..., 0, 0]
+
+
+def _per_channel(per_group, C: int):
+    """(N, G) -> (N, C): each group's value repeated for its C/G channels."""
+    return np.repeat(per_group, C // per_group.shape[1], axis=1)
 
 
 def group_norm_forward(x, num_groups: int, weight, bias, eps: float):
     """(y, mean, rstd); mean and rstd have shape (N, G)."""
     N, C = x.shape[:2]
     xg = x.reshape(N, num_groups, -1)
-    mean = xg.mean(axis=2)
+    M = xg.shape[2]
+    mean = _row_sums(xg) / M
     centred = xg - mean[:, :, None]
-    var = np.einsum("ngm,ngm->ng", centred, centred) / xg.shape[2]  # two passes: no cancellation
-    rstd = 1.0 / np.sqrt(var + eps)
-    y = (centred * rstd[:, :, None]).reshape(x.shape)
+    var = _row_dots(centred, centred) / M  # two passes (mean first): no cancellation
+    rstd = 1.0 / np.sqrt(var + np.asarray(eps, dtype=var.dtype))
+    # y = centred * (rstd * gamma) + beta, with one factor per (n, c)
+    scale = _per_channel(rstd, C)
     if weight is not None:
-        y *= weight.reshape(_channel_shape(x))
+        scale *= weight
+    y = centred.reshape(N, C, -1)
+    y *= scale[:, :, None]
     if bias is not None:
-        y += bias.reshape(_channel_shape(x))
-    return y, mean.astype(x.dtype), rstd.astype(x.dtype)
+        y += bias.reshape(C, 1)
+    return y.reshape(x.shape), mean, rstd
 
 
 def group_norm_backward(dy, x, num_groups: int, weight, mean, rstd):
-    """(dx, dweight, dbias). With g = dy * gamma:  dx = rstd * (g - mean(g) - xhat * mean(g * xhat))."""
+    """(dx, dweight, dbias). With g = dy * gamma:  dx = rstd * (g - mean(g) - xhat * mean(g * xhat)).
+
+    Both means are over a group; they come from per-channel sums of dy and dy * xhat
+    (which also give dbias and dweight). Written out, dx is one affine map per (n, c):
+        dx = (rstd gamma) dy - (rstd^2 mean(g xhat)) (x - mu) - rstd mean(g).
+    """
     N, C = x.shape[:2]
-    xhat = ((x.reshape(N, num_groups, -1) - mean[:, :, None]) * rstd[:, :, None]).reshape(x.shape)
-    sum_axes = (0,) + tuple(range(2, x.ndim))
-    dweight = (dy * xhat).sum(axis=sum_axes) if weight is not None else None
-    dbias = dy.sum(axis=sum_axes) if weight is not None else None
-    g = dy * weight.reshape(_channel_shape(x)) if weight is not None else dy
-    gg = g.reshape(N, num_groups, -1)
-    xg = xhat.reshape(N, num_groups, -1)
-    mean_g = gg.mean(axis=2, keepdims=True)
-    mean_gx = np.einsum("ngm,ngm->ng", gg, xg)[:, :, None] / gg.shape[2]
-    dx = (gg - mean_g - xg * mean_gx) * rstd[:, :, None]
+    G = num_groups
+    M = x[0].size // G
+    centred = (x.reshape(N, G, -1) - mean[:, :, None]).reshape(N, C, -1)
+    dyc = dy.reshape(N, C, -1)
+    sum_dy = _row_sums(dyc)  # (N, C)
+    sum_dy_xhat = _row_dots(dyc, centred) * _per_channel(rstd, C)
+    gamma = np.ones(C, dtype=x.dtype) if weight is None else weight
+    mean_g = (sum_dy * gamma).reshape(N, G, -1).sum(axis=2) / M  # (N, G)
+    mean_gx = (sum_dy_xhat * gamma).reshape(N, G, -1).sum(axis=2) / M
+    centred *= _per_channel(-rstd * rstd * mean_gx, C)[:, :, None]
+    centred -= _per_channel(rstd * mean_g, C)[:, :, None]
+    dx = dyc * (_per_channel(rstd, C) * gamma)[:, :, None]
+    dx += centred
+    dweight = sum_dy_xhat.sum(axis=0) if weight is not None else None
+    dbias = sum_dy.sum(axis=0) if weight is not None else None
     return dx.reshape(x.shape), dweight, dbias
-
-
-def _channel_shape(x) -> tuple:
-    return (1, x.shape[1]) + (1,) * (x.ndim - 2)
 
 
 # ------------------------------------------------------------------------------------
@@ -238,15 +269,20 @@ def _channel_shape(x) -> tuple:
 #   dV = P^T dO;  dP = dO V^T;  D_i = sum_j dO_ij O_ij;  dS = P * (dP - D)
 #   dQ = scale * dS K;  dK = scale * dS^T Q
 # ------------------------------------------------------------------------------------
+#
+# The (Lq, Lk) score matrices are the big arrays here; every pass over them costs, so
+# they are made once per slice and then changed in place (exp included). The scale is
+# applied to Q (Lq x d numbers) rather than to S (Lq x Lk), and softmax's division by
+# the row sums is applied to O = exp(S - m) V, again the small side.
 
 # Attention at 64x64 latents has 4,096 x 4,096 scores per head; rows of (batch, head)
 # are processed in slices so that at most this many scores exist at once.
 MAX_SCORES_IN_MEMORY = 1 << 25
 
 
-def _causal_mask(Lq: int, Lk: int):
-    """True where key j may not be seen by query i (torch's top-left alignment: j > i)."""
-    return np.triu(np.ones((Lq, Lk), dtype=bool), k=1)
+def _causal_bias(Lq: int, Lk: int, dtype):
+    """0 where key j may be seen by query i, -inf where not (torch's top-left alignment: j > i)."""
+    return np.triu(np.full((Lq, Lk), -np.inf, dtype=dtype), k=1)
 
 
 def _slices(B: int, H: int, Lq: int, Lk: int):
@@ -254,38 +290,46 @@ def _slices(B: int, H: int, Lq: int, Lk: int):
     return [slice(i, min(B, i + per_row)) for i in range(0, B, per_row)]
 
 
-def _probabilities(q, k, scale: float, is_causal: bool, lse=None):
-    """P = softmax(scale * q k^T) (and lse, when not given)."""
-    s = (q @ k.swapaxes(-1, -2)) * np.asarray(scale, dtype=q.dtype)
-    if is_causal:
-        s[..., _causal_mask(q.shape[-2], k.shape[-2])] = -np.inf
-    if lse is None:
-        m = s.max(axis=-1, keepdims=True)
-        lse = (m + np.log(np.exp(s - m).sum(axis=-1, keepdims=True)))[..., 0]
-    return np.exp(s - lse[..., None]), lse
+def _scores(q, k, scale, causal_bias):
+    """S = scale * q k^T (+ the causal bias), a fresh array to work on in place."""
+    s = (q * scale) @ k.swapaxes(-1, -2)
+    if causal_bias is not None:
+        s += causal_bias
+    return s
 
 
 def attention_forward(q, k, v, scale: float, is_causal: bool):
     """(o, lse): o (B, H, Lq, d), lse (B, H, Lq)."""
     B, H, Lq, _ = q.shape
+    scale = np.asarray(scale, dtype=q.dtype)
+    bias = _causal_bias(Lq, k.shape[2], q.dtype) if is_causal else None
     o = np.empty(q.shape[:-1] + (v.shape[-1],), dtype=q.dtype)
     lse = np.empty((B, H, Lq), dtype=q.dtype)
-    for sl in _slices(B, H, Lq, k.shape[-2]):
-        p, lse[sl] = _probabilities(q[sl], k[sl], scale, is_causal)
-        o[sl] = p @ v[sl]
+    for sl in _slices(B, H, Lq, k.shape[2]):
+        p = _scores(q[sl], k[sl], scale, bias)
+        m = p.max(axis=-1, keepdims=True)
+        p -= m
+        np.exp(p, out=p)  # p = exp(S - m): unnormalised probabilities
+        total = _row_sums(p)[..., None]
+        np.divide(p @ v[sl], total, out=o[sl])
+        lse[sl] = (m + np.log(total))[..., 0]
     return o, lse
 
 
 def attention_backward(do, q, k, v, o, lse, scale: float, is_causal: bool):
     """(dq, dk, dv), recomputing P from lse rather than keeping it from the forward pass."""
+    B, H, Lq, _ = q.shape
+    scale = np.asarray(scale, dtype=q.dtype)
+    bias = _causal_bias(Lq, k.shape[2], q.dtype) if is_causal else None
     dq, dk, dv = np.empty_like(q), np.empty_like(k), np.empty_like(v)
-    scale_ = np.asarray(scale, dtype=q.dtype)
-    for sl in _slices(q.shape[0], q.shape[1], q.shape[2], k.shape[2]):
-        p, _ = _probabilities(q[sl], k[sl], scale, is_causal, lse[sl])
+    for sl in _slices(B, H, Lq, k.shape[2]):
+        p = _scores(q[sl], k[sl], scale, bias)
+        p -= lse[sl][..., None]
+        np.exp(p, out=p)  # P
         dv[sl] = p.swapaxes(-1, -2) @ do[sl]
-        dp = do[sl] @ v[sl].swapaxes(-1, -2)
-        D = np.einsum("bhid,bhid->bhi", do[sl], o[sl])[..., None]
-        ds = p * (dp - D)
-        dq[sl] = (ds @ k[sl]) * scale_
-        dk[sl] = (ds.swapaxes(-1, -2) @ q[sl]) * scale_
+        ds = do[sl] @ v[sl].swapaxes(-1, -2)  # dP
+        ds -= _row_dots(do[sl], o[sl])[..., None]  # dP - D
+        ds *= p  # dS = P * (dP - D)
+        np.matmul(ds, k[sl] * scale, out=dq[sl])
+        np.matmul(ds.swapaxes(-1, -2), q[sl] * scale, out=dk[sl])
     return dq, dk, dv
