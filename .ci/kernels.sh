@@ -43,6 +43,19 @@ for src in kernels/*.cu; do
 done
 echo "(smem is static shared memory; the flash-attention kernels add up to 48 KiB of dynamic shared memory at launch)"
 
+echo "== the exact text the CuPy path hands to NVRTC (headers inlined) compiles too"
+PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" python - "$out" <<'PY'
+import sys
+from pathlib import Path
+from minisd import kernels
+for name in kernels.KERNEL_FILES:
+    Path(sys.argv[1], "nvrtc_" + name).write_text(kernels._inline_includes(kernels.source_dir() / name))
+PY
+for name in "$out"/nvrtc_*.cu; do
+  "$NVCC" -ptx -arch=sm_80 -Werror all-warnings "$name" -o "$name.ptx"
+done
+echo "ok"
+
 echo "== the kernel suite on the emulator under AddressSanitizer + UBSan"
 libasan=$("$CXX" -print-file-name=libasan.so)
 if [ ! -e "$libasan" ]; then

@@ -391,13 +391,30 @@ def _cupy():
     return cupy
 
 
+_INCLUDE_RE = re.compile(r'^\s*#\s*include\s+"([^"]+)"\s*$', re.MULTILINE)
+
+
+def _inline_includes(path: Path) -> str:
+    """The source with its local ``#include "x.cuh"`` lines replaced by the files' text.
+
+    CuPy caches compiled modules by the source text and options alone, so a change to an
+    included header would otherwise not reach an already cached kernel."""
+    def include(match):
+        for folder in (path.parent, source_dir()):
+            if (folder / match.group(1)).is_file():
+                return _inline_includes(folder / match.group(1)).replace("#pragma once", "")
+        raise FileNotFoundError(f"{path.name}: cannot find included file {match.group(1)!r}")
+
+    return _INCLUDE_RE.sub(include, path.read_text())
+
+
 def load_cupy(sources) -> Program:
     """``sources`` compiled by NVRTC, one cupy.RawModule per file."""
     cupy = _cupy()
     kernels = {}
     for path in map(Path, sources):
-        text = path.read_text()
-        module = cupy.RawModule(code=text, options=("--std=c++17", f"-I{source_dir()}", f"-I{path.parent}"))
+        text = _inline_includes(path)
+        module = cupy.RawModule(code=text, options=("--std=c++17",))
         for name, params in parse_kernels(text, path.name).items():
             function = module.get_function(name)
 

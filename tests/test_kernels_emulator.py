@@ -288,6 +288,13 @@ def test_build_cache_rebuilds_when_a_source_changes(tmp_path, monkeypatch):
     assert kernels.build_emulator([source]) != first
 
 
+def test_cupy_source_carries_its_headers_inline():
+    # CuPy caches by source text: the header must be part of it, or edits to it go unseen.
+    text = kernels._inline_includes(kernels.source_dir() / "group_norm.cu")
+    assert "#include" not in text and "#pragma once" not in text
+    assert "float block_sum(" in text and text.index("float block_sum(") < text.index("group_norm_forward_kernel2")
+
+
 def test_the_sources_are_found():
     root = kernels.source_dir()
     for name in kernels.KERNEL_FILES + ("common.cuh", "emulator.h"):
