@@ -275,9 +275,10 @@ def group_norm_backward(dy, x, num_groups: int, weight, mean, rstd):
 # applied to Q (Lq x d numbers) rather than to S (Lq x Lk), and softmax's division by
 # the row sums is applied to O = exp(S - m) V, again the small side.
 
-# Attention at 64x64 latents has 4,096 x 4,096 scores per head; rows of (batch, head)
-# are processed in slices so that at most this many scores exist at once.
-MAX_SCORES_IN_MEMORY = 1 << 25
+# Scores are made for a few (batch, head) rows at a time: SCORES_PER_SLICE of them (1 MB
+# in float32) stay in the CPU's cache between the passes over them, and memory stays
+# bounded at 64x64 latents, where one head alone has 4,096 x 4,096 scores.
+SCORES_PER_SLICE = 1 << 18
 
 
 def _causal_bias(Lq: int, Lk: int, dtype):
@@ -285,9 +286,9 @@ def _causal_bias(Lq: int, Lk: int, dtype):
     return np.triu(np.full((Lq, Lk), -np.inf, dtype=dtype), k=1)
 
 
-def _slices(B: int, H: int, Lq: int, Lk: int):
-    per_row = max(1, MAX_SCORES_IN_MEMORY // (H * Lq * Lk))
-    return [slice(i, min(B, i + per_row)) for i in range(0, B, per_row)]
+def _slices(rows: int, Lq: int, Lk: int):
+    step = max(1, SCORES_PER_SLICE // (Lq * Lk))
+    return [slice(i, min(rows, i + step)) for i in range(0, rows, step)]
 
 
 def _scores(q, k, scale, causal_bias):
@@ -301,11 +302,13 @@ def _scores(q, k, scale, causal_bias):
 def attention_forward(q, k, v, scale: float, is_causal: bool):
     """(o, lse): o (B, H, Lq, d), lse (B, H, Lq)."""
     B, H, Lq, _ = q.shape
+    Lk = k.shape[2]
     scale = np.asarray(scale, dtype=q.dtype)
-    bias = _causal_bias(Lq, k.shape[2], q.dtype) if is_causal else None
-    o = np.empty(q.shape[:-1] + (v.shape[-1],), dtype=q.dtype)
-    lse = np.empty((B, H, Lq), dtype=q.dtype)
-    for sl in _slices(B, H, Lq, k.shape[2]):
+    bias = _causal_bias(Lq, Lk, q.dtype) if is_causal else None
+    q, k, v = (t.reshape(B * H, t.shape[2], t.shape[3]) for t in (q, k, v))  # rows (batch, head)
+    o = np.empty((B * H, Lq, v.shape[-1]), dtype=q.dtype)
+    lse = np.empty((B * H, Lq), dtype=q.dtype)
+    for sl in _slices(B * H, Lq, Lk):
         p = _scores(q[sl], k[sl], scale, bias)
         m = p.max(axis=-1, keepdims=True)
         p -= m
@@ -313,16 +316,19 @@ def attention_forward(q, k, v, scale: float, is_causal: bool):
         total = _row_sums(p)[..., None]
         np.divide(p @ v[sl], total, out=o[sl])
         lse[sl] = (m + np.log(total))[..., 0]
-    return o, lse
+    return o.reshape(B, H, Lq, -1), lse.reshape(B, H, Lq)
 
 
 def attention_backward(do, q, k, v, o, lse, scale: float, is_causal: bool):
     """(dq, dk, dv), recomputing P from lse rather than keeping it from the forward pass."""
     B, H, Lq, _ = q.shape
+    Lk = k.shape[2]
     scale = np.asarray(scale, dtype=q.dtype)
-    bias = _causal_bias(Lq, k.shape[2], q.dtype) if is_causal else None
+    bias = _causal_bias(Lq, Lk, q.dtype) if is_causal else None
+    do, q, k, v, o = (t.reshape(B * H, t.shape[2], t.shape[3]) for t in (do, q, k, v, o))
+    lse = lse.reshape(B * H, Lq)
     dq, dk, dv = np.empty_like(q), np.empty_like(k), np.empty_like(v)
-    for sl in _slices(B, H, Lq, k.shape[2]):
+    for sl in _slices(B * H, Lq, Lk):
         p = _scores(q[sl], k[sl], scale, bias)
         p -= lse[sl][..., None]
         np.exp(p, out=p)  # P
@@ -332,4 +338,4 @@ def attention_backward(do, q, k, v, o, lse, scale: float, is_causal: bool):
         ds *= p  # dS = P * (dP - D)
         np.matmul(ds, k[sl] * scale, out=dq[sl])
         np.matmul(ds.swapaxes(-1, -2), q[sl] * scale, out=dk[sl])
-    return dq, dk, dv
+    return dq.reshape(B, H, Lq, -1), dk.reshape(B, H, Lk, -1), dv.reshape(B, H, Lk, -1)
