@@ -275,10 +275,10 @@ def group_norm_backward(dy, x, num_groups: int, weight, mean, rstd):
 # applied to Q (Lq x d numbers) rather than to S (Lq x Lk), and softmax's division by
 # the row sums is applied to O = exp(S - m) V, again the small side.
 
-# Scores are made for a few (batch, head) rows at a time: SCORES_PER_SLICE of them (1 MB
+# Scores are made for a few (batch, head) rows at a time: MAX_SCORES_IN_MEMORY of them (1 MB
 # in float32) stay in the CPU's cache between the passes over them, and memory stays
 # bounded at 64x64 latents, where one head alone has 4,096 x 4,096 scores.
-SCORES_PER_SLICE = 1 << 18
+MAX_SCORES_IN_MEMORY = 1 << 18
 
 
 def _causal_bias(Lq: int, Lk: int, dtype):
@@ -287,7 +287,7 @@ def _causal_bias(Lq: int, Lk: int, dtype):
 
 
 def _slices(rows: int, Lq: int, Lk: int):
-    step = max(1, SCORES_PER_SLICE // (Lq * Lk))
+    step = max(1, MAX_SCORES_IN_MEMORY // (Lq * Lk))
     return [slice(i, min(rows, i + step)) for i in range(0, rows, step)]
 
 
