@@ -1,0 +1,263 @@
+"""minisd/reference.py against the formulas in its docstrings, computed the slow, obvious way.
+
+The reference is fast because of its layout tricks (unrolled kernel widths, row shifts,
+chunks, slices); the naive versions here have none of them:
+- conv2d:     y[n,k,p,q] = b[k] + sum_{c,r,s} w[k,c,r,s] xpad[n, c, p*st + r, q*st + s],
+              one term per kernel position (r, s);
+- group norm: mean and variance of each (sample, group), a loop over both;
+- attention:  softmax(scale * q k^T) v with a Python softmax per row.
+Forward passes are compared in float64 (and float32, looser); every gradient is
+compared with central finite differences of the naive forward pass in float64 (of
+<dy, f(inputs)>, the quantity whose gradient backward returns).
+"""
+
+from __future__ import annotations
+
+import itertools
+
+import numpy as np
+import pytest
+
+from minisd import reference
+
+
+def rand(*shape, seed=0):
+    return np.random.default_rng(seed).standard_normal(shape)
+
+
+def numerical_grads(f, arrays, dy, h=1e-5):
+    """d<dy, f(*arrays)>/d(each array), by central differences, one entry at a time."""
+    arrays = [a.copy() for a in arrays]
+    grads = []
+    for a in arrays:
+        g = np.zeros_like(a)
+        for idx in np.ndindex(a.shape):
+            old = a[idx]
+            a[idx] = old + h
+            up = np.vdot(dy, f(*arrays))
+            a[idx] = old - h
+            down = np.vdot(dy, f(*arrays))
+            a[idx] = old
+            g[idx] = (up - down) / (2 * h)
+        grads.append(g)
+    return grads
+
+
+def f32(*arrays):
+    return [None if a is None else a.astype(np.float32) for a in arrays]
+
+
+# ------------------------------------------------------------------------------------
+# conv2d
+# ------------------------------------------------------------------------------------
+
+
+def naive_conv2d(x, w, b, stride, padding):
+    N, C, H, W = x.shape
+    K, _, R, S = w.shape
+    P, Q = (H + 2 * padding - R) // stride + 1, (W + 2 * padding - S) // stride + 1
+    xpad = np.pad(x, ((0, 0), (0, 0), (padding, padding), (padding, padding)))
+    y = np.zeros((N, K, P, Q)) if b is None else np.broadcast_to(b.reshape(1, K, 1, 1), (N, K, P, Q)).copy()
+    for r, s in itertools.product(range(R), range(S)):
+        window = xpad[:, :, r:r + stride * (P - 1) + 1:stride, s:s + stride * (Q - 1) + 1:stride]
+        y += np.einsum("kc,ncpq->nkpq", w[:, :, r, s], window)
+    return y
+
+
+# (N, C, H, W, K, R, S, stride, padding)
+CONV_CASES = [
+    (2, 3, 5, 5, 4, 3, 3, 1, 1),
+    (2, 3, 5, 5, 4, 3, 3, 1, 0),
+    (1, 2, 6, 5, 3, 3, 3, 1, 2),
+    (2, 3, 7, 7, 2, 3, 3, 2, 1),
+    (1, 2, 6, 6, 3, 3, 3, 2, 0),
+    (2, 2, 5, 4, 3, 3, 3, 2, 2),
+    (2, 3, 4, 4, 5, 1, 1, 1, 0),
+    (1, 3, 5, 5, 2, 1, 1, 2, 0),
+    (1, 2, 3, 4, 2, 1, 1, 1, 1),  # padding > kernel - 1: dx is not a plain convolution
+    (2, 2, 5, 6, 3, 2, 3, 1, 1),  # a non-square kernel
+    (1, 1, 1, 1, 2, 1, 1, 1, 0),
+    (2, 2, 9, 9, 2, 3, 3, 3, 1),  # stride 3
+]
+
+
+@pytest.mark.parametrize("case", CONV_CASES, ids=lambda c: "N{}C{}H{}W{}K{}k{}x{}s{}p{}".format(*c))
+@pytest.mark.parametrize("bias", [True, False])
+def test_conv2d_forward_matches_the_sum(case, bias):
+    N, C, H, W, K, R, S, st, pd = case
+    x, w = rand(N, C, H, W), rand(K, C, R, S, seed=1)
+    b = rand(K, seed=2) if bias else None
+    expected = naive_conv2d(x, w, b, st, pd)
+    y = reference.conv2d_forward(x, w, b, st, pd)
+    assert y.dtype == np.float64 and y.shape == expected.shape
+    np.testing.assert_allclose(y, expected, rtol=1e-12, atol=1e-12)
+    y32 = reference.conv2d_forward(*f32(x, w, b), st, pd)
+    assert y32.dtype == np.float32
+    np.testing.assert_allclose(y32, expected, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("case", CONV_CASES, ids=lambda c: "N{}C{}H{}W{}K{}k{}x{}s{}p{}".format(*c))
+def test_conv2d_backward_matches_finite_differences(case):
+    N, C, H, W, K, R, S, st, pd = case
+    x, w, b = rand(N, C, H, W), rand(K, C, R, S, seed=1), rand(K, seed=2)
+    dy = rand(*naive_conv2d(x, w, b, st, pd).shape, seed=3)
+    expected = numerical_grads(lambda x, w, b: naive_conv2d(x, w, b, st, pd), [x, w, b], dy)
+    grads = reference.conv2d_backward(dy, x, w, st, pd)
+    for name, g, e in zip(("dx", "dw", "db"), grads, expected):
+        assert g.dtype == np.float64 and g.shape == e.shape, name
+        np.testing.assert_allclose(g, e, rtol=1e-7, atol=1e-8, err_msg=name)
+    for name, g, e in zip(("dx", "dw", "db"), reference.conv2d_backward(*f32(dy, x, w), st, pd), expected):
+        assert g.dtype == np.float32, name
+        np.testing.assert_allclose(g, e, rtol=1e-4, atol=1e-4, err_msg=name)
+
+
+def test_conv2d_backward_returns_only_what_is_asked():
+    x, w = rand(2, 3, 5, 5), rand(4, 3, 3, 3, seed=1)
+    dy = rand(2, 4, 5, 5, seed=2)
+    full = reference.conv2d_backward(dy, x, w, 1, 1)
+    for need in itertools.product([False, True], repeat=3):
+        got = reference.conv2d_backward(dy, x, w, 1, 1, *need)
+        for wanted, g, f in zip(need, got, full):
+            assert (g is None) == (not wanted)
+            if wanted:
+                np.testing.assert_allclose(g, f, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("stride", [1, 2])
+def test_conv2d_in_chunks_and_on_strided_inputs(monkeypatch, stride):
+    """A batch cut into several chunks (the last one shorter), and inputs that are views."""
+    monkeypatch.setattr(reference, "CONV_CHUNK_BYTES", 1)  # one image per chunk
+    x = rand(5, 3, 6, 7).swapaxes(2, 3)  # (5, 3, 7, 6), a transposed view
+    w, b = rand(4, 3, 3, 3, seed=1)[:, :, ::-1], rand(4, seed=2)  # a view with a negative stride
+    y = reference.conv2d_forward(x, w, b, stride, 1)
+    np.testing.assert_allclose(y, naive_conv2d(x, w, b, stride, 1), rtol=1e-12, atol=1e-12)
+    dy = rand(*y.shape, seed=3)[:, ::-1]
+    monkeypatch.setattr(reference, "CONV_CHUNK_BYTES", 1 << 30)  # the whole batch at once
+    whole = reference.conv2d_backward(dy, x, w, stride, 1)
+    monkeypatch.setattr(reference, "CONV_CHUNK_BYTES", 3 * 1000 * 8)  # a couple of images per chunk
+    for g, e in zip(reference.conv2d_backward(dy, x, w, stride, 1), whole):
+        np.testing.assert_allclose(g, e, rtol=1e-12, atol=1e-12)
+
+
+# ------------------------------------------------------------------------------------
+# group norm
+# ------------------------------------------------------------------------------------
+
+
+def naive_group_norm(x, G, weight, bias, eps):
+    N, C = x.shape[:2]
+    y = np.empty_like(x)
+    for n in range(N):
+        for g in range(G):
+            group = x[n, g * C // G:(g + 1) * C // G]
+            mean = group.sum() / group.size
+            var = ((group - mean) ** 2).sum() / group.size
+            y[n, g * C // G:(g + 1) * C // G] = (group - mean) / np.sqrt(var + eps)
+    if weight is not None:
+        shape = (1, C) + (1,) * (x.ndim - 2)
+        y = y * weight.reshape(shape) + bias.reshape(shape)
+    return y
+
+
+# (shape, groups, affine)
+NORM_CASES = [((2, 6, 3, 3), 3, True), ((2, 6, 3, 3), 1, True), ((2, 6, 3, 3), 6, True),
+              ((1, 4, 5, 3), 2, False), ((3, 4, 1, 1), 2, True), ((2, 4, 5), 2, True)]
+
+
+@pytest.mark.parametrize("shape, G, affine", NORM_CASES)
+def test_group_norm_matches_its_definition(shape, G, affine):
+    C = shape[1]
+    x = rand(*shape) * 3 + 1.5
+    weight, bias = (rand(C, seed=1), rand(C, seed=2)) if affine else (None, None)
+    eps = 1e-5
+    y, mean, rstd = reference.group_norm_forward(x, G, weight, bias, eps)
+    np.testing.assert_allclose(y, naive_group_norm(x, G, weight, bias, eps), rtol=1e-10, atol=1e-10)
+    xg = x.reshape(shape[0], G, -1)
+    np.testing.assert_allclose(mean, xg.mean(axis=2), rtol=1e-12)
+    np.testing.assert_allclose(rstd, 1 / np.sqrt(xg.var(axis=2) + eps), rtol=1e-10)
+    x32, weight32, bias32 = f32(x, weight, bias)
+    y32, mean32, rstd32 = reference.group_norm_forward(x32, G, weight32, bias32, np.float64(eps))
+    assert y32.dtype == mean32.dtype == rstd32.dtype == np.float32  # a float64 eps must not promote
+    np.testing.assert_allclose(y32, y, rtol=1e-4, atol=1e-4)
+
+    dy = rand(*shape, seed=3)
+    inputs = [x] + ([weight, bias] if affine else [])
+    expected = numerical_grads(lambda x, *wb: naive_group_norm(x, G, *(wb or (None, None)), eps), inputs, dy)
+    grads = reference.group_norm_backward(dy, x, G, weight, mean, rstd)
+    assert (grads[1] is None) == (not affine) and (grads[2] is None) == (not affine)
+    for name, g, e in zip(("dx", "dweight", "dbias"), grads, expected):
+        np.testing.assert_allclose(g, e, rtol=1e-6, atol=1e-7, err_msg=name)
+    for name, g, e in zip(("dx", "dweight", "dbias"), reference.group_norm_backward(
+            dy.astype(np.float32), x32, G, weight32, mean32, rstd32), expected):
+        assert g.dtype == np.float32, name
+        np.testing.assert_allclose(g, e, rtol=1e-3, atol=1e-4, err_msg=name)
+
+
+def test_group_norm_with_a_large_mean():
+    """The variance is computed around the mean (two passes), so an offset costs no accuracy."""
+    x = rand(2, 4, 8, 8) + 1e4
+    y, _, rstd = reference.group_norm_forward(x.astype(np.float32), 2, None, None, 1e-5)
+    np.testing.assert_allclose(y, naive_group_norm(x, 2, None, None, 1e-5), atol=2e-3)
+
+
+# ------------------------------------------------------------------------------------
+# attention
+# ------------------------------------------------------------------------------------
+
+
+def naive_attention(q, k, v, scale, is_causal):
+    B, H, Lq, _ = q.shape
+    o = np.zeros(q.shape[:-1] + v.shape[-1:])
+    for b, h, i in itertools.product(range(B), range(H), range(Lq)):
+        s = np.array([scale * q[b, h, i] @ k[b, h, j] for j in range(k.shape[2])])
+        if is_causal:
+            s[i + 1:] = -np.inf  # query i sees keys 0..i (torch's top-left alignment)
+        p = np.exp(s - s.max())
+        o[b, h, i] = (p / p.sum()) @ v[b, h]
+    return o
+
+
+# (B, heads, Lq, Lk, d, dv)
+ATTN_CASES = [(2, 2, 4, 4, 3, 3), (1, 2, 3, 5, 4, 2), (2, 1, 5, 3, 2, 3), (1, 1, 1, 1, 2, 2), (1, 3, 6, 6, 4, 4)]
+
+
+@pytest.mark.parametrize("case", ATTN_CASES, ids=lambda c: "B{}H{}Lq{}Lk{}d{}dv{}".format(*c))
+@pytest.mark.parametrize("is_causal", [False, True])
+def test_attention_matches_its_definition(case, is_causal):
+    B, H, Lq, Lk, d, dv = case
+    q, k, v = rand(B, H, Lq, d), rand(B, H, Lk, d, seed=1), rand(B, H, Lk, dv, seed=2)
+    scale = 0.7
+    o, lse = reference.attention_forward(q, k, v, scale, is_causal)
+    np.testing.assert_allclose(o, naive_attention(q, k, v, scale, is_causal), rtol=1e-10, atol=1e-12)
+    s = scale * q @ k.swapaxes(-1, -2)
+    if is_causal:
+        s = np.where(np.triu(np.ones((Lq, Lk), bool), k=1), -np.inf, s)
+    np.testing.assert_allclose(lse, np.log(np.exp(s).sum(-1)), rtol=1e-10)
+    o32, lse32 = reference.attention_forward(*f32(q, k, v), np.float64(scale), is_causal)
+    assert o32.dtype == lse32.dtype == np.float32
+    np.testing.assert_allclose(o32, o, rtol=1e-4, atol=1e-5)
+
+    do = rand(*o.shape, seed=3)
+    expected = numerical_grads(lambda q, k, v: naive_attention(q, k, v, scale, is_causal), [q, k, v], do)
+    for name, g, e in zip(("dq", "dk", "dv"), reference.attention_backward(do, q, k, v, o, lse, scale, is_causal),
+                          expected):
+        assert g.dtype == np.float64 and g.shape == e.shape, name
+        np.testing.assert_allclose(g, e, rtol=1e-6, atol=1e-8, err_msg=name)
+    for name, g, e in zip(("dq", "dk", "dv"), reference.attention_backward(
+            *f32(do, q, k, v, o32, lse32), scale, is_causal), expected):
+        assert g.dtype == np.float32, name
+        np.testing.assert_allclose(g, e, rtol=1e-3, atol=1e-4, err_msg=name)
+
+
+def test_attention_in_slices(monkeypatch):
+    """Rows of (batch, head) cut into several slices give the same numbers as all at once."""
+    B, H, Lq, Lk, d = 3, 2, 5, 4, 3
+    q, k, v = rand(B, H, Lq, d), rand(B, H, Lk, d, seed=1), rand(B, H, Lk, d, seed=2)
+    do = rand(B, H, Lq, d, seed=3)
+    whole = reference.attention_forward(q, k, v, 0.5, True)
+    whole_grads = reference.attention_backward(do, q, k, v, *whole, 0.5, True)
+    monkeypatch.setattr(reference, "MAX_SCORES_IN_MEMORY", 2 * Lq * Lk)  # two rows a slice, 6 rows
+    for got, want in zip(reference.attention_forward(q, k, v, 0.5, True), whole):
+        np.testing.assert_allclose(got, want, rtol=1e-12)
+    for got, want in zip(reference.attention_backward(do, q, k, v, *whole, 0.5, True), whole_grads):
+        np.testing.assert_allclose(got, want, rtol=1e-12, atol=1e-14)
