@@ -11,6 +11,9 @@ contiguous matrix products, which is where a CPU's floating-point throughput liv
 
 from __future__ import annotations
 
+import itertools
+from typing import NamedTuple
+
 import numpy as np
 
 # ------------------------------------------------------------------------------------
@@ -55,16 +58,36 @@ import numpy as np
 # input and output to about CONV_CHUNK_BYTES.
 
 CONV_CHUNK_BYTES = 2 << 20  # xs + Z per chunk: about one core's L2 cache (1-2 MB)
+MAX_WASTED_ROWS = 0.15  # above this fraction of thrown-away rows, unroll the kernel rows too
 
 
 def _out_size(size: int, k: int, stride: int, padding: int) -> int:
     return (size + 2 * padding - k) // stride + 1
 
 
-def _geometry(x_shape, R: int, S: int, stride: int, padding: int):
-    """(P, Q, I): output height and width, and I, the rows per phase that xs keeps."""
+class _Layout(NamedTuple):
+    """How xs holds one convolution's input: xs[c, u, s, a, n, i, q] = xpad[n, c, i*st + a + u, q*st + s].
+
+    U kernel rows are unrolled into the matrix (1, or all R for small images: see
+    ``_layout``), A = st phases when U = 1 (else 1), I rows per phase and image, and the
+    output is P x Q.
+    """
+
+    P: int
+    Q: int
+    U: int
+    A: int
+    I: int
+
+
+def _layout(x_shape, R: int, S: int, stride: int, padding: int) -> _Layout:
     P, Q = _out_size(x_shape[2], R, stride, padding), _out_size(x_shape[3], S, stride, padding)
-    return P, Q, P + (R - 1) // stride
+    junk = (R - 1) // stride  # rows per image that the row shifts compute and throw away
+    if junk > MAX_WASTED_ROWS * (P + junk):
+        # Small images (8x8: 2 of 10 rows would be thrown away): unroll the kernel rows
+        # too. This is plain im2col; 9 copies of a small input cost less than the waste.
+        return _Layout(P, Q, R, 1, P)
+    return _Layout(P, Q, 1, stride, P + junk)
 
 
 def _inside(n_in: int, n_out: int, phase: int, stride: int, padding: int):
@@ -78,48 +101,48 @@ def _inside(n_in: int, n_out: int, phase: int, stride: int, padding: int):
     return slice(lo, hi), slice(first, first + (hi - lo - 1) * stride + 1, stride)
 
 
-def _pairs(x_shape, R: int, S: int, stride: int, padding: int):
-    """For every (s, a): the xs slice and the (channel-major) x slice that hold the same numbers."""
+def _pairs(x_shape, lay: _Layout, S: int, stride: int, padding: int):
+    """For every (u, s, a): the xs slice and the (channel-major) x slice that hold the same numbers."""
     H, W = x_shape[2:]
-    _, Q, I = _geometry(x_shape, R, S, stride, padding)
-    for s in range(S):
-        cols = _inside(W, Q, s, stride, padding)
-        for a in range(stride):
-            rows = _inside(H, I, a, stride, padding)
-            if cols and rows:
-                yield (slice(None), s, a, slice(None), rows[0], cols[0]), (slice(None), slice(None), rows[1], cols[1])
+    for u, s, a in itertools.product(range(lay.U), range(S), range(lay.A)):
+        cols = _inside(W, lay.Q, s, stride, padding)
+        rows = _inside(H, lay.I, a + u, stride, padding)
+        if cols and rows:
+            yield (slice(None), u, s, a, slice(None), rows[0], cols[0]), (slice(None), slice(None), rows[1], cols[1])
 
 
-def unroll(x, R: int, S: int, stride: int, padding: int):
-    """xs (C, S, stride, N, I, Q): xs[c, s, a, n, i, q] = xpad[n, c, i*stride + a, q*stride + s]."""
+def unroll(x, lay: _Layout, S: int, stride: int, padding: int):
+    """xs (C, U, S, A, N, I, Q): xs[c, u, s, a, n, i, q] = xpad[n, c, i*stride + a + u, q*stride + s]."""
     N, C = x.shape[:2]
-    _, Q, I = _geometry(x.shape, R, S, stride, padding)
-    xs = np.zeros((C, S, stride, N, I, Q), dtype=x.dtype)
+    xs = np.zeros((C, lay.U, S, lay.A, N, lay.I, lay.Q), dtype=x.dtype)
     xt = x.transpose(1, 0, 2, 3)
-    for dst, src in _pairs(x.shape, R, S, stride, padding):
+    for dst, src in _pairs(x.shape, lay, S, stride, padding):
         xs[dst] = xt[src]
     return xs
 
 
-def fold(dxs, x_shape, R: int, S: int, stride: int, padding: int):
+def fold(dxs, x_shape, lay: _Layout, S: int, stride: int, padding: int):
     """The adjoint of unroll: dx (N, C, H, W), each dxs entry added onto the x entry it copies."""
     N, C = x_shape[:2]
     dxt = np.zeros((C, N) + tuple(x_shape[2:]), dtype=dxs.dtype)
-    for dst, src in _pairs(x_shape, R, S, stride, padding):
+    for dst, src in _pairs(x_shape, lay, S, stride, padding):
         dxt[src] += dxs[dst]
     return dxt.transpose(1, 0, 2, 3)
 
 
 def _phase(xs, a: int):
-    """Phase a of xs as one (C*S, N*I*Q) matrix: a view (its rows are evenly spaced)."""
-    C, S, _, N, I, Q = xs.shape
-    return xs[:, :, a].reshape(C * S, N * I * Q)
+    """Phase a of xs as one (C*U*S, N*I*Q) matrix: a view (its rows are evenly spaced)."""
+    C, U, S, _, N, I, Q = xs.shape
+    return xs[:, :, :, a].reshape(C * U * S, N * I * Q)
 
 
-def _stacked_kernel_rows(w, a: int, stride: int):
-    """The matrices W_r (K, C*S) of the kernel rows r = a, a + stride, ... stacked: (J*K, C*S)."""
+def _kernel_matrices(w, lay: _Layout, stride: int):
+    """Per phase a, the matrices W_r (K, C*U*S) of its kernel rows r = a, a + stride, ...
+    stacked into one (J*K, C*U*S) matrix; with the rows unrolled, all of w as one matrix."""
     K, C, R, S = w.shape
-    return w[:, :, a::stride, :].transpose(2, 0, 1, 3).reshape(-1, C * S)
+    if lay.U == R:
+        return [w.reshape(K, C * R * S)]
+    return [w[:, :, a::stride, :].transpose(2, 0, 1, 3).reshape(-1, C * S) for a in range(min(stride, R))]
 
 
 def _chunks(N: int, bytes_per_image: int):
@@ -131,11 +154,12 @@ def conv2d_forward(x, w, b, stride: int, padding: int):
     """y (N, K, P, Q) = conv(x (N, C, H, W), w (K, C, R, S)) + b."""
     N = x.shape[0]
     K, C, R, S = w.shape
-    P, Q, I = _geometry(x.shape, R, S, stride, padding)
-    W = [_stacked_kernel_rows(w, a, stride) for a in range(min(stride, R))]
+    lay = _layout(x.shape, R, S, stride, padding)
+    P, Q, I = lay.P, lay.Q, lay.I
+    W = _kernel_matrices(w, lay, stride)
     y = np.empty((N, K, P, Q), dtype=x.dtype)
-    for chunk in _chunks(N, (C * S * stride + R * K) * I * Q * x.itemsize):
-        xs, yc = unroll(x[chunk], R, S, stride, padding), y[chunk]
+    for chunk in _chunks(N, (C * lay.U * S * lay.A + R * K) * I * Q * x.itemsize):
+        xs, yc = unroll(x[chunk], lay, S, stride, padding), y[chunk]
         terms = []
         for a, Wa in enumerate(W):
             Z = (Wa @ _phase(xs, a)).reshape(-1, K, yc.shape[0], I, Q)
@@ -162,31 +186,33 @@ def conv2d_backward(dy, x, w, stride: int, padding: int, need_dx=True, need_dw=T
     """(dx, dw, db) from dy (N, K, P, Q); None for the gradients not asked for."""
     N, C, H, W = x.shape
     K, _, R, S = w.shape
-    P, Q, I = _geometry(x.shape, R, S, stride, padding)
+    lay = _layout(x.shape, R, S, stride, padding)
+    I, Q, U = lay.I, lay.Q, lay.U
+    Wm = _kernel_matrices(w, lay, stride)
     transposed_conv = stride == 1 and R == S and padding <= R - 1
-    dwt = np.zeros((R, C * S, K), dtype=w.dtype)  # dW_r^T
+    dw = np.zeros(w.shape, dtype=w.dtype)
     db = np.zeros(K, dtype=dy.dtype)
     dx = np.empty(x.shape, dtype=dy.dtype) if need_dx and not transposed_conv else None
     if need_dw or need_db or dx is not None:
-        for chunk in _chunks(N, (C * S * stride + K) * I * Q * x.itemsize):
+        for chunk in _chunks(N, (C * U * S * lay.A + K) * I * Q * x.itemsize):
             D = _dy_rows(dy[chunk], I)
             db += D.sum(axis=0)
-            if need_dw:
-                xs = unroll(x[chunk], R, S, stride, padding)
-                for r in range(R):
-                    shift = (r // stride) * Q
-                    dwt[r] += _phase(xs, r % stride)[:, shift:] @ D[:len(D) - shift]
-            if dx is not None:  # the forward steps transposed, then fold
-                dxs = np.zeros((C, S, stride, len(D) // (I * Q), I, Q), dtype=dy.dtype)
-                for r in range(R):
-                    shift = (r // stride) * Q
-                    _phase(dxs, r % stride)[:, shift:] += w[:, :, r, :].reshape(K, C * S).T @ D[:len(D) - shift].T
-                dx[chunk] = fold(dxs, x[chunk].shape, R, S, stride, padding)
+            xs = unroll(x[chunk], lay, S, stride, padding) if need_dw else None
+            dxs = np.zeros((C, U, S, lay.A, len(D) // (I * Q), I, Q), dtype=dy.dtype) if dx is not None else None
+            for a, Wa in enumerate(Wm):
+                for j in range(len(Wa) // K):  # kernel row a + j*stride (all rows when U = R), j rows down
+                    rows = slice(None) if U == R else a + j * stride
+                    Dj = D[:len(D) - j * Q]
+                    if need_dw:
+                        dw[:, :, rows, :] += (_phase(xs, a)[:, j * Q:] @ Dj).T.reshape(dw[:, :, rows, :].shape)
+                    if dxs is not None:  # the forward product transposed; fold below
+                        _phase(dxs, a)[:, j * Q:] += Wa[j * K:(j + 1) * K].T @ Dj.T
+            if dxs is not None:
+                dx[chunk] = fold(dxs, x[chunk].shape, lay, S, stride, padding)
     if need_dx and transposed_conv:
         w_flipped = w[:, :, ::-1, ::-1].transpose(1, 0, 2, 3)  # (C, K, R, S)
         dx = conv2d_forward(dy, w_flipped, None, 1, R - 1 - padding)
-    dw = dwt.reshape(R, C, S, K).transpose(3, 1, 0, 2).copy() if need_dw else None
-    return dx, dw, (db if need_db else None)
+    return dx, (dw if need_dw else None), (db if need_db else None)
 
 
 # ------------------------------------------------------------------------------------
