@@ -81,9 +81,21 @@ CONV_CASES = [
 ]
 
 
+# The reference lays its input out two ways (kernel rows shifted, or unrolled as in
+# im2col), chosen by image size; these small images would all get the second, so the
+# conv tests run under both choices.
+LAYOUTS = {"shifted_rows": 1.0, "unrolled_rows": 0.0}
+
+
+@pytest.fixture(params=list(LAYOUTS))
+def layout(request, monkeypatch):
+    monkeypatch.setattr(reference, "MAX_WASTED_ROWS", LAYOUTS[request.param])
+    return request.param
+
+
 @pytest.mark.parametrize("case", CONV_CASES, ids=lambda c: "N{}C{}H{}W{}K{}k{}x{}s{}p{}".format(*c))
 @pytest.mark.parametrize("bias", [True, False])
-def test_conv2d_forward_matches_the_sum(case, bias):
+def test_conv2d_forward_matches_the_sum(case, bias, layout):
     N, C, H, W, K, R, S, st, pd = case
     x, w = rand(N, C, H, W), rand(K, C, R, S, seed=1)
     b = rand(K, seed=2) if bias else None
@@ -97,7 +109,7 @@ def test_conv2d_forward_matches_the_sum(case, bias):
 
 
 @pytest.mark.parametrize("case", CONV_CASES, ids=lambda c: "N{}C{}H{}W{}K{}k{}x{}s{}p{}".format(*c))
-def test_conv2d_backward_matches_finite_differences(case):
+def test_conv2d_backward_matches_finite_differences(case, layout):
     N, C, H, W, K, R, S, st, pd = case
     x, w, b = rand(N, C, H, W), rand(K, C, R, S, seed=1), rand(K, seed=2)
     dy = rand(*naive_conv2d(x, w, b, st, pd).shape, seed=3)
@@ -111,7 +123,7 @@ def test_conv2d_backward_matches_finite_differences(case):
         np.testing.assert_allclose(g, e, rtol=1e-4, atol=1e-4, err_msg=name)
 
 
-def test_conv2d_backward_returns_only_what_is_asked():
+def test_conv2d_backward_returns_only_what_is_asked(layout):
     x, w = rand(2, 3, 5, 5), rand(4, 3, 3, 3, seed=1)
     dy = rand(2, 4, 5, 5, seed=2)
     full = reference.conv2d_backward(dy, x, w, 1, 1)
@@ -124,7 +136,7 @@ def test_conv2d_backward_returns_only_what_is_asked():
 
 
 @pytest.mark.parametrize("stride", [1, 2])
-def test_conv2d_in_chunks_and_on_strided_inputs(monkeypatch, stride):
+def test_conv2d_in_chunks_and_on_strided_inputs(monkeypatch, stride, layout):
     """A batch cut into several chunks (the last one shorter), and inputs that are views."""
     monkeypatch.setattr(reference, "CONV_CHUNK_BYTES", 1)  # one image per chunk
     x = rand(5, 3, 6, 7).swapaxes(2, 3)  # (5, 3, 7, 6), a transposed view
