@@ -74,7 +74,7 @@ results["sd_compression"] = sd_compression
 
 # %%
 viz.header("2. encoding")
-n_images = 16 if args.fast else 64
+n_images = 6 if args.fast else 64
 data = shapes.make_dataset(n_images, "train", seed=4)
 x = viz.to_model_input(data.images)
 with minisd.no_grad():

@@ -157,8 +157,8 @@ viz.save(fig, args.out / "unet_step.png")
 # much does the caption help, and at which t?
 
 # %%
-n_images = 8 if args.fast else 32
-t_grid = np.linspace(20, 980, 7 if args.fast else 13).astype(int)
+n_images = 4 if args.fast else 32
+t_grid = np.linspace(20, 980, 4 if args.fast else 13).astype(int)
 data = shapes.make_dataset(n_images, "train", seed=6)
 with minisd.no_grad():
     zb = vae.encode(viz.to_model_input(data.images)).mean.numpy() * sf
@@ -199,7 +199,7 @@ print(f"  mean over t: {np.mean(loss_c):.3f} with captions, {np.mean(loss_u):.3f
 
 # %%
 viz.header("4. cross-attention maps")
-steps = 10 if args.fast else 50
+steps = 4 if args.fast else 50
 prompt = "a large red circle in the top left"
 image = pipe(prompt, steps=steps, seed=0, collect_attention=True)[0]
 h, w = latent_shape[1:]

@@ -198,15 +198,18 @@ def image_grid(images, titles=None, ncols: int | None = None, cell: float = 1.3,
 
 
 def _wrap(text: str, width: int) -> str:
-    words, lines, line = text.split(), [], ""
-    for w in words:
-        if line and len(line) + 1 + len(w) > width:
-            lines.append(line)
-            line = w
-        else:
-            line = f"{line} {w}".strip()
-    lines.append(line)
-    return "\n".join(lines)
+    """Break text into lines of at most ``width`` characters at spaces; existing line breaks stay."""
+    out = []
+    for paragraph in text.split("\n"):
+        line = ""
+        for w in paragraph.split():
+            if line and len(line) + 1 + len(w) > width:
+                out.append(line)
+                line = w
+            else:
+                line = f"{line} {w}".strip()
+        out.append(line)
+    return "\n".join(out)
 
 
 # ---------------------------------------------------------------------------------------

@@ -32,8 +32,10 @@ FIGURES.update({
     "04_vae": {"latents.png", "reconstructions.png", "interpolation.png"},
     "05_text_encoder": {"tokens.png", "embedding_heatmap.png", "prompt_difference.png"},
     "06_unet": {"timestep_embedding.png", "unet_step.png", "noise_prediction_error.png", "attention_maps.png"},
+    "07_reverse_denoise": {"reverse_grid.png", "reverse.gif", "convergence.png", "samplers.png"},
+    "08_text_to_image": {"prompts.png", "guidance.png", "seeds.png", "heldout.png"},
 })
-NEEDS_MODEL = {"04_vae", "05_text_encoder", "06_unet"}
+NEEDS_MODEL = {"04_vae", "05_text_encoder", "06_unet", "07_reverse_denoise", "08_text_to_image"}
 # figures written only when a model loads (03) or the model folder has CLIP's image tower (05)
 OPTIONAL_FIGURES = {"03_forward_noise": ("latent_part", {"latent_noising.png"}),
                     "05_text_encoder": ("clip_part", {"clip_similarity.png"})}
@@ -195,6 +197,28 @@ def test_06_unet_numbers(runs):
     if not OTHER_MODEL:  # a trained UNet predicts the noise far better than predicting 0 (MSE 1)
         assert r["loss_mean_caption"] < 0.5
         assert r["loss_mean_caption"] <= r["loss_mean_empty"] + 0.01
+
+
+def test_07_reverse_denoise_numbers(runs):
+    _, r, _ = runs("07_reverse_denoise")
+    needs_model(r)
+    ts = r["timesteps"]
+    assert r["steps"] == len(ts) == 5 and ts == sorted(ts, reverse=True) and ts[-1] == 1
+    assert r["ddim_repeatable"] is True  # DDIM (eta = 0) from the same z_T: the same image
+    # the decoded predictions of x_0 approach the final image
+    assert r["x0_distance_last"] < r["x0_distance_first"] and r["x0_distance_last"] < 0.05
+    assert r["x0_distance_first"] < r["xt_distance_first"] + 1e-9  # the guess is closer than the noisy state
+
+
+def test_08_text_to_image_numbers(runs):
+    _, r, _ = runs("08_text_to_image")
+    needs_model(r)
+    assert r["train_prompts"] == 4 and r["heldout_prompts"] == 3 and r["seed_draws"] == 4
+    assert len(r["guidance_attributes_right"]) == len(r["guidance_scales"]) == 4
+    for key in ("train", "heldout"):
+        assert 0 <= r[f"{key}_all_right"] <= r[f"{key}_prompts"]
+    if not OTHER_MODEL:  # even at the 4 steps of --fast, the shipped model gets most colours right
+        assert r["train_color_accuracy"] >= 0.5
 
 
 def test_cli_lists_lessons_and_rejects_unknown():
