@@ -11,8 +11,9 @@ here so that a lesson reads as its story and nothing else:
     viz.save_gif(frames, args.out / "noising.gif")
     viz.write_results(args.out, {"last_step_std": 1.0})
 
-Headless by default (the Agg backend): a lesson run as a script or in CI never opens a
-window. Inside Jupyter or VS Code's interactive window the figures show inline as well.
+Headless by default (the Agg backend, unless $MPLBACKEND names another): a lesson run as
+a script or in CI never opens a window. Inside Jupyter or VS Code's interactive window the
+figures show inline as well.
 
 Images: a lesson may hand over uint8 (H, W, 3) in [0, 255] (what the dataset holds) or
 float (3, H, W) in [-1, 1] (what the models see, SD's convention); ``to_uint8`` takes both.
@@ -36,8 +37,8 @@ def _in_notebook() -> bool:
 
 import matplotlib  # noqa: E402
 
-if not _in_notebook():
-    matplotlib.use("Agg")
+if not _in_notebook() and "MPLBACKEND" not in os.environ:
+    matplotlib.use("Agg")  # headless unless the user chose a backend
 import matplotlib.patches  # noqa: E402
 import matplotlib.pyplot as plt  # noqa: E402
 

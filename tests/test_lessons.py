@@ -82,6 +82,13 @@ def test_lesson_is_a_notebook(name):
     code = text.count("\n# %%\n")
     assert markdown >= 4 and code >= 4, f"{markdown} markdown and {code} code cells"
     assert "SD" in text and "--fast" in text
+    try:
+        import jupytext
+    except ImportError:
+        return
+    cells = jupytext.read(LESSONS / f"{name}.py").cells  # as Jupyter and VS Code will see it
+    assert cells[0].cell_type == "markdown" and cells[0].source.startswith("# Lesson")
+    assert sum(c.cell_type == "markdown" for c in cells) == markdown
 
 
 @pytest.mark.parametrize("name", present)
