@@ -21,8 +21,9 @@ SD15 = {
                                                   "8 heads, cross_attention_dim 768",
              "tensors": "z_t (4, 64, 64), t, c (77, 768) -> epsilon (4, 64, 64)"},
     "sampling": "50 steps (PNDM by default; DDIM works), guidance 7.5, batch 2 per image per step",
-    "size_on_disk_mb": 5_400,  # unet + vae + text encoder, float32 safetensors
 }
+# unet + vae + text encoder as float32 safetensors: 4 bytes a parameter
+SD15["size_on_disk_mb"] = round(sum(SD15[k]["parameters"] for k in ("vae", "text_encoder", "unet")) * 4 / 2 ** 20)
 
 
 def add_arguments(parser) -> None:
@@ -79,5 +80,5 @@ def run(args) -> int:
         print(f"  SD v1.5  {s['brief']}\n           {s['tensors']}")
     print(f"\nsampling: minisd {mine['sampling']}; SD v1.5 {SD15['sampling']}")
     print(f"total: {total_mine:,} parameters, {mine['size_on_disk_mb']:.1f} MB on disk "
-          f"(SD v1.5: {total_sd:,}, about {SD15['size_on_disk_mb'] / 1000:.1f} GB in float32)")
+          f"(SD v1.5: {total_sd:,}, {SD15['size_on_disk_mb'] / 1024:.1f} GB in float32)")
     return 0
