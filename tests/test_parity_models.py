@@ -308,7 +308,11 @@ def test_clip_contrastive_model_matches_transformers():
     with torch.no_grad():
         theirs.logit_scale.fill_(1.3)
     ours = CLIPModel(text_config=TEXT_CONFIG, vision_config=vision, projection_dim=16)
-    ours.load_state_dict(numpy_state(theirs))
+    state = numpy_state(theirs)
+    # older transformers files also hold the towers' position_ids buffers
+    state["text_model.embeddings.position_ids"] = np.arange(12)[None]
+    state["vision_model.embeddings.position_ids"] = np.arange(5)[None]
+    ours.load_state_dict(state)
     rng = np.random.default_rng(11)
     ids = token_ids(rng, B=4)
     images = rng.standard_normal((4, 3, 8, 8)).astype(np.float32)

@@ -279,6 +279,10 @@ class CLIPModel(Pretrained, nn.Module):
         self.text_projection = nn.Linear(self.text_model.config["hidden_size"], projection_dim, bias=False)
         self.logit_scale = nn.Parameter(np.array(logit_scale_init_value))
 
+    def load_state_dict(self, state: dict, strict: bool = True) -> None:
+        """Ignores the ``position_ids`` buffers that older transformers files carry for both towers."""
+        super().load_state_dict({k: v for k, v in state.items() if not k.endswith("embeddings.position_ids")}, strict)
+
     def get_text_features(self, input_ids) -> Tensor:
         return self.text_projection(self.text_model.pooled(input_ids))
 
