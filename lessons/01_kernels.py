@@ -23,6 +23,7 @@
 # Run: `python lessons/01_kernels.py [--out DIR] [--fast]`.
 
 # %%
+import os
 import shutil
 import sys
 import time
@@ -56,8 +57,8 @@ t_start = time.perf_counter()
 # %%
 viz.header("0. runtimes")
 runtimes = {}
-gxx = shutil.which("g++")
-print(f"  g++: {gxx or 'not found: the emulator runs are skipped (install g++ to run them)'}")
+cxx = os.environ.get("CXX", "g++")  # the compiler minisd/kernels.py builds the emulator with
+print(f"  C++ compiler ({cxx}): {shutil.which(cxx) or 'not found: the emulator runs are skipped (install g++)'}")
 for runtime in ("emulated", "cupy"):
     try:
         t0 = time.perf_counter()
