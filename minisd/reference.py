@@ -317,30 +317,43 @@ def _slices(rows: int, Lq: int, Lk: int):
     return [slice(i, min(rows, i + step)) for i in range(0, rows, step)]
 
 
-def _scores(q, k, scale, causal_bias):
-    """S = scale * q k^T (+ the causal bias), a fresh array to work on in place."""
-    s = (q * scale) @ k.swapaxes(-1, -2)
+def _as_rows(*arrays):
+    """(B, H, L, d) arrays as (B*H, L, d): one row per (batch, head)."""
+    return [a.reshape((-1,) + a.shape[2:]) for a in arrays]
+
+
+def _scores(q_scaled, kT, causal_bias, out):
+    """S = (scale q) k^T (+ the causal bias), written into ``out`` to be worked on in place."""
+    s = np.matmul(q_scaled, kT, out=out[:len(q_scaled)])
     if causal_bias is not None:
         s += causal_bias
     return s
+
+
+# Fresh memory is slow here: the operating system hands it out page by page, zeroed,
+# and for score slices that costs as much as the product that fills them. So each call
+# allocates its one or two (slice, Lq, Lk) buffers once and reuses them for every slice.
 
 
 def attention_forward(q, k, v, scale: float, is_causal: bool):
     """(o, lse): o (B, H, Lq, d), lse (B, H, Lq)."""
     B, H, Lq, _ = q.shape
     Lk = k.shape[2]
-    scale = np.asarray(scale, dtype=q.dtype)
     bias = _causal_bias(Lq, Lk, q.dtype) if is_causal else None
-    q, k, v = (t.reshape(B * H, t.shape[2], t.shape[3]) for t in (q, k, v))  # rows (batch, head)
+    q, k, v = _as_rows(q * np.asarray(scale, dtype=q.dtype), k, v)
+    kT = k.swapaxes(-1, -2)
     o = np.empty((B * H, Lq, v.shape[-1]), dtype=q.dtype)
     lse = np.empty((B * H, Lq), dtype=q.dtype)
-    for sl in _slices(B * H, Lq, Lk):
-        p = _scores(q[sl], k[sl], scale, bias)
+    slices = _slices(B * H, Lq, Lk)
+    buffer = np.empty((slices[0].stop, Lq, Lk), dtype=q.dtype)
+    for sl in slices:
+        p = _scores(q[sl], kT[sl], bias, buffer)
         m = p.max(axis=-1, keepdims=True)
         p -= m
         np.exp(p, out=p)  # p = exp(S - m): unnormalised probabilities
         total = _row_sums(p)[..., None]
-        np.divide(p @ v[sl], total, out=o[sl])
+        np.matmul(p, v[sl], out=o[sl])
+        o[sl] /= total
         lse[sl] = (m + np.log(total))[..., 0]
     return o.reshape(B, H, Lq, -1), lse.reshape(B, H, Lq)
 
@@ -351,17 +364,21 @@ def attention_backward(do, q, k, v, o, lse, scale: float, is_causal: bool):
     Lk = k.shape[2]
     scale = np.asarray(scale, dtype=q.dtype)
     bias = _causal_bias(Lq, Lk, q.dtype) if is_causal else None
-    do, q, k, v, o = (t.reshape(B * H, t.shape[2], t.shape[3]) for t in (do, q, k, v, o))
-    lse = lse.reshape(B * H, Lq)
-    dq, dk, dv = np.empty_like(q), np.empty_like(k), np.empty_like(v)
-    for sl in _slices(B * H, Lq, Lk):
-        p = _scores(q[sl], k[sl], scale, bias)
-        p -= lse[sl][..., None]
+    do, q, k, v, o = _as_rows(do, q, k, v, o)
+    q_scaled, k_scaled = q * scale, k * scale
+    lse = lse.reshape(B * H, Lq, 1)
+    D = np.einsum("nid,nid->ni", do, o)[..., None]  # D_i = sum_j dO_ij O_ij  (= sum_j P_ij dP_ij)
+    dq, dk, dv = np.empty_like(q), np.empty_like(k), np.empty((B * H, Lk, v.shape[-1]), dtype=v.dtype)
+    slices = _slices(B * H, Lq, Lk)
+    p_buffer, ds_buffer = (np.empty((slices[0].stop, Lq, Lk), dtype=q.dtype) for _ in range(2))
+    for sl in slices:
+        p = _scores(q_scaled[sl], k[sl].swapaxes(-1, -2), bias, p_buffer)
+        p -= lse[sl]
         np.exp(p, out=p)  # P
-        dv[sl] = p.swapaxes(-1, -2) @ do[sl]
-        ds = do[sl] @ v[sl].swapaxes(-1, -2)  # dP
-        ds -= _row_dots(do[sl], o[sl])[..., None]  # dP - D
+        np.matmul(p.swapaxes(-1, -2), do[sl], out=dv[sl])
+        ds = np.matmul(do[sl], v[sl].swapaxes(-1, -2), out=ds_buffer[:len(p)])  # dP
+        ds -= D[sl]
         ds *= p  # dS = P * (dP - D)
-        np.matmul(ds, k[sl] * scale, out=dq[sl])
-        np.matmul(ds.swapaxes(-1, -2), q[sl] * scale, out=dk[sl])
+        np.matmul(ds, k_scaled[sl], out=dq[sl])
+        np.matmul(ds.swapaxes(-1, -2), q_scaled[sl], out=dk[sl])
     return dq.reshape(B, H, Lq, -1), dk.reshape(B, H, Lk, -1), dv.reshape(B, H, Lk, -1)
