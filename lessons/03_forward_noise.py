@@ -79,7 +79,7 @@ results["alpha_bar_last"] = float(abar[timesteps[-1]])
 # The curves: how much noise each step adds (beta_t), how much of the image is left
 # (alpha_bar_t; the signal's weight sqrt(alpha_bar_t) and the noise's sqrt(1 - alpha_bar_t)),
 # and the signal-to-noise ratio SNR(t) = alpha_bar_t / (1 - alpha_bar_t), falling over
-# six orders of magnitude. Dots mark the 50 visited timesteps. DDPM's original "linear"
+# five orders of magnitude. Dots mark the 50 visited timesteps. DDPM's original "linear"
 # schedule (pixels, beta 1e-4 to 0.02) is drawn for comparison: it destroys the image
 # faster.
 
@@ -185,11 +185,11 @@ grid_x = np.linspace(-4, 4, 200)
 gauss = np.exp(-grid_x ** 2 / 2) / np.sqrt(2 * np.pi)
 fig, axes = plt.subplots(1, len(show) + 1, figsize=(12, 2.6), sharey=True)
 axes[0].hist(batch.ravel(), bins=60, range=(-4, 4), density=True, color="tab:red", alpha=0.7)
-axes[0].set_title("x_0", fontsize=8)
+axes[0].set_title("x_0\n(the clean images)", fontsize=7)
 for ax, t in zip(axes[1:], show):
     v = jump[t].ravel()
     ax.hist(v, bins=60, range=(-4, 4), density=True, color="tab:blue", alpha=0.7)
-    ax.set_title(f"t = {t}: mean {v.mean():+.2f}, std {v.std():.2f}", fontsize=7)
+    ax.set_title(f"t = {t}\nmean {v.mean():+.2f}, std {v.std():.2f}", fontsize=7)
 for ax in axes:
     ax.plot(grid_x, gauss, "k", lw=0.8)
     ax.set_ylim(0, 1.0)

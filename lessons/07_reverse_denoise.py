@@ -177,12 +177,13 @@ for name in samplers:
 viz.save(viz.image_grid(cells, titles=titles, ncols=6, cell=1.2, fontsize=6,
                         title=f"{prompt!r} from the same z_T: the predicted z_0 along the way, and the result"),
          args.out / "samplers.png")
-again = pipe(prompt, steps=steps, guidance_scale=guidance, latents=z_T, scheduler="ddim")[0]
-results["ddim_repeatable"] = bool(np.array_equal(again, final))
+# DDIM (eta = 0) has no randomness after z_T: two short runs from the same z_T agree exactly.
+twice = [pipe(prompt, steps=5, guidance_scale=guidance, latents=z_T, scheduler="ddim")[0] for _ in range(2)]
+results["ddim_repeatable"] = bool(np.array_equal(*twice))
 diff = {f"{a}_vs_{b}": float(np.abs(finals[a].astype(float) - finals[b].astype(float)).mean() / 255)
         for a, b in (("ddim", "ddpm"), ("ddim", "euler"))}
 results.update({f"mean_abs_diff_{k}": v for k, v in diff.items()})
-print(f"  DDIM twice from the same z_T gives the same image: {results['ddim_repeatable']}")
+print(f"  DDIM run twice from the same z_T (5 steps) gives the same image: {results['ddim_repeatable']}")
 
 # %% [markdown]
 # ## What we saw
