@@ -325,9 +325,12 @@ def test_clip_contrastive_model_matches_transformers():
     check_grads(ours, theirs)
 
 
-def test_bench_unet_runs_and_reports_ratios(capsys):
-    """`minisd bench unet` at a tiny batch: both sides run the same weights and a ratio is printed."""
+def test_bench_unet_runs_and_reports_ratios(capsys, monkeypatch):
+    """`minisd bench unet` on a smaller UNet and batch: both sides run and a ratio is printed."""
     from minisd.benchmarks import unet as bench
+
+    monkeypatch.setattr(bench, "CONFIG", {**bench.CONFIG, "block_out_channels": (16, 32), "norm_num_groups": 8,
+                                          "layers_per_block": 1, "attention_head_dim": 2})
 
     assert bench.main(["--batch", "2", "--tokens", "3", "--repeats", "1", "--warmup", "0"]) == 0
     out = capsys.readouterr().out

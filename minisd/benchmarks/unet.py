@@ -119,8 +119,11 @@ def run(args) -> int:
     minisd.manual_seed(0)
     unet = UNet2DConditionModel(**CONFIG)
     z, t, c, noise = _inputs(args.batch, args.tokens)
-    print(f"UNet2DConditionModel {unet.num_parameters():,} parameters: block_out_channels (64, 128), "
-          f"layers_per_block 2, CrossAttnDownBlock2D+DownBlock2D / UpBlock2D+CrossAttnUpBlock2D, 8 heads")
+    cfg = CONFIG
+    print(f"UNet2DConditionModel {unet.num_parameters():,} parameters: block_out_channels "
+          f"{tuple(cfg['block_out_channels'])}, layers_per_block {cfg['layers_per_block']}, "
+          f"{'+'.join(cfg['down_block_types'])} / {'+'.join(cfg['up_block_types'])}, "
+          f"{cfg['attention_head_dim']} heads, {cfg['norm_num_groups']} groups")
     print(f"batch {args.batch}, latents 4x8x8, {args.tokens} tokens of width 64; "
           f"median of {args.repeats} runs after {args.warmup} warm-up runs; backend {minisd.get_backend().name}")
     state = unet.state_dict()  # before any step changes the weights
