@@ -111,10 +111,15 @@ def _pairs(x_shape, lay: _Layout, S: int, stride: int, padding: int):
             yield (slice(None), u, s, a, slice(None), rows[0], cols[0]), (slice(None), slice(None), rows[1], cols[1])
 
 
-def unroll(x, lay: _Layout, S: int, stride: int, padding: int):
-    """xs (C, U, S, A, N, I, Q): xs[c, u, s, a, n, i, q] = xpad[n, c, i*stride + a + u, q*stride + s]."""
+def unroll(x, lay: _Layout, S: int, stride: int, padding: int, out=None):
+    """xs (C, U, S, A, N, I, Q): xs[c, u, s, a, n, i, q] = xpad[n, c, i*stride + a + u, q*stride + s].
+
+    ``out``: an xs from an earlier call with the same layout, to fill again; the
+    padding entries are never written, so they are still zero.
+    """
     N, C = x.shape[:2]
-    xs = np.zeros((C, lay.U, S, lay.A, N, lay.I, lay.Q), dtype=x.dtype)
+    shape = (C, lay.U, S, lay.A, N, lay.I, lay.Q)
+    xs = np.zeros(shape, dtype=x.dtype) if out is None else out[:, :, :, :, :N]
     xt = x.transpose(1, 0, 2, 3)
     for dst, src in _pairs(x.shape, lay, S, stride, padding):
         xs[dst] = xt[src]
@@ -158,26 +163,30 @@ def conv2d_forward(x, w, b, stride: int, padding: int):
     P, Q, I = lay.P, lay.Q, lay.I
     W = _kernel_matrices(w, lay, stride)
     y = np.empty((N, K, P, Q), dtype=x.dtype)
-    for chunk in _chunks(N, (C * lay.U * S * lay.A + R * K) * I * Q * x.itemsize):
-        xs, yc = unroll(x[chunk], lay, S, stride, padding), y[chunk]
-        terms = []
+    chunks = _chunks(N, (C * lay.U * S * lay.A + R * K) * I * Q * x.itemsize)
+    xs = z = None  # buffers, made for the first chunk and reused (fresh memory is slow)
+    for chunk in chunks:
+        xs = unroll(x[chunk], lay, S, stride, padding, out=xs)
+        yc = y[chunk]
+        n = yc.shape[0]
+        z = np.empty(max(len(Wa) for Wa in W) * n * I * Q, dtype=x.dtype) if z is None else z
         for a, Wa in enumerate(W):
-            Z = (Wa @ _phase(xs, a)).reshape(-1, K, yc.shape[0], I, Q)
-            terms += [Z[j, :, :, j:j + P].transpose(1, 0, 2, 3) for j in range(len(Z))]  # kernel row a + j*st
-        if b is None:
-            np.copyto(yc, terms[0])
-        else:
-            np.add(terms[0], b.reshape(K, 1, 1), out=yc)
-        for term in terms[1:]:
-            yc += term
+            Z = np.matmul(Wa, _phase(xs, a), out=z[:len(Wa) * n * I * Q].reshape(len(Wa), -1))
+            Z = Z.reshape(-1, K, n, I, Q)
+            for j in range(len(Z)):  # kernel row a + j*stride reads j rows further down
+                term = Z[j, :, :, j:j + P].transpose(1, 0, 2, 3)
+                if a == j == 0:
+                    np.copyto(yc, term) if b is None else np.add(term, b.reshape(K, 1, 1), out=yc)
+                else:
+                    yc += term
     return y
 
 
-def _dy_rows(dy, I: int):
+def _dy_rows(dy, I: int, out=None):
     """dy (n, K, P, Q) as the (n*I*Q, K) matrix whose row (n, i, q) pairs with column (n, i, q)
-    of xs; zero in the rows i >= P that no output uses."""
+    of xs; zero in the rows i >= P that no output uses (``out``: an earlier one to refill)."""
     n, K, P, Q = dy.shape
-    D = np.zeros((n, I, Q, K), dtype=dy.dtype)
+    D = np.zeros((n, I, Q, K), dtype=dy.dtype) if out is None else out[:n * I * Q].reshape(n, I, Q, K)
     D[:, :P] = dy.transpose(0, 2, 3, 1)
     return D.reshape(n * I * Q, K)
 
@@ -194,10 +203,11 @@ def conv2d_backward(dy, x, w, stride: int, padding: int, need_dx=True, need_dw=T
     db = np.zeros(K, dtype=dy.dtype)
     dx = np.empty(x.shape, dtype=dy.dtype) if need_dx and not transposed_conv else None
     if need_dw or need_db or dx is not None:
+        D = xs = None  # buffers, reused from chunk to chunk
         for chunk in _chunks(N, (C * U * S * lay.A + K) * I * Q * x.itemsize):
-            D = _dy_rows(dy[chunk], I)
+            D = _dy_rows(dy[chunk], I, out=D)
             db += D.sum(axis=0)
-            xs = unroll(x[chunk], lay, S, stride, padding) if need_dw else None
+            xs = unroll(x[chunk], lay, S, stride, padding, out=xs) if need_dw else None
             dxs = np.zeros((C, U, S, lay.A, len(D) // (I * Q), I, Q), dtype=dy.dtype) if dx is not None else None
             for a, Wa in enumerate(Wm):
                 for j in range(len(Wa) // K):  # kernel row a + j*stride (all rows when U = R), j rows down
