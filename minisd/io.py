@@ -13,20 +13,32 @@ Writes are atomic: each file is written under a temporary name in the same folde
 renamed over the target, so a crash mid-save never leaves a half-written checkpoint.
 Weights stored in float16 (as SD's published "fp16" files are) load into the model's
 float32 parameters: load_state_dict casts each array to its parameter's dtype.
+
+Loading a full-size model (SD v1.5's UNet: 860M parameters, 3.4 GB in float32) must not
+need two of it in memory. So load_pretrained builds the model without drawing random
+initial weights, and reads the file tensor by tensor (SafetensorsFile), each array cast
+into its parameter and dropped before the next is read. Pickle weights (.bin, .ckpt) are
+refused: unpickling runs code from the file.
 """
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 import json
 import os
 import tempfile
+from collections.abc import Mapping
 from pathlib import Path
 
 import numpy as np
 
 DIFFUSERS_WEIGHTS = "diffusion_pytorch_model.safetensors"
 TRANSFORMERS_WEIGHTS = "model.safetensors"
+# the names the hub's float16 "variant" files have (from_pretrained(..., variant="fp16"))
+WEIGHT_FILES = (DIFFUSERS_WEIGHTS, TRANSFORMERS_WEIGHTS,
+                "diffusion_pytorch_model.fp16.safetensors", "model.fp16.safetensors")
+PICKLE_SUFFIXES = (".bin", ".ckpt", ".pt", ".pth")
 CONFIG = "config.json"
 
 
@@ -70,16 +82,94 @@ def save_safetensors(state: dict[str, np.ndarray], path, dtype=None) -> None:
 
 
 def load_safetensors(path) -> dict[str, np.ndarray]:
-    """Every array in a .safetensors file, by name, in its stored dtype."""
-    from safetensors.numpy import load_file
+    """Every array in a .safetensors file, by name, in its stored dtype (bfloat16 as float32)."""
+    with SafetensorsFile(path) as f:
+        return {name: f.read(name) for name in f}
 
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"no weights file at {path}")
-    try:
-        return load_file(path)
-    except Exception as e:  # a truncated file, or a dtype NumPy lacks (bfloat16)
-        raise ValueError(f"cannot read {path}: {e}") from None
+
+# safetensors' dtype names; bfloat16, which NumPy lacks, is read as its top 16 bits of a float32
+_DTYPES = {"F64": np.float64, "F32": np.float32, "F16": np.float16, "BF16": np.uint16, "I64": np.int64,
+           "I32": np.int32, "I16": np.int16, "I8": np.int8, "U8": np.uint8, "BOOL": np.bool_}
+
+
+class StoredTensor:
+    """One array of a safetensors file, read from disk when NumPy asks for it (np.asarray)."""
+
+    def __init__(self, file: SafetensorsFile, name: str):
+        self.file, self.name = file, name
+        self.shape = tuple(file.header[name]["shape"])
+
+    def __array__(self, dtype=None, copy=None):
+        a = self.file.read(self.name)
+        return a if dtype is None else a.astype(dtype, copy=False)
+
+
+class SafetensorsFile(Mapping):
+    """The arrays of a .safetensors file by name, each read only when used, in one read of its bytes.
+
+    The format: 8 bytes (little-endian u64) giving the header's length n, n bytes of JSON
+    {name: {"dtype": "F16", "shape": [...], "data_offsets": [begin, end]}, "__metadata__": {...}},
+    then the data, offsets counted from its start. Values are StoredTensor, so that
+    ``model.load_state_dict(f)`` reads, casts and copies one tensor at a time. Plain reads,
+    not the memory map of safetensors' own ``safe_open``: every page of a mapped file that
+    has been read counts as the process' memory until the file is closed.
+    """
+
+    def __init__(self, path):
+        self.path = Path(path)
+        if not self.path.is_file():
+            raise FileNotFoundError(f"no weights file at {self.path}")
+        self._f = open(self.path, "rb")
+        try:
+            size = os.fstat(self._f.fileno()).st_size
+            n = int.from_bytes(self._f.read(8), "little")
+            if size < 8 or n > size - 8:
+                raise ValueError("header length runs past the end of the file")
+            header = json.loads(self._f.read(n))
+            header.pop("__metadata__", None)
+            for name, entry in header.items():
+                begin, end = entry["data_offsets"]
+                count = int(np.prod(entry["shape"], dtype=np.int64))
+                if entry["dtype"] not in _DTYPES:
+                    raise ValueError(f"{name}: dtype {entry['dtype']} is not one minisd reads")
+                if end - begin != count * np.dtype(_DTYPES[entry["dtype"]]).itemsize or 8 + n + end > size:
+                    raise ValueError(f"{name}: its bytes do not fit its shape or the file (truncated?)")
+        except (ValueError, KeyError, TypeError) as e:
+            self._f.close()
+            raise ValueError(f"cannot read {self.path}: not a safetensors file ({e})") from None
+        self.header, self._data_start = header, 8 + n
+
+    def read(self, name: str) -> np.ndarray:
+        """The named array, as a fresh NumPy array (bfloat16 widened to float32)."""
+        entry = self.header[name]
+        begin, end = entry["data_offsets"]
+        a = np.empty(entry["shape"], dtype=_DTYPES[entry["dtype"]])
+        self._f.seek(self._data_start + begin)
+        if self._f.readinto(a.reshape(-1).view(np.uint8)) != end - begin:
+            raise ValueError(f"cannot read {self.path}: {name} is cut short (truncated file?)")
+        if entry["dtype"] == "BF16":
+            a = (a.astype(np.uint32) << 16).view(np.float32)
+        return a
+
+    def __getitem__(self, name: str) -> StoredTensor:
+        if name not in self.header:
+            raise KeyError(name)
+        return StoredTensor(self, name)
+
+    def __iter__(self):
+        return iter(self.header)
+
+    def __len__(self):
+        return len(self.header)
+
+    def close(self) -> None:
+        self._f.close()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
 
 
 def save_config(config: dict, path) -> None:
@@ -172,24 +262,61 @@ def from_config(config: dict, cls=None, where: str = "config"):
     return cls(**_constructor_config(cls, config))
 
 
+@contextlib.contextmanager
+def _uninitialised():
+    """Build models without drawing random initial weights (a checkpoint overwrites every one).
+
+    nn draws each new weight from its generator ``nn._rng``; here it hands out zero views of
+    the requested shape instead, which take neither memory nor time (SD v1.5's UNet would
+    otherwise spend ~30 s and 3.4 GB on numbers that are thrown away).
+    """
+    from minisd import nn
+
+    class ShapesOnly:
+        def uniform(self, low=0.0, high=1.0, size=None):
+            return np.broadcast_to(np.float32(0), size)
+
+        def standard_normal(self, size=None):
+            return np.broadcast_to(np.float32(0), size)
+
+    saved, nn._rng = nn._rng, ShapesOnly()
+    try:
+        yield
+    finally:
+        nn._rng = saved
+
+
+def weights_file(folder) -> Path:
+    """The safetensors file of a model folder; a folder with only pickle weights is refused."""
+    folder = Path(folder)
+    for name in WEIGHT_FILES:
+        if (folder / name).is_file():
+            return folder / name
+    pickles = sorted(p.name for p in folder.iterdir() if p.suffix in PICKLE_SUFFIXES) if folder.is_dir() else []
+    if pickles:
+        raise ValueError(f"{folder} has only pickle weights ({', '.join(pickles)}); minisd reads safetensors "
+                         "only (unpickling runs code): convert with diffusers, e.g. "
+                         "from_pretrained(path).save_pretrained(path, safe_serialization=True)")
+    raise FileNotFoundError(f"no {DIFFUSERS_WEIGHTS} or {TRANSFORMERS_WEIGHTS} in {folder}")
+
+
 def load_pretrained(folder, cls=None, dtype=np.float32):
     """Build the model a folder describes and load its weights (float16 files into float32 parameters).
 
     ``cls`` overrides the class named in config.json. Missing, unexpected and mis-shaped
-    keys are reported by name.
+    keys are reported by name. The weights are read tensor by tensor into a model built
+    without random initial values, so loading needs memory for one model, not two.
     """
     folder = Path(folder)
-    model = from_config(load_config(folder), cls, f"{folder}/{CONFIG}")
+    config = load_config(folder)
+    with _uninitialised():
+        model = from_config(config, cls, f"{folder}/{CONFIG}")
+    weights = weights_file(folder)
+    try:
+        with SafetensorsFile(weights) as state:
+            model.load_state_dict(state)
+    except KeyError as e:
+        raise KeyError(f"{weights}: {e.args[0]}") from None
     if np.dtype(dtype) != np.float32:
         model.to(dtype)
-    for weights in (DIFFUSERS_WEIGHTS, TRANSFORMERS_WEIGHTS):
-        if (folder / weights).is_file():
-            break
-    else:
-        raise FileNotFoundError(f"no {DIFFUSERS_WEIGHTS} or {TRANSFORMERS_WEIGHTS} in {folder}")
-    state = load_safetensors(folder / weights)
-    try:
-        model.load_state_dict(state)
-    except KeyError as e:
-        raise KeyError(f"{folder / weights}: {e.args[0]}") from None
     return model
