@@ -19,9 +19,11 @@
 //            every thread reads its inputs straight from global memory.
 // version 2: implicit GEMM. Each of the three products is a matrix product C = A B whose
 //            operands are never built: A(m, k) and B(k, n) compute their addresses into
-//            x, w or dy on the fly. One block of 256 threads computes a 32x32 tile of C,
-//            staging 32x8 slices of A and B in shared memory so that each value loaded
-//            from global memory is used 32 times. The three products:
+//            x, w or dy on the fly. One block of 256 threads computes a 64x64 tile of C,
+//            staging 64x16 slices of A and B in shared memory so that each value loaded
+//            from global memory is used 64 times; each thread keeps a 4x4 block of the
+//            tile in registers, so each value read from shared memory is used 4 times.
+//            The three products:
 //              forward: C = y,  m = (n,p,q),  n = k,        summed over (c,r,s)
 //              dx:      C = dx, m = (n,h,w),  n = c,        summed over (k,r,s)
 //              dw:      C = dw, m = k,        n = (c,r,s),  summed over (n,p,q)
@@ -119,9 +121,10 @@ extern "C" __global__ void conv2d_backward_bias_kernel1(const float *dy, float *
 // version 2: implicit GEMM with shared-memory tiles
 // ---------------------------------------------------------------------------------------
 
-#define TILE 32     // a block computes a TILE x TILE tile of C ...
-#define TILE_K 8    // ... walking the sum TILE_K terms at a time
-#define THREADS 256 // 16 x 16 threads, each computing 2 x 2 elements of the tile
+#define TILE 64     // a block computes a TILE x TILE tile of C (minisd/kernels.py's CONV_TILE) ...
+#define TILE_K 16   // ... walking the sum TILE_K terms at a time
+#define THREADS 256 // 16 x 16 threads ...
+#define SUB 4       // ... each computing SUB x SUB elements of the tile (16 * SUB = TILE)
 
 struct ConvShape {
     int N, C, H, W, K, R, S, P, Q, stride, pad;
@@ -199,7 +202,10 @@ struct WeightGradOperands {
 };
 
 // C = A B for the tile at block (blockIdx.y, blockIdx.x). Tails: rows, columns and terms
-// past the end load as 0 and are not stored, so any size works.
+// past the end load as 0 and are not stored, so any size works. Thread (tx, ty) owns
+// rows ty + 16 a and columns tx + 16 b of the tile (a, b < SUB): in a warp, the 16
+// threads of a row read 16 neighbouring columns of Bs (no bank conflicts) and one
+// element of As (a broadcast).
 template <class Operands>
 __device__ void gemm_tile(const Operands &op) {
     __shared__ float As[TILE_K][TILE];  // As[j][m]: a slice of A, transposed
@@ -207,28 +213,31 @@ __device__ void gemm_tile(const Operands &op) {
     const int t = threadIdx.x, tx = t % 16, ty = t / 16;
     const int m0 = blockIdx.y * TILE, n0 = blockIdx.x * TILE;
     const int M = op.rows(), Ncols = op.cols(), depth = op.depth();
-    // Each thread loads one element of each slice: row (or column) t % 32, term t / 32.
-    const int load_i = t % TILE, load_j = t / TILE;
-    float acc[2][2] = {{0.0f, 0.0f}, {0.0f, 0.0f}};
+    float acc[SUB][SUB] = {};
     for (int j0 = 0; j0 < depth; j0 += TILE_K) {
-        const int j = j0 + load_j, m = m0 + load_i, n = n0 + load_i;
-        As[load_j][load_i] = (m < M && j < depth) ? op.load_a(m, j) : 0.0f;
-        Bs[load_j][load_i] = (n < Ncols && j < depth) ? op.load_b(j, n) : 0.0f;
+        // Each thread loads TILE * TILE_K / THREADS = 4 elements of each slice;
+        // neighbouring threads take neighbouring rows (m) or columns (n).
+        for (int e = t; e < TILE * TILE_K; e += THREADS) {
+            const int i = e % TILE, j = j0 + e / TILE;
+            As[e / TILE][i] = (m0 + i < M && j < depth) ? op.load_a(m0 + i, j) : 0.0f;
+            Bs[e / TILE][i] = (n0 + i < Ncols && j < depth) ? op.load_b(j, n0 + i) : 0.0f;
+        }
         __syncthreads();
         for (int jj = 0; jj < TILE_K; ++jj) {
-            const float a0 = As[jj][ty], a1 = As[jj][ty + 16];
-            const float b0 = Bs[jj][tx], b1 = Bs[jj][tx + 16];
-            acc[0][0] += a0 * b0;
-            acc[0][1] += a0 * b1;
-            acc[1][0] += a1 * b0;
-            acc[1][1] += a1 * b1;
+            float a[SUB], b[SUB];
+            for (int s = 0; s < SUB; ++s) {
+                a[s] = As[jj][ty + 16 * s];
+                b[s] = Bs[jj][tx + 16 * s];
+            }
+            for (int r = 0; r < SUB; ++r)
+                for (int s = 0; s < SUB; ++s) acc[r][s] += a[r] * b[s];
         }
         __syncthreads();  // everyone is done with this slice before the next overwrites it
     }
-    for (int i = 0; i < 2; ++i)
-        for (int jj = 0; jj < 2; ++jj) {
-            const int m = m0 + ty + 16 * i, n = n0 + tx + 16 * jj;
-            if (m < M && n < Ncols) op.store(m, n, acc[i][jj]);
+    for (int r = 0; r < SUB; ++r)
+        for (int s = 0; s < SUB; ++s) {
+            const int m = m0 + ty + 16 * r, n = n0 + tx + 16 * s;
+            if (m < M && n < Ncols) op.store(m, n, acc[r][s]);
         }
 }
 
