@@ -74,7 +74,7 @@ CONV_CASES = [
     (1, 1, 5, 5, 1, 3, 3, 1, 0, True),  # batch 1, one channel
     (2, 3, 7, 9, 5, 3, 3, 1, 1, True),  # SD's 3x3 / padding 1, odd sizes
     (2, 4, 8, 7, 6, 3, 3, 2, 1, False),  # a downsampling conv, no bias
-    (1, 3, 9, 7, 33, 1, 1, 1, 0, True),  # 1x1, K = 33: one past a 32-wide tile
+    (1, 3, 9, 7, 65, 1, 1, 1, 0, True),  # 1x1, K = 65: one past a 64-wide tile
     (2, 2, 6, 5, 3, 4, 2, 2, 2, True),  # non-square kernel, padding 2
     (1, 35, 5, 6, 3, 3, 3, 1, 2, True),  # C*R*S = 315: a tail in the summed dimension
 ]
