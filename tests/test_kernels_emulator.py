@@ -3,14 +3,16 @@
 Deliberately broken kernels (tests/kernels_broken/*.cu):
 - a missing __syncthreads gives the right answer in forward order and a wrong one in
   reverse order (its fixed twin is right in every order);
-- a divergent barrier and a shuffle/barrier deadlock are reported, naming the threads
-  and the source lines;
+- a divergent barrier, a shuffle/barrier deadlock and a shuffle with an invalid width
+  are reported, naming the threads and the source lines;
 - an out-of-bounds write is stopped by AddressSanitizer (in a child process, since ASan
   aborts the process it runs in).
 Probes (tests/kernels_broken/probes.cu): shared memory is poisoned, the four warp
 shuffles with widths follow the CUDA Programming Guide's lane rules (computed here
-independently), atomicAdd, thread/block indices in 3-D, early exits before a barrier.
-And the launch path: arguments checked against the parameter list, the build cache.
+independently), masks name the lanes that take part, __syncwarp, atomicAdd, thread and
+block indices in 3-D, early exits before a barrier.
+And the launch path: arguments checked against the parameter list, the build cache,
+the sources found, clear errors where no compiler or GPU is present.
 """
 
 from __future__ import annotations
