@@ -386,7 +386,7 @@ int launch(const char *kernel, dim3 grid, dim3 block, size_t shared_bytes, Call 
         rt.error = msg;
         return -1;
     }
-    if (blocks < 1 || grid.y > 65535 || grid.z > 65535) {
+    if (blocks < 1 || blocks > 0x7fffffff || grid.y > 65535 || grid.z > 65535) {
         snprintf(msg, sizeof msg, "kernel %s: invalid grid (%u,%u,%u)", kernel, grid.x, grid.y, grid.z);
         rt.error = msg;
         return -1;
