@@ -80,7 +80,11 @@ CONV_CASES = [
 ]
 
 
-@pytest.mark.parametrize("case", CONV_CASES, ids=lambda c: "x".join(map(str, c[:4])) + f"-k{c[4]}r{c[5]}s{c[6]}st{c[7]}p{c[8]}")
+def _conv_id(case):
+    return "x".join(map(str, case[:4])) + "-k{}r{}s{}st{}p{}".format(*case[4:9])
+
+
+@pytest.mark.parametrize("case", CONV_CASES, ids=_conv_id)
 def test_conv2d(ops, setting, case):
     N, C, H, W, K, R, S, stride, pad, bias = case
     rng = np.random.default_rng(sum(case))

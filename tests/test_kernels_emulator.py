@@ -239,7 +239,8 @@ def test_arguments_are_checked_against_the_parameter_list():
     program = load("missing_sync.cu")
     kernel = program["shift_fixed_kernel"]
     x, y = np.zeros(32, np.float32), np.zeros(32, np.float32)
-    with pytest.raises(TypeError, match=r"argument 0 \(const float \*x\) must be a C-contiguous float32 array, got float64"):
+    with pytest.raises(TypeError, match=r"argument 0 \(const float \*x\) must be a C-contiguous float32 array, "
+                                        r"got float64"):
         kernel(1, 32, (x.astype(np.float64), y, 32))
     with pytest.raises(TypeError, match=r"not contiguous"):
         kernel(1, 16, (np.zeros(64, np.float32)[::2], y, 32))
@@ -253,7 +254,8 @@ def test_arguments_are_checked_against_the_parameter_list():
         kernel(1, 32, ([0.0] * 32, y, 32))
     frozen = y.copy()
     frozen.flags.writeable = False
-    with pytest.raises(TypeError, match=r"argument 1 \(float \*y\) is written by the kernel, but the array is read-only"):
+    with pytest.raises(TypeError, match=r"argument 1 \(float \*y\) is written by the kernel, "
+                                        r"but the array is read-only"):
         kernel(1, 32, (x, frozen, 32))
     with pytest.raises(KeyError, match="no kernel named 'nope'"):
         program["nope"]
