@@ -225,6 +225,12 @@ def test_bad_shapes_are_reported(ops):
         ops.attention_forward(q, np.zeros((1, 1, 4, 8), np.float32), np.zeros((1, 1, 5, 8), np.float32), 1.0, False)
 
 
+def test_head_dim_too_large_for_shared_memory_is_reported(ops):
+    q = np.zeros((1, 1, 4, 400), np.float32)
+    with kernels.settings(version=2), pytest.raises(ValueError, match="too large for the flash kernels"):
+        ops.attention_forward(q, q, q, 0.05, False)
+
+
 def test_empty_batch_gives_empty_results(ops):
     x, w = np.zeros((0, 3, 5, 5), np.float32), np.ones((2, 3, 3, 3), np.float32)
     assert ops.conv2d_forward(x, w, None, 1, 1).shape == (0, 2, 5, 5)
