@@ -463,7 +463,8 @@ def _flash_tiles(d: int, shared_floats) -> tuple[int, int, int]:
     for threads, tile in ((64, 32), (32, 32), (32, 16), (32, 8), (16, 16), (16, 8), (8, 8)):
         if 4 * shared_floats(threads, tile) <= MAX_SHARED_BYTES:
             return threads, tile, 4 * shared_floats(threads, tile)
-    raise ValueError(f"attention head dims around {d} are too large for the flash kernels' 48 KiB of shared memory")
+    raise ValueError(f"attention head dims around {d} are too large for the flash kernels' 48 KiB of shared "
+                     "memory; kernel version 1 (MINISD_KERNEL_VERSION=1) has no such limit")
 
 
 def _reduce_threads(m: int) -> int:
