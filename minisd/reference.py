@@ -21,6 +21,9 @@ import numpy as np
 #          (xpad: x with pd zeros around each image)
 # ------------------------------------------------------------------------------------
 #
+# Sizes: Stable Diffusion's UNet convolves 320 to 1,280 channels on 64x64 down to 8x8
+# latents; minisd's small UNet and VAE, 32 to 128 channels on 32x32 down to 8x8.
+#
 # The textbook route is im2col: copy every receptive field into a column of a matrix of
 # C*R*S rows and N*P*Q columns, then one matrix product W @ cols. On a CPU that copy is
 # the problem: it writes R*S = 9 copies of the input, and writing memory is as slow as
@@ -35,7 +38,9 @@ import numpy as np
 #     Z[r, :, (n,i,q)] = W_r @ xs[:, (n,i,q)]   for every padded row i;
 # y is then the sum of R slices of Z, each shifted by r rows:
 #     y[n,k,p,q] = sum_r Z[r, k, n, p + r, q].
-# (Rows i >= P of Z are computed and never read: 2 of 34 rows at 32x32, 2 of 10 at 8x8.)
+# Rows i >= P of Z are computed and never read: 2 of 34 rows at 32x32, 2 of 18 at
+# 16x16. At 8x8 that would be 2 of 10, so small images unroll the kernel rows too
+# (U = R: plain im2col, whose 9 copies of a small input cost less than that waste).
 #
 # Stride st: split the padded rows by phase a = i mod st. Kernel row r of output row p
 # reads padded row p*st + r = (p + r // st)*st + r % st: row p + r // st of phase r % st.
@@ -55,7 +60,9 @@ import numpy as np
 # Everything runs over a few images at a time (a chunk): xs and Z of one chunk stay in
 # the CPU's cache, where the copies and the sums of Z's slices are several times
 # faster than in main memory. It also bounds the memory a convolution takes beyond its
-# input and output to about CONV_CHUNK_BYTES.
+# input and output to about CONV_CHUNK_BYTES. The chunk's buffers are made once per
+# call and refilled: fresh memory is slow too, as the operating system hands it out
+# one zeroed page at a time.
 
 CONV_CHUNK_BYTES = 2 << 20  # xs + Z per chunk: about one core's L2 cache (1-2 MB)
 MAX_WASTED_ROWS = 0.15  # above this fraction of thrown-away rows, unroll the kernel rows too
@@ -164,7 +171,7 @@ def conv2d_forward(x, w, b, stride: int, padding: int):
     W = _kernel_matrices(w, lay, stride)
     y = np.empty((N, K, P, Q), dtype=x.dtype)
     chunks = _chunks(N, (C * lay.U * S * lay.A + R * K) * I * Q * x.itemsize)
-    xs = z = None  # buffers, made for the first chunk and reused (fresh memory is slow)
+    xs = z = None  # buffers, made for the first chunk and refilled for the others
     for chunk in chunks:
         xs = unroll(x[chunk], lay, S, stride, padding, out=xs)
         yc = y[chunk]
@@ -193,7 +200,7 @@ def _dy_rows(dy, I: int, out=None):
 
 def conv2d_backward(dy, x, w, stride: int, padding: int, need_dx=True, need_dw=True, need_db=True):
     """(dx, dw, db) from dy (N, K, P, Q); None for the gradients not asked for."""
-    N, C, H, W = x.shape
+    N, C = x.shape[:2]
     K, _, R, S = w.shape
     lay = _layout(x.shape, R, S, stride, padding)
     I, Q, U = lay.I, lay.Q, lay.U
@@ -340,9 +347,9 @@ def _scores(q_scaled, kT, causal_bias, out):
     return s
 
 
-# Fresh memory is slow here: the operating system hands it out page by page, zeroed,
-# and for score slices that costs as much as the product that fills them. So each call
-# allocates its one or two (slice, Lq, Lk) buffers once and reuses them for every slice.
+# As in conv2d, fresh memory is slow (the operating system hands it out one zeroed page
+# at a time), so each call makes its one or two (slice, Lq, Lk) score buffers once and
+# refills them for every slice.
 
 
 def attention_forward(q, k, v, scale: float, is_causal: bool):
