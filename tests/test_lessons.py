@@ -220,8 +220,9 @@ def test_07_reverse_denoise_numbers(runs):
 def test_08_text_to_image_numbers(runs):
     _, r, _ = runs("08_text_to_image")
     needs_model(r)
-    assert r["train_prompts"] == 4 and r["heldout_prompts"] == 3 and r["seed_draws"] == 4
+    assert r["train_prompts"] == 4 and r["heldout_prompts"] == 3 and r["seed_draws"] == 2
     assert len(r["guidance_attributes_right"]) == len(r["guidance_scales"]) == 4
+    assert r["sweep_matches_pipeline"] <= 1  # the lesson's own guided loop is the pipeline's
     for key in ("train", "heldout"):
         assert 0 <= r[f"{key}_all_right"] <= r[f"{key}_prompts"]
     if not OTHER_MODEL:  # even at the 4 steps of --fast, the shipped model gets most colours right
