@@ -4,9 +4,15 @@ The shapes are those of a small UNet's training step (batch 32, 8x8 to 32x32 fea
 maps, 32 to 128 channels). For conv2d the achieved GFLOP/s is also shown as a fraction
 of this machine's float32 matmul peak, measured in the same run: a convolution is
 three matrix products (forward, dX, dW), so the peak is the ceiling.
+
+minisd and PyTorch run alternately, one step each, so that a spell of other work on a
+shared machine slows both alike; the load average is printed before and after.
 """
 
 from __future__ import annotations
+
+import os
+import statistics
 
 import numpy as np
 
@@ -80,9 +86,26 @@ def _cases(rng):
                [f32(B, Hh, Lq, d), f32(B, Hh, Lk, d), f32(B, Hh, Lk, d)], None)
 
 
+def _load_note() -> str:
+    """The 1-minute load average, flagged when other work competes for the cores."""
+    if not hasattr(os, "getloadavg"):
+        return ""
+    load, cores = os.getloadavg()[0], os.cpu_count() or 1
+    busy = " (busy: other work shares the cores; times are inflated, ratios unreliable)" if load > 0.5 * cores else ""
+    return f"load average {load:.1f} on {cores} cores{busy}"
+
+
+def _side_by_side(ours, theirs, repeat: int):
+    """Median times of ours() and theirs(), run alternately so that a busy spell slows both alike."""
+    ours(), theirs()  # warm-up
+    times = [(timeit(ours, repeat=1, warmup=0), timeit(theirs, repeat=1, warmup=0)) for _ in range(repeat)]
+    return statistics.median(t[0] for t in times), statistics.median(t[1] for t in times)
+
+
 def run(args) -> int:
     rng = np.random.default_rng(0)
     torch = torch_or_none()
+    print(_load_note())
     peak = matmul_peak_gflops()
     print(f"float32 matmul peak (NumPy, 1024^3): {peak:.0f} GFLOP/s")
     if torch is None:
@@ -96,10 +119,13 @@ def run(args) -> int:
     for label, fn, torch_fn, arrays, flops in _cases(rng):
         out = fn(*[Tensor(a) for a in arrays])
         grad_out = rng.standard_normal(out.shape, dtype=np.float32)
-        ours = timeit(_minisd_step(fn, arrays, grad_out), repeat=args.repeat)
+        if torch is not None:
+            ours, theirs = _side_by_side(_minisd_step(fn, arrays, grad_out),
+                                         _torch_step(torch, torch_fn(torch), arrays, grad_out), args.repeat)
+        else:
+            ours = timeit(_minisd_step(fn, arrays, grad_out), repeat=args.repeat)
         line = f"{label:48s} {ours * 1e3:10.2f}"
         if torch is not None:
-            theirs = timeit(_torch_step(torch, torch_fn(torch), arrays, grad_out), repeat=args.repeat)
             ratio = ours / theirs
             if flops:
                 worst = max(worst, ratio)
@@ -111,4 +137,5 @@ def run(args) -> int:
         print(line)
     if torch is not None:
         print(f"conv2d: worst time ratio minisd / PyTorch = {worst:.2f} (target <= 1.5)")
+    print(_load_note())
     return 0
