@@ -130,9 +130,11 @@ def test_out_of_bounds_write_is_stopped_by_address_sanitizer():
 
 def test_shared_memory_is_poisoned_before_each_block():
     program = load("probes.cu")
-    y = np.zeros(2 * 64, np.float32)
-    program["read_unwritten_shared_kernel"](2, 64, (y,), 64 * 4)
-    assert np.isnan(y).all()
+    for order in kernels.ORDERS:
+        y = np.zeros(3 * 2 * 64, np.float32)
+        with kernels.settings(order=order, seed=2):
+            program["read_unwritten_shared_kernel"](3, 64, (y,), 64 * 4)
+        assert np.isnan(y).all(), order
 
 
 def _shuffles_expected(x, src, delta, width):
@@ -266,7 +268,7 @@ def test_launch_limits_are_those_of_a_gpu():
     with pytest.raises(kernels.KernelError, match="1025 threads"):
         program["early_exit_kernel"](1, 1025, (np.zeros(2048, np.float32),))
     with pytest.raises(ValueError, match="dynamic shared memory"):
-        program["read_unwritten_shared_kernel"](1, 64, (np.zeros(128, np.float32),), 64 * 1024)
+        program["read_unwritten_shared_kernel"](1, 64, (np.zeros(128, np.float32),), 64 * 1024)  # > 48 KiB
 
 
 def test_parse_kernels_reads_parameter_lists():

@@ -2,12 +2,16 @@
 // tests/test_kernels_emulator.py against what the CUDA Programming Guide specifies.
 
 // Shared memory that is read before it is written holds garbage on a GPU; the emulator
-// fills it with NaN (all bytes 0xFF) before every block, static and dynamic alike.
+// fills it with NaN (all bytes 0xFF) before every block, static and dynamic alike. Each
+// block reads first, then writes: the next block must not see what this one wrote.
 extern "C" __global__ void read_unwritten_shared_kernel(float *y) {
     __shared__ float s[64];
     extern __shared__ float dyn[];
-    y[threadIdx.x] = s[threadIdx.x];
-    y[blockDim.x + threadIdx.x] = dyn[threadIdx.x];
+    const int t = threadIdx.x, n = blockDim.x;
+    y[blockIdx.x * 2 * n + t] = s[t];
+    y[blockIdx.x * 2 * n + n + t] = dyn[t];
+    s[t] = 1.0f;
+    dyn[t] = 1.0f;
 }
 
 // The four shuffles, each with segments of `width` lanes; one block, out (4, blockDim.x).
