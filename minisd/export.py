@@ -1,0 +1,75 @@
+"""`minisd export PATH --to DIR`: a minisd model as a folder diffusers runs.
+
+    from diffusers import StableDiffusionPipeline
+    pipe = StableDiffusionPipeline.from_pretrained(DIR, safety_checker=None)
+
+minisd's models already use diffusers' and transformers' names for every weight and
+config key (that is the point of them), so exporting is loading the model with minisd
+(which checks it is whole) and writing each part in the layout the real libraries read:
+
+    DIR/model_index.json                        which class each subfolder holds
+    DIR/unet/, DIR/vae/                         config.json + diffusion_pytorch_model.safetensors
+    DIR/text_encoder/                           config.json + model.safetensors (transformers)
+    DIR/tokenizer/                              vocab.json + merges.txt + tokenizer.json and the
+                                                tokenizer's configs (CLIPTokenizer reads them)
+    DIR/scheduler/scheduler_config.json         DDIM, SD v1.x's schedule
+
+What a minisd training folder holds besides (clip/ with the image tower, logs/,
+checkpoints/) is left behind: a StableDiffusionPipeline has no place for it.
+PATH may be any model folder minisd loads, a real SD folder included; DIR must not exist
+yet, or be empty, so that nothing is overwritten by accident.
+"""
+
+from __future__ import annotations
+
+import os
+
+import numpy as np
+
+PARTS = ("vae", "text_encoder", "unet")
+
+
+def add_arguments(parser) -> None:
+    parser.add_argument("path", nargs="?", default=None,
+                        help="model folder to export (default: the shipped shapes model)")
+    parser.add_argument("--to", required=True, metavar="DIR", help="the folder to write (new or empty)")
+    parser.add_argument("--dtype", choices=("float32", "float16"), default="float32",
+                        help="how the weights are stored (default float32; float16 halves the files, "
+                             "as SD's published fp16 weights)")
+
+
+def export_pipeline(pipe, out: str, dtype=np.float32) -> str:
+    """Write a loaded minisd StableDiffusionPipeline as a diffusers folder at ``out``."""
+    from minisd import io
+    from minisd.train import write_model_index
+
+    check_out_dir(out)
+    os.makedirs(out, exist_ok=True)
+    store = None if np.dtype(dtype) == np.float32 else dtype
+    for name in PARTS:
+        io.save_pretrained(getattr(pipe, name), os.path.join(out, name), store)
+    pipe.tokenizer.save(os.path.join(out, "tokenizer"))
+    # the pipeline's sampler: DDIM with the model's schedule (a PNDM config from a real SD folder
+    # was already read as DDIM on loading)
+    pipe.make_scheduler(None).save_config(os.path.join(out, "scheduler"))
+    write_model_index(out)
+    return out
+
+
+def check_out_dir(out: str) -> None:
+    """DIR must be new or empty: an export never mixes its files with others'."""
+    if os.path.exists(out) and not os.path.isdir(out):
+        raise FileExistsError(f"--to {out} is a file, not a folder")
+    if os.path.isdir(out) and os.listdir(out):
+        raise FileExistsError(f"--to {out} already exists and is not empty; give a new folder")
+
+
+def run(args) -> int:
+    from minisd.pipeline import DEFAULT_MODEL, load_pipeline
+
+    check_out_dir(args.to)  # before the (maybe long) load
+    pipe = load_pipeline(args.path)
+    export_pipeline(pipe, args.to, np.dtype(args.dtype))
+    print(f"minisd export: {args.path or DEFAULT_MODEL} -> {args.to} ({args.dtype}); load it with "
+          f"diffusers.StableDiffusionPipeline.from_pretrained({args.to!r}, safety_checker=None)")
+    return 0
