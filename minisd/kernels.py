@@ -325,7 +325,19 @@ def build_emulator(sources, sanitize: bool = False) -> Path:
         if result.returncode:
             raise KernelError(f"linking the emulator failed: {' '.join(cmd)}\n{result.stderr}")
         os.replace(tmp_lib, library)  # atomic: a concurrent build simply wins or loses
+    _trim_cache(library.parent)
     return library
+
+
+def _trim_cache(folder: Path, keep: int = 24) -> None:
+    """Delete all but the ``keep`` newest libraries: every edit of a .cu adds one.
+    (A library still loaded by some process stays usable: Linux keeps a deleted file's data.)"""
+    try:
+        libraries = sorted(folder.glob("kernels-*.so"), key=lambda p: p.stat().st_mtime, reverse=True)
+        for old in libraries[keep:]:
+            old.unlink(missing_ok=True)
+    except OSError:  # another process trimming at the same time: its work, not an error
+        pass
 
 
 def _asan_preloaded() -> bool:

@@ -301,6 +301,15 @@ def test_cupy_source_carries_its_headers_inline():
     assert "float block_sum(" in text and text.index("float block_sum(") < text.index("group_norm_forward_kernel2")
 
 
+def test_build_cache_keeps_only_the_newest_libraries(tmp_path):
+    for i in range(5):
+        lib = tmp_path / f"kernels-{i}.so"
+        lib.write_bytes(b"")
+        os.utime(lib, (i, i))
+    kernels._trim_cache(tmp_path, keep=2)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["kernels-3.so", "kernels-4.so"]
+
+
 def test_the_sources_are_found():
     root = kernels.source_dir()
     for name in kernels.KERNEL_FILES + ("common.cuh", "emulator.h"):
