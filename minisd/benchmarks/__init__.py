@@ -7,6 +7,7 @@ is installed), never by timed tests. ``timeit`` below is the one timer they all 
 from __future__ import annotations
 
 import statistics
+import sys
 import time
 from typing import Callable
 
@@ -38,3 +39,15 @@ def torch_or_none():
         return torch
     except ImportError:
         return None
+
+
+def peak_memory_mb() -> float | None:
+    """This process' peak resident memory so far, in MiB (the kernel's high-water mark), or
+    None where the platform does not say. Resident memory counts the pages a process has
+    touched: arrays, but also the pages of any file it has memory-mapped and read."""
+    try:
+        import resource
+    except ImportError:  # Windows
+        return None
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak / 2 ** 20 if sys.platform == "darwin" else peak / 2 ** 10  # bytes on macOS, KiB on Linux
