@@ -28,6 +28,8 @@ def add_arguments(parser) -> None:
     parser.add_argument("--out", default="out", help="folder for the PNG files (default: out/)")
     parser.add_argument("--model", default=None, help="a model folder (default: the shipped shapes model)")
     parser.add_argument("--scale", type=int, default=1, help="enlarge each PNG this many times (nearest pixel)")
+    parser.add_argument("--verbose", action="store_true",
+                        help="also print the loading time and the peak memory of the process")
 
 
 def run(args) -> int:
@@ -48,7 +50,9 @@ def run(args) -> int:
 
     from minisd.pipeline import load_pipeline
 
+    start = time.perf_counter()
     pipe = load_pipeline(args.model)
+    load_seconds = time.perf_counter() - start
     start = time.perf_counter()
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
@@ -60,6 +64,12 @@ def run(args) -> int:
     paths = write_pngs(images, args.out, args.scale)
     print(f"minisd generate: {len(paths)} image(s) in {seconds:.2f} s -> {paths[0]}"
           + (f" ... {os.path.basename(paths[-1])}" if len(paths) > 1 else ""))
+    if args.verbose:
+        from minisd.benchmarks import peak_memory_mb
+
+        peak = peak_memory_mb()
+        print(f"minisd generate: model {pipe.path} loaded in {load_seconds:.2f} s; peak memory "
+              + (f"{peak:,.0f} MiB (resident)" if peak is not None else "not known on this platform"))
     return 0
 
 
