@@ -209,3 +209,66 @@ def test_pickle_only_and_missing_folders_are_refused(sd_folder, tmp_path):
                                "--out", str(tmp_path / "out")], capture_output=True, text=True, timeout=300)
         assert done.returncode == 1 and done.stderr.count("\n") == 1, done.stderr
         assert "safetensors" in done.stderr if model == str(folder) else "not a local folder" in done.stderr
+
+
+# =====================================================================================
+# minisd's models in diffusers
+# =====================================================================================
+
+
+def minisd_born_pipeline(vocab_folder):
+    """A tiny pipeline made by minisd itself (its own random initialisation), not by diffusers."""
+    from minisd.models import AutoencoderKL, CLIPTextModel, UNet2DConditionModel
+    from minisd.pipeline import StableDiffusionPipeline
+    from minisd.schedulers import DDIMScheduler
+
+    minisd.manual_seed(5)
+    tok = Tokenizer.from_folder(str(vocab_folder))
+    vae = AutoencoderKL(**VAE, scaling_factor=0.5)
+    text = CLIPTextModel(vocab_size=tok.vocab_size, eos_token_id=tok.eos_id, **TEXT)
+    return StableDiffusionPipeline(vae, text, tok, UNet2DConditionModel(**UNET), DDIMScheduler(**SCHEDULE))
+
+
+def check_exported(pipe, folder, seed=2):
+    """diffusers loads ``folder`` and draws what ``pipe`` draws; transformers reads its tokenizer."""
+    for name in ("model_index.json", "unet/config.json", "vae/config.json", "text_encoder/config.json",
+                 "scheduler/scheduler_config.json", "tokenizer/vocab.json", "tokenizer/merges.txt"):
+        assert (folder / name).is_file(), name
+    clip_tokenizer = transformers.CLIPTokenizer.from_pretrained(str(folder / "tokenizer"))
+    want = clip_tokenizer(CAPTIONS, padding="max_length", max_length=77, truncation=True)["input_ids"]
+    np.testing.assert_array_equal(pipe.tokenizer(CAPTIONS), want)
+    latents = latents_for(len(CAPTIONS), pipe.latent_shape, seed=seed)
+    assert_same_images(minisd_images(pipe, CAPTIONS, latents), diffusers_images(folder, CAPTIONS, latents))
+
+
+def test_a_minisd_model_exports_to_diffusers(sd_folder, tmp_path):
+    from minisd.export import export_pipeline
+
+    pipe = minisd_born_pipeline(sd_folder / "tokenizer")
+    export_pipeline(pipe, str(tmp_path / "out"))
+    check_exported(pipe, tmp_path / "out")
+    with pytest.raises(FileExistsError, match="not empty"):
+        export_pipeline(pipe, str(tmp_path / "out"))
+
+
+def test_the_shipped_model_exports_to_diffusers(tmp_path):
+    from minisd.pipeline import DEFAULT_MODEL
+
+    if not os.path.isdir(DEFAULT_MODEL):
+        pytest.skip(f"no shipped model at {DEFAULT_MODEL} yet")
+    done = subprocess.run([sys.executable, "-m", "minisd", "export", "--to", str(tmp_path / "out")],
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    check_exported(minisd.load_pipeline(), tmp_path / "out")
+
+
+def test_generate_runs_a_diffusers_folder_and_reports_peak_memory(sd_folder, tmp_path):
+    done = subprocess.run([sys.executable, "-m", "minisd", "generate", "a small red circle", "--model", str(sd_folder),
+                           "--steps", "2", "--out", str(tmp_path), "--verbose"],
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    from PIL import Image
+
+    assert Image.open(tmp_path / "0000.png").size == (16, 16)
+    peak = float(done.stdout.split("peak memory ")[1].split(" MiB")[0].replace(",", ""))
+    assert 20 < peak < 4000, done.stdout  # a Python process with NumPy and a tiny model
