@@ -5,6 +5,7 @@ transformers is in test_parity_models.py.)"""
 import numpy as np
 import pytest
 
+import minisd
 from minisd import Tensor, io, nn
 from minisd.gradcheck import gradcheck
 from minisd.models import AutoencoderKL, CLIPModel, CLIPTextModel, UNet2DConditionModel, record_attention
@@ -122,6 +123,8 @@ def _resolve(model, dotted):
 
 def check_gradients(model, forward, inputs, param_names):
     """gradcheck a model's output w.r.t. its float inputs and the named parameters (float64)."""
+    if minisd.get_backend().name != "numpy":
+        pytest.skip("the kernels compute in float32 only; float64 gradient checks are for the numpy backend")
     model.to(np.float64)
     params = dict(model.named_parameters())
 
