@@ -39,7 +39,7 @@ import numpy as np
 # y is then the sum of R slices of Z, each shifted by r rows:
 #     y[n,k,p,q] = sum_r Z[r, k, n, p + r, q].
 # Rows i >= P of Z are computed and never read: 2 of 34 rows at 32x32, 2 of 18 at
-# 16x16. At 8x8 that would be 2 of 10, so small images unroll the kernel rows too
+# 16x16. At 8x8 that would be 2 of 10, so small outputs unroll the kernel rows too
 # (U = R: plain im2col, whose 9 copies of a small input cost less than that waste).
 #
 # Stride st: split the padded rows by phase a = i mod st. Kernel row r of output row p
@@ -65,7 +65,7 @@ import numpy as np
 # one zeroed page at a time.
 
 CONV_CHUNK_BYTES = 2 << 20  # xs + Z per chunk: about one core's L2 cache (1-2 MB)
-MAX_WASTED_ROWS = 0.15  # above this fraction of thrown-away rows, unroll the kernel rows too
+UNROLL_ROWS_UP_TO = 8  # outputs with at most this many rows unroll the kernel rows too
 
 
 def _out_size(size: int, k: int, stride: int, padding: int) -> int:
@@ -90,9 +90,10 @@ class _Layout(NamedTuple):
 def _layout(x_shape, R: int, S: int, stride: int, padding: int) -> _Layout:
     P, Q = _out_size(x_shape[2], R, stride, padding), _out_size(x_shape[3], S, stride, padding)
     junk = (R - 1) // stride  # rows per image that the row shifts compute and throw away
-    if junk > MAX_WASTED_ROWS * (P + junk):
-        # Small images (8x8: 2 of 10 rows would be thrown away): unroll the kernel rows
-        # too. This is plain im2col; 9 copies of a small input cost less than the waste.
+    if junk and P <= UNROLL_ROWS_UP_TO:
+        # Small outputs (8x8: 2 of every 10 rows thrown away at stride 1, 1 of 9 at stride
+        # 2, whose rows are also short to copy): unroll the kernel rows too. This is
+        # plain im2col, and its R*S copies of a small input cost less than the waste.
         return _Layout(P, Q, R, 1, P)
     return _Layout(P, Q, 1, stride, P + junk)
 

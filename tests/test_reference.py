@@ -82,14 +82,14 @@ CONV_CASES = [
 
 
 # The reference lays its input out two ways (kernel rows shifted, or unrolled as in
-# im2col), chosen by image size; these small images would all get the second, so the
+# im2col), chosen by output size; these small images would all get the second, so the
 # conv tests run under both choices.
-LAYOUTS = {"shifted_rows": 1.0, "unrolled_rows": 0.0}
+LAYOUTS = {"shifted_rows": 0, "unrolled_rows": 10 ** 9}
 
 
 @pytest.fixture(params=list(LAYOUTS))
 def layout(request, monkeypatch):
-    monkeypatch.setattr(reference, "MAX_WASTED_ROWS", LAYOUTS[request.param])
+    monkeypatch.setattr(reference, "UNROLL_ROWS_UP_TO", LAYOUTS[request.param])
     return request.param
 
 
