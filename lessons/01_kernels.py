@@ -388,11 +388,14 @@ def cases(ops):
     }
 
 
-def timed(fn, repeat):
+def timed(fn, repeat, sync=None):
+    """(fn's result, its best time over ``repeat`` calls); ``sync`` waits for a GPU to finish."""
     best, out = np.inf, None
     for _ in range(repeat):
         t0 = time.perf_counter()
         out = fn()
+        if sync is not None:
+            sync()  # kernel launches return at once; the time is when the GPU is done
         best = min(best, time.perf_counter() - t0)
     return out, best
 
@@ -408,7 +411,8 @@ for runtime, ops in runtimes.items():
     for version in kernels.VERSIONS:
         with kernels.settings(version=version):
             for name, fn in cases(ops).items():
-                out, seconds = timed(fn, repeat)
+                sync = ops.xp.cuda.Device().synchronize if runtime == "cupy" else None
+                out, seconds = timed(fn, repeat, sync)
                 out = [None if a is None else np.asarray(a.get() if hasattr(a, "get") else a) for a in out]
                 err = max(float(np.abs(a - r).max()) for a, r in zip(out, ref_out[name]) if r is not None)
                 ok = all(np.allclose(a, r, atol=1e-4, rtol=1e-3) for a, r in zip(out, ref_out[name]) if r is not None)
