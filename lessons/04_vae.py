@@ -70,7 +70,7 @@ results["sd_compression"] = sd_compression
 # `vae.encode(x)` returns the posterior q(z | x): its `mean` (what the pipeline uses) and
 # `std`. Each image becomes four small channels. They are not a tiny picture in colour
 # channels; they are whatever code the decoder learned to read, though on flat shapes
-# the object's place usually shows through.
+# the object's place often shows through.
 
 # %%
 viz.header("2. encoding")
