@@ -14,6 +14,7 @@ package, in minisd/_lessons (shipped from lessons/ as package data).
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import subprocess
@@ -77,6 +78,14 @@ def run_script(path: Path, out: Path | None = None, fast: bool = False, model: s
     return subprocess.run(command, env=env).returncode
 
 
+def _results(out: Path) -> dict:
+    """The numbers a lesson wrote to OUT/results.json ({} if none)."""
+    try:
+        return json.loads((out / "results.json").read_text())
+    except (OSError, ValueError):
+        return {}
+
+
 # ---- minisd lesson N ------------------------------------------------------------------
 
 
@@ -115,12 +124,15 @@ def run_lessons(args) -> int:
         print(f"\n##### lesson {n}: {path.stem} #####", flush=True)
         t0 = time.perf_counter()
         status = run_script(path, args.out / path.stem, args.fast, args.model)
-        timings.append((path.stem, time.perf_counter() - t0, status))
+        note = "ok" if status == 0 else f"FAILED (exit {status})"
+        if status == 0 and _results(args.out / path.stem).get("model") is False:
+            note = "skipped: it needs a trained model"
+        timings.append((path.stem, time.perf_counter() - t0, note))
         if status:
             failed.append(path.stem)
     print("\nlessons:")
-    for name, seconds, status in timings:
-        print(f"  {name:<24} {seconds:6.1f} s  {'ok' if status == 0 else f'FAILED (exit {status})'}")
+    for name, seconds, note in timings:
+        print(f"  {name:<24} {seconds:6.1f} s  {note}")
     if failed:
         print(f"minisd lessons: {len(failed)} failed: {', '.join(failed)}", file=sys.stderr)
         return 1
