@@ -96,12 +96,13 @@ def noise_picture(eps_hat):
 
 
 cells, titles = [], []
+per_row = 5  # steps per row of the grid, each a triple (z_t, eps_hat, z0_hat)
 for i, (t, _, eps_hat, _) in enumerate(record):
     cells += [x_t_images[i], noise_picture(eps_hat), x0_images[i]]
-    titles += [f"t={t}: z_t", "eps_hat", "z0_hat"]
-viz.save(viz.image_grid(cells, titles=titles, ncols=15, cell=0.8, fontsize=5, wrap=30,
-                        title=f"{prompt!r}: z_t, predicted noise and predicted z_0 at every step (decoded)"),
-         args.out / "reverse_grid.png", dpi=72)
+    titles += [f"t = {t}", "eps_hat" if i < per_row else "", "z0_hat" if i < per_row else ""]
+viz.save(viz.image_grid(cells, titles=titles, ncols=3 * per_row, cell=0.8, fontsize=7, wrap=30,
+                        title=f"{prompt!r}: at every step z_t (decoded), the predicted noise, the predicted z_0 (decoded)"),
+         args.out / "reverse_grid.png")
 
 gap = np.full((x_t_images.shape[1], 4, 3), 255, np.uint8)
 frames = [np.concatenate([x_t_images[i], gap, x0_images[min(i, len(x0_images) - 1)]], axis=1)
