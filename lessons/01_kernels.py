@@ -24,6 +24,7 @@
 
 # %%
 import os
+import re
 import shutil
 import sys
 import time
@@ -91,7 +92,8 @@ class LaunchLog:
 
         def launch(grid, block, args, shared_mem=0):
             self.launches.append({"kernel": name, "grid": kernels._dim3(grid, name),
-                                  "block": kernels._dim3(block, name), "shared_bytes": int(shared_mem)})
+                                  "block": kernels._dim3(block, name), "shared_bytes": int(shared_mem),
+                                  "scalars": [a for a in args if isinstance(a, (int, float, np.integer))]})
             if kernel is not None:
                 kernel(grid, block, args, shared_mem)
 
@@ -120,16 +122,16 @@ def zeros(*shape):
 
 # The example shapes: minisd's sizes (a small UNet layer at 16x16), and SD v1.5's
 # first UNet level (320 channels on 64x64 latents, batch 2 for classifier-free guidance).
-conv_ex = dict(N=2, C=32, H=16, W=16, K=64)
+conv_ex = dict(N=2, C=32, H=16, W=16, K=128)
 gn_ex = dict(N=2, C=32, HW=64, G=8)
 attn_ex = dict(B=2, heads=2, L=256, d=16)
 
 viz.header("1. launches: minisd's example shapes, and SD v1.5's")
-conv_launch = dry_run("conv2d_forward", zeros(2, 32, 16, 16), zeros(64, 32, 3, 3), zeros(64), 1, 1)
-print("  conv2d forward, x (2, 32, 16, 16), w (64, 32, 3, 3), padding 1, version 2:")
+conv_launch = dry_run("conv2d_forward", zeros(2, 32, 16, 16), zeros(128, 32, 3, 3), zeros(128), 1, 1)
+print("  conv2d forward, x (2, 32, 16, 16), w (128, 32, 3, 3), padding 1, version 2:")
 describe(conv_launch)
 print("  the same, version 1:")
-describe(dry_run("conv2d_forward", zeros(2, 32, 16, 16), zeros(64, 32, 3, 3), zeros(64), 1, 1, version=1))
+describe(dry_run("conv2d_forward", zeros(2, 32, 16, 16), zeros(128, 32, 3, 3), zeros(128), 1, 1, version=1))
 print("  SD v1.5: x (2, 320, 64, 64), w (320, 320, 3, 3), version 2:")
 describe(dry_run("conv2d_forward", zeros(2, 320, 64, 64), zeros(320, 320, 3, 3), zeros(320), 1, 1))
 
@@ -162,56 +164,72 @@ results["attn_block"] = attn_launch[0]["block"][0]
 # B[j, k] = w[k, c, r, s]: then y = A B, an (N P Q) x K matrix. The kernel never builds A
 # (that would copy each input pixel 9 times); it computes A's addresses on the fly.
 #
-# - The **grid** tiles the output matrix into 32 x 32 tiles, one block each.
-# - A **block**'s 256 threads (16 x 16) each compute 2 x 2 outputs of the tile, 16 apart.
-# - The sum over j runs 8 terms at a time: the block copies a 32 x 8 slice of A and an
-#   8 x 32 slice of B into **shared memory** (each thread one value of each), waits at
-#   `__syncthreads()`, and every thread then reads 2 + 2 values per term from the fast
-#   shared copy instead of global memory.
+# In `kernels/conv2d.cu` three constants set the blocking (the figure reads them from
+# the source, so it follows the kernel as it is):
+#
+# - The **grid** tiles the output matrix into TILE x TILE tiles, one block each.
+# - A **block**'s THREADS threads, arranged as a square, each compute SUB x SUB outputs
+#   of the tile, spread out so that neighbouring threads touch neighbouring columns.
+# - The sum over j runs TILE_K terms at a time: the block copies a TILE x TILE_K slice of
+#   A and a TILE_K x TILE slice of B into **shared memory**, waits at `__syncthreads()`,
+#   and every thread then reads its values of each term from the fast shared copy
+#   instead of global memory: each value fetched from global memory serves TILE outputs.
 
 # %%
+conv_source = (kernels.source_dir() / "conv2d.cu").read_text()
+define = {m.group(1): int(m.group(2)) for m in re.finditer(r"#define\s+(\w+)\s+(\d+)", conv_source)}
+TILE, TILE_K, THREADS, SUB = (define[k] for k in ("TILE", "TILE_K", "THREADS", "SUB"))
+side = TILE // SUB  # threads per side of the block's square
+print(f"  conv2d.cu: TILE {TILE}, TILE_K {TILE_K}, THREADS {THREADS} ({side} x {side}), SUB {SUB}")
 N, C, H, W, K = conv_ex.values()
 M, depth = N * H * W, C * 9
 grid_k, grid_m = conv_launch[0]["grid"][:2]
 fig, axes = plt.subplots(1, 3, figsize=(11, 4), gridspec_kw={"width_ratios": [1, 1.3, 1.6]})
 
 ax = axes[0]
-block_id = (np.arange(M)[:, None] // 32) * grid_k + np.arange(K)[None, :] // 32
+block_id = (np.arange(M)[:, None] // TILE) * grid_k + np.arange(K)[None, :] // TILE
 ax.imshow(block_id % 10, cmap="tab10", aspect="auto", alpha=0.45, interpolation="nearest")
-hi_m, hi_k = 5, 1
-ax.add_patch(Rectangle((hi_k * 32 - 0.5, hi_m * 32 - 0.5), 32, 32, fill=False, ec="red", lw=2))
+hi_m, hi_k = min(2, grid_m - 1), min(1, grid_k - 1)
+ax.add_patch(Rectangle((hi_k * TILE - 0.5, hi_m * TILE - 0.5), TILE, TILE, fill=False, ec="red", lw=2))
 ax.set_xlabel(f"output channel k (K = {K})")
 ax.set_ylabel(f"output pixel m = (n, p, q)  (N*P*Q = {M})")
-ax.set_title(f"y as a matrix: grid {grid_k} x {grid_m}\n= {grid_k * grid_m} blocks of 32 x 32", fontsize=9)
+ax.set_title(f"y as a matrix: grid {grid_k} x {grid_m}\n= {grid_k * grid_m} blocks of {TILE} x {TILE}", fontsize=9)
 
 ax = axes[1]
-ty, tx = np.meshgrid(np.arange(32) % 16, np.arange(32) % 16, indexing="ij")
-owner = ty * 16 + tx
-ax.imshow(np.full((32, 32), 0.93), cmap="gray", vmin=0, vmax=1)
-for t, color in ((0, "tab:red"), (1, "tab:orange"), (17, "tab:blue"), (255, "tab:green")):
+ty, tx = np.meshgrid(np.arange(TILE) % side, np.arange(TILE) % side, indexing="ij")
+owner = ty * side + tx  # thread (tx, ty) owns rows ty + side*a and columns tx + side*b
+ax.imshow(np.full((TILE, TILE), 0.93), cmap="gray", vmin=0, vmax=1)
+for t, color in ((0, "tab:red"), (1, "tab:orange"), (side + 1, "tab:blue"), (THREADS - 1, "tab:green")):
     rows, cols = np.nonzero(owner == t)
-    ax.scatter(cols, rows, s=28, c=color, marker="s", label=f"thread {t} (ty {t // 16}, tx {t % 16})")
-ax.axhline(15.5, color="0.5", lw=0.6)
-ax.axvline(15.5, color="0.5", lw=0.6)
-ax.set_title("one block's 32 x 32 tile: 256 threads,\neach computes 2 x 2 outputs 16 apart", fontsize=9)
+    ax.scatter(cols, rows, s=max(4, 1800 // TILE ** 1.2), c=color, marker="s",
+               label=f"thread {t} (ty {t // side}, tx {t % side})")
+for edge in range(side, TILE, side):
+    ax.axhline(edge - 0.5, color="0.6", lw=0.5)
+    ax.axvline(edge - 0.5, color="0.6", lw=0.5)
+ax.set_title(f"one block's {TILE} x {TILE} tile: {THREADS} threads,\n"
+             f"each computes {SUB} x {SUB} outputs {side} apart", fontsize=9)
 ax.legend(fontsize=6, loc="upper center", bbox_to_anchor=(0.5, -0.04), ncol=2)
-ax.set_xticks([0, 16, 31])
-ax.set_yticks([0, 16, 31])
+ax.set_xticks(range(0, TILE, side))
+ax.set_yticks(range(0, TILE, side))
 
 ax = axes[2]
-warp_of = np.repeat(np.arange(8)[:, None], 32, axis=1)  # As[j][i] is loaded by thread j*32 + i: warp j
-ax.imshow(np.vstack([warp_of, np.full((2, 32), np.nan), warp_of]), cmap="Set2", interpolation="nearest")
-ax.set_yticks([3.5, 13.5])
-ax.set_yticklabels(["As[8][32]\n(A, transposed)", "Bs[8][32]"], fontsize=7)
-ax.set_xticks([0, 31])
-ax.set_xlabel("m (for As) or k (for Bs) within the tile")
-for j in range(8):
-    for row in (j, j + 10):
-        ax.text(15.5, row, f"warp {j}: threads {32 * j}-{32 * j + 31}", fontsize=5.5, ha="center", va="center")
-ax.set_title(f"shared memory, per step of the sum: 2 x 1 KiB\n"
-             f"row j loaded by warp j; {depth} terms = {-(-depth // 8)} steps of 8", fontsize=9)
+# the loading loop: element e = j * TILE + i of a slice goes to thread e % THREADS
+loader = (np.arange(TILE_K * TILE).reshape(TILE_K, TILE) % THREADS) // 32
+gap = np.full((max(1, TILE_K // 8), TILE), np.nan)
+ax.imshow(np.vstack([loader, gap, loader]), cmap="Set2", interpolation="nearest", aspect="auto")
+ax.set_yticks([TILE_K / 2 - 0.5, TILE_K + len(gap) + TILE_K / 2 - 0.5])
+ax.set_yticklabels([f"As[{TILE_K}][{TILE}]\n(A, transposed)", f"Bs[{TILE_K}][{TILE}]"], fontsize=7)
+ax.set_xticks([0, TILE - 1])
+ax.set_xlabel(f"m (for As) or k (for Bs) within the tile\ncolour: the warp that loads the value "
+              f"({TILE * TILE_K // THREADS} values per thread)", fontsize=8)
+for j in range(0, TILE_K, max(1, TILE_K // 4)):
+    for i0 in range(0, TILE, 32):
+        ax.text(i0 + 15.5, j, f"warp {loader[j, i0]}", fontsize=5.5, ha="center", va="center")
+ax.set_title(f"shared memory, one step of the sum: 2 x {4 * TILE * TILE_K / 1024:g} KiB\n"
+             f"{depth} terms = {-(-depth // TILE_K)} steps of {TILE_K}", fontsize=9)
 fig.tight_layout()
 viz.save(fig, args.out / "conv2d_blocks.png")
+results["conv_tile"] = TILE
 
 # %% [markdown]
 # ## 3. Group norm, version 2: a block per group, a reduction per block
@@ -277,10 +295,9 @@ viz.save(fig, args.out / "group_norm_blocks.png")
 
 # %%
 B_, heads, Lq, d = attn_ex.values()
-Bq, Bk = attn_launch[0]["block"][0], None
-# the key tile size is the last argument of attention_forward_kernel2; recover it from the shared bytes:
+Bq = attn_launch[0]["block"][0]  # one thread per query row
+Bk = int(attn_launch[0]["scalars"][-1])  # the key tile: attention_forward_kernel2's last argument
 shared = attn_launch[0]["shared_bytes"]
-Bk = next(bk for bk in (32, 16, 8) if 4 * (2 * Bq * (d + 1) + 2 * bk * d + Bq * (bk + 1)) == shared)
 fig, axes = plt.subplots(1, 3, figsize=(11, 3.8), gridspec_kw={"width_ratios": [1, 1.3, 1]})
 ax = axes[0]
 band = np.arange(Lq)[:, None] // Bq + 0 * np.arange(Lq)[None, :]

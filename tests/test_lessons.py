@@ -129,9 +129,10 @@ def test_00_autograd_numbers(runs):
 
 def test_01_kernels_numbers(runs):
     _, r, out = runs("01_kernels")
-    # the launches drawn are kernels.py's: conv2d (2, 32, 16, 16) * (64, 32, 3, 3) tiles y
-    # (N*P*Q = 512 rows, K = 64 columns) in 32 x 32 blocks; group norm a block per (n, g)
-    assert r["conv_grid"] == [2, 16, 1]
+    # the launches drawn are kernels.py's: conv2d (2, 32, 16, 16) * (128, 32, 3, 3) tiles y
+    # (N*P*Q = 512 rows, K = 128 columns) in blocks of conv2d.cu's TILE; group norm a block per (n, g)
+    tile = r["conv_tile"]
+    assert r["conv_grid"] == [-(-128 // tile), -(-512 // tile), 1]
     assert r["gn_grid"] == [16, 1, 1] and r["gn_block"] == 64
     assert r["attn_grid"] == [4, 4, 1] and r["attn_block"] == 64
     assert r["online_softmax_lse_error"] < 1e-4
