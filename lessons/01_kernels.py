@@ -480,8 +480,9 @@ viz.save(fig, args.out / "kernel_check.png")
 # %% [markdown]
 # ## What we saw
 #
-# - conv2d is a matrix product; version 2 tiles it 32 x 32 per block and stages 8-term
-#   slices in shared memory so each value read from global memory is used 32 times.
+# - conv2d is a matrix product; version 2 gives each block a TILE x TILE tile of it and
+#   stages TILE_K-term slices in shared memory, so each value read from global memory
+#   is used TILE times (64 in the current source).
 # - group norm is a reduction: a block per group, threads striding over it, warp
 #   shuffles to combine partial sums.
 # - flash attention never stores the Lq x Lk scores: a running max and sum per row,
