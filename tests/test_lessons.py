@@ -248,3 +248,26 @@ def test_lesson_resolution():
     assert lessons_cli.resolve("03").name == "03_forward_noise.py"
     assert lessons_cli.resolve("forward_noise").name == "03_forward_noise.py"
     assert lessons_cli.resolve("00_autograd.py").name == "00_autograd.py"
+
+
+def test_viz_helpers(tmp_path):
+    from minisd import viz
+
+    white = np.full((4, 4, 3), 255, np.uint8)
+    assert viz.to_uint8(white) is white
+    chw = np.ones((3, 4, 4), np.float32)  # [-1, 1] channels-first: 1 is white
+    assert (viz.to_uint8(chw) == 255).all() and viz.to_uint8(chw).shape == (4, 4, 3)
+    assert (viz.to_uint8(-chw) == 0).all()
+    x = viz.to_model_input(np.stack([white, white * 0]))
+    assert x.shape == (2, 3, 4, 4) and x.dtype == np.float32 and x[0].min() == 1 and x[1].max() == -1
+    assert viz.upscale(white, 3).shape == (12, 12, 3)
+    assert viz._wrap("a b c\nd", 3) == "a b\nc\nd"
+    fig = viz.image_grid([white, chw, -chw], titles=["one", "two", "three"], ncols=2, title="grid")
+    path = viz.save(fig, tmp_path / "grid.png")
+    with Image.open(path) as im:
+        assert np.asarray(im.convert("L"), dtype=float).var() > 0
+    gif = viz.save_gif([white, -chw, chw], tmp_path / "a.gif", scale=2)
+    with Image.open(gif) as im:
+        assert im.n_frames == 3 and im.size == (8, 8)
+    viz.write_results(tmp_path, {"a": np.float32(1.5), "b": np.arange(2), "c": (np.int64(3),)})
+    assert json.loads((tmp_path / "results.json").read_text()) == {"a": 1.5, "b": [0, 1], "c": [3]}
