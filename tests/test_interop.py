@@ -272,3 +272,39 @@ def test_generate_runs_a_diffusers_folder_and_reports_peak_memory(sd_folder, tmp
     assert Image.open(tmp_path / "0000.png").size == (16, 16)
     peak = float(done.stdout.split("peak memory ")[1].split(" MiB")[0].replace(",", ""))
     assert 20 < peak < 4000, done.stdout  # a Python process with NumPy and a tiny model
+
+
+# =====================================================================================
+# Full size: SD v1.5's folder (random float16 weights, about 2 GB), one guided UNet step
+# =====================================================================================
+
+
+@pytest.mark.slow
+def test_a_full_size_sd15_folder_takes_a_guided_unet_step():
+    """What `minisd bench sd15` measures, checked: minisd loads SD v1.5's folder (float16 on
+    disk) within a laptop's memory and predicts diffusers' eps at 64x64 latents, batch 2.
+    Each side runs in a process of its own (about 5 GB each, one after the other)."""
+    import shutil
+    import tempfile
+
+    from minisd.benchmarks import sd15
+
+    available = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE") / 2 ** 30
+    if available < 10:
+        pytest.skip(f"needs about 10 GiB of free memory, {available:.1f} GiB free")
+    scratch = tempfile.mkdtemp(prefix="minisd-sd15-test-")
+    try:
+        folder = sd15.build_folder(os.path.join(scratch, "sd15"))
+        header = io.SafetensorsFile(os.path.join(folder, "unet", io.DIFFUSERS_WEIGHTS)).header
+        assert len(header) == 686 and {e["dtype"] for e in header.values()} == {"F16"}
+        ours = sd15.run_worker("minisd", folder, 1, os.path.join(scratch, "minisd.npy"))
+        theirs = sd15.run_worker("torch", folder, 1, os.path.join(scratch, "torch.npy"))
+        eps, eps_ref = (np.load(os.path.join(scratch, f"{side}.npy")) for side in ("minisd", "torch"))
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
+    assert eps.shape == (1, 4, 64, 64) and np.isfinite(eps).all() and eps.std() > 0.01
+    assert np.abs(eps - eps_ref).max() / np.abs(eps_ref).max() < 1e-3
+    # one float32 copy of the model (4.3 GB: UNet 3.4, text encoder 0.5, VAE 0.3) plus working
+    # memory; a second copy of the weights at any moment would pass 8 GB
+    assert ours["peak_mb"] < 6.5 * 1024, ours
+    assert theirs["peak_mb"] > 4 * 1024, theirs  # PyTorch holds the same float32 model
