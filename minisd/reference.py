@@ -62,9 +62,14 @@ import numpy as np
 # faster than in main memory. It also bounds the memory a convolution takes beyond its
 # input and output to about CONV_CHUNK_BYTES. The chunk's buffers are made once per
 # call and refilled: fresh memory is slow too, as the operating system hands it out
-# one zeroed page at a time.
+# one zeroed page at a time. Chunks are not smaller than a few MB: every product is a
+# call into a multithreaded BLAS that must gather its threads, which costs little on an
+# idle machine but up to a time slice per call when other processes hold the cores
+# (for the benchmark's 32x32 layer, 2 MB chunks make 80 calls per forward and backward
+# pass, and ran 8x slower than one chunk on a machine busy with other work, though
+# 1.7x faster on one core alone).
 
-CONV_CHUNK_BYTES = 2 << 20  # xs + Z per chunk: about one core's L2 cache (1-2 MB)
+CONV_CHUNK_BYTES = 8 << 20  # xs + Z per chunk: a quarter of a 32 MB L3 cache
 UNROLL_ROWS_UP_TO = 8  # outputs with at most this many rows unroll the kernel rows too
 
 
@@ -171,7 +176,7 @@ def conv2d_forward(x, w, b, stride: int, padding: int):
     P, Q, I = lay.P, lay.Q, lay.I
     W = _kernel_matrices(w, lay, stride)
     y = np.empty((N, K, P, Q), dtype=x.dtype)
-    chunks = _chunks(N, (C * lay.U * S * lay.A + R * K) * I * Q * x.itemsize)
+    chunks = _chunks(N, (C * lay.U * S * lay.A + R // lay.U * K) * I * Q * x.itemsize)
     xs = z = None  # buffers, made for the first chunk and refilled for the others
     for chunk in chunks:
         xs = unroll(x[chunk], lay, S, stride, padding, out=xs)
