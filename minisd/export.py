@@ -23,6 +23,8 @@ yet, or be empty, so that nothing is overwritten by accident.
 from __future__ import annotations
 
 import os
+import shutil
+import tempfile
 
 import numpy as np
 
@@ -44,15 +46,25 @@ def export_pipeline(pipe, out: str, dtype=np.float32) -> str:
     from minisd.train import write_model_index
 
     check_out_dir(out)
-    os.makedirs(out, exist_ok=True)
-    store = None if np.dtype(dtype) == np.float32 else dtype
-    for name in PARTS:
-        io.save_pretrained(getattr(pipe, name), os.path.join(out, name), store)
-    pipe.tokenizer.save(os.path.join(out, "tokenizer"))
-    # the pipeline's sampler: DDIM with the model's schedule (a PNDM config from a real SD folder
-    # was already read as DDIM on loading)
-    pipe.make_scheduler(None).save_config(os.path.join(out, "scheduler"))
-    write_model_index(out)
+    # written beside DIR under a temporary name, then renamed: a failed export leaves no half folder
+    parent = os.path.dirname(os.path.abspath(out))
+    os.makedirs(parent, exist_ok=True)
+    work = tempfile.mkdtemp(dir=parent, prefix=f".{os.path.basename(os.path.abspath(out))}.")
+    try:
+        store = None if np.dtype(dtype) == np.float32 else dtype
+        for name in PARTS:
+            io.save_pretrained(getattr(pipe, name), os.path.join(work, name), store)
+        pipe.tokenizer.save(os.path.join(work, "tokenizer"))
+        # the pipeline's sampler: DDIM with the model's schedule (a PNDM config from a real SD
+        # folder was already read as DDIM on loading)
+        pipe.make_scheduler(None).save_config(os.path.join(work, "scheduler"))
+        write_model_index(work)
+        if os.path.isdir(out):
+            os.rmdir(out)  # empty, as checked
+        os.replace(work, out)
+    except BaseException:
+        shutil.rmtree(work, ignore_errors=True)
+        raise
     return out
 
 

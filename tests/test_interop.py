@@ -249,6 +249,13 @@ def test_a_minisd_model_exports_to_diffusers(sd_folder, tmp_path):
     check_exported(pipe, tmp_path / "out")
     with pytest.raises(FileExistsError, match="not empty"):
         export_pipeline(pipe, str(tmp_path / "out"))
+    # the exported folder is a minisd model too: exported again by the CLI, in float16
+    done = subprocess.run([sys.executable, "-m", "minisd", "export", str(tmp_path / "out"), "--to",
+                           str(tmp_path / "fp16"), "--dtype", "float16"], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    assert {e["dtype"] for e in io.SafetensorsFile(tmp_path / "fp16" / "unet" / io.DIFFUSERS_WEIGHTS).header.values()} \
+        == {"F16"}
+    check_exported(minisd.load_pipeline(str(tmp_path / "fp16")), tmp_path / "fp16", seed=3)
 
 
 def test_the_shipped_model_exports_to_diffusers(tmp_path):
