@@ -11,7 +11,9 @@ contiguous matrix products, which is where a CPU's floating-point throughput liv
 
 from __future__ import annotations
 
+import concurrent.futures
 import itertools
+import os
 from typing import NamedTuple
 
 import numpy as np
@@ -320,14 +322,23 @@ def group_norm_backward(dy, x, num_groups: int, weight, mean, rstd):
 # ------------------------------------------------------------------------------------
 #
 # The (Lq, Lk) score matrices are the big arrays here; every pass over them costs, so
-# they are made once per slice and then changed in place (exp included). The scale is
+# they are made once per tile and then changed in place (exp included). The scale is
 # applied to Q (Lq x d numbers) rather than to S (Lq x Lk), and softmax's division by
 # the row sums is applied to O = exp(S - m) V, again the small side.
-
-# Scores are made for a few (batch, head) rows at a time: MAX_SCORES_IN_MEMORY of them (1 MB
-# in float32) stay in the CPU's cache between the passes over them, and memory stays
-# bounded at 64x64 latents, where one head alone has 4,096 x 4,096 scores.
+#
+# The work is cut into tiles, FlashAttention's way: a few (batch, head) rows times a
+# block of query rows. A tile's scores (at most MAX_SCORES_IN_MEMORY: 1 MB in float32)
+# stay in the CPU's cache between the passes over them, and memory stays bounded at
+# 64x64 latents, where one head alone has 4,096 x 4,096 scores. Each query block is
+# small enough (about BLAS_SMALL multiply-adds per product) that the BLAS computes its
+# products on the calling thread instead of gathering its own threads, which for
+# products this small costs more than the product (and far more when other processes
+# hold the cores). The cores are used instead by running the (batch, head) slices on a
+# pool of threads: NumPy releases Python's lock inside its loops and the BLAS. In the
+# backward pass each query block adds its share into dK and dV of its slice.
 MAX_SCORES_IN_MEMORY = 1 << 18
+BLAS_SMALL = 1 << 17
+MIN_QUERY_BLOCK = 16  # fewer rows make the products inefficient, however long the keys
 
 
 def _causal_bias(Lq: int, Lk: int, dtype):
@@ -335,9 +346,26 @@ def _causal_bias(Lq: int, Lk: int, dtype):
     return np.triu(np.full((Lq, Lk), -np.inf, dtype=dtype), k=1)
 
 
-def _slices(rows: int, Lq: int, Lk: int):
-    step = max(1, MAX_SCORES_IN_MEMORY // (Lq * Lk))
-    return [slice(i, min(rows, i + step)) for i in range(0, rows, step)]
+def _tiles(rows: int, Lq: int, Lk: int, d: int):
+    """(slices of the (batch, head) rows, slices of the query rows) that cut the work into tiles."""
+    block = min(Lq, max(MIN_QUERY_BLOCK, BLAS_SMALL // (Lk * d)))
+    step = max(1, MAX_SCORES_IN_MEMORY // (block * Lk))
+    return ([slice(i, min(rows, i + step)) for i in range(0, rows, step)],
+            [slice(i, min(Lq, i + block)) for i in range(0, Lq, block)])
+
+
+_pool, _pool_pid = None, None
+
+
+def _on_all_cores(fn, items):
+    """fn(item) for every item, on a pool of one thread per core; the first exception is raised."""
+    global _pool, _pool_pid
+    if len(items) == 1 or (os.cpu_count() or 1) == 1:
+        return [fn(item) for item in items]
+    if _pool_pid != os.getpid():  # first use, or a forked child, which has none of the parent's threads
+        _pool = concurrent.futures.ThreadPoolExecutor(os.cpu_count(), thread_name_prefix="minisd-reference")
+        _pool_pid = os.getpid()
+    return [f.result() for f in [_pool.submit(fn, item) for item in items]]
 
 
 def _as_rows(*arrays):
@@ -345,63 +373,65 @@ def _as_rows(*arrays):
     return [a.reshape((-1,) + a.shape[2:]) for a in arrays]
 
 
-def _scores(q_scaled, kT, causal_bias, out):
-    """S = (scale q) k^T (+ the causal bias), written into ``out`` to be worked on in place."""
-    s = np.matmul(q_scaled, kT, out=out[:len(q_scaled)])
-    if causal_bias is not None:
-        s += causal_bias
-    return s
-
-
-# As in conv2d, fresh memory is slow (the operating system hands it out one zeroed page
-# at a time), so each call makes its one or two (slice, Lq, Lk) score buffers once and
-# refills them for every slice.
-
-
 def attention_forward(q, k, v, scale: float, is_causal: bool):
     """(o, lse): o (B, H, Lq, d), lse (B, H, Lq)."""
-    B, H, Lq, _ = q.shape
+    B, H, Lq, d = q.shape
     Lk = k.shape[2]
     bias = _causal_bias(Lq, Lk, q.dtype) if is_causal else None
     q, k, v = _as_rows(q * np.asarray(scale, dtype=q.dtype), k, v)
     kT = k.swapaxes(-1, -2)
     o = np.empty((B * H, Lq, v.shape[-1]), dtype=q.dtype)
     lse = np.empty((B * H, Lq), dtype=q.dtype)
-    slices = _slices(B * H, Lq, Lk)
-    buffer = np.empty((slices[0].stop, Lq, Lk), dtype=q.dtype)
-    for sl in slices:
-        p = _scores(q[sl], kT[sl], bias, buffer)
-        m = p.max(axis=-1, keepdims=True)
-        p -= m
-        np.exp(p, out=p)  # p = exp(S - m): unnormalised probabilities
-        total = _row_sums(p)[..., None]
-        np.matmul(p, v[sl], out=o[sl])
-        o[sl] /= total
-        lse[sl] = (m + np.log(total))[..., 0]
+    slices, blocks = _tiles(B * H, Lq, Lk, max(d, v.shape[-1]))
+
+    def slice_of_rows(sl):
+        buffer = np.empty((len(o[sl]), blocks[0].stop, Lk), dtype=q.dtype)  # refilled by every block
+        for qb in blocks:
+            p = np.matmul(q[sl, qb], kT[sl], out=buffer[:, :qb.stop - qb.start])  # S for this tile
+            if bias is not None:
+                p += bias[qb]
+            m = p.max(axis=-1, keepdims=True)
+            p -= m
+            np.exp(p, out=p)  # p = exp(S - m): unnormalised probabilities
+            total = _row_sums(p)[..., None]
+            np.matmul(p, v[sl], out=o[sl, qb])
+            o[sl, qb] /= total
+            lse[sl, qb] = (m + np.log(total))[..., 0]
+
+    _on_all_cores(slice_of_rows, slices)
     return o.reshape(B, H, Lq, -1), lse.reshape(B, H, Lq)
 
 
 def attention_backward(do, q, k, v, o, lse, scale: float, is_causal: bool):
     """(dq, dk, dv), recomputing P from lse rather than keeping it from the forward pass."""
-    B, H, Lq, _ = q.shape
+    B, H, Lq, d = q.shape
     Lk = k.shape[2]
     scale = np.asarray(scale, dtype=q.dtype)
     bias = _causal_bias(Lq, Lk, q.dtype) if is_causal else None
     do, q, k, v, o = _as_rows(do, q, k, v, o)
     q_scaled, k_scaled = q * scale, k * scale
+    kT, vT = k.swapaxes(-1, -2), v.swapaxes(-1, -2)
     lse = lse.reshape(B * H, Lq, 1)
     D = np.einsum("nid,nid->ni", do, o)[..., None]  # D_i = sum_j dO_ij O_ij  (= sum_j P_ij dP_ij)
-    dq, dk, dv = np.empty_like(q), np.empty_like(k), np.empty((B * H, Lk, v.shape[-1]), dtype=v.dtype)
-    slices = _slices(B * H, Lq, Lk)
-    p_buffer, ds_buffer = (np.empty((slices[0].stop, Lq, Lk), dtype=q.dtype) for _ in range(2))
-    for sl in slices:
-        p = _scores(q_scaled[sl], k[sl].swapaxes(-1, -2), bias, p_buffer)
-        p -= lse[sl]
-        np.exp(p, out=p)  # P
-        np.matmul(p.swapaxes(-1, -2), do[sl], out=dv[sl])
-        ds = np.matmul(do[sl], v[sl].swapaxes(-1, -2), out=ds_buffer[:len(p)])  # dP
-        ds -= D[sl]
-        ds *= p  # dS = P * (dP - D)
-        np.matmul(ds, k_scaled[sl], out=dq[sl])
-        np.matmul(ds.swapaxes(-1, -2), q_scaled[sl], out=dk[sl])
+    dq = np.empty_like(q)
+    dk, dv = np.zeros_like(k), np.zeros((B * H, Lk, v.shape[-1]), dtype=v.dtype)
+    slices, blocks = _tiles(B * H, Lq, Lk, max(d, v.shape[-1]))
+
+    def slice_of_rows(sl):
+        p_buffer, ds_buffer = (np.empty((len(dq[sl]), blocks[0].stop, Lk), dtype=q.dtype) for _ in range(2))
+        for qb in blocks:
+            rows = qb.stop - qb.start
+            p = np.matmul(q_scaled[sl, qb], kT[sl], out=p_buffer[:, :rows])
+            if bias is not None:
+                p += bias[qb]
+            p -= lse[sl, qb]
+            np.exp(p, out=p)  # P
+            dv[sl] += p.swapaxes(-1, -2) @ do[sl, qb]
+            ds = np.matmul(do[sl, qb], vT[sl], out=ds_buffer[:, :rows])  # dP
+            ds -= D[sl, qb]
+            ds *= p  # dS = P * (dP - D)
+            np.matmul(ds, k_scaled[sl], out=dq[sl, qb])
+            dk[sl] += ds.swapaxes(-1, -2) @ q_scaled[sl, qb]
+
+    _on_all_cores(slice_of_rows, slices)
     return dq.reshape(B, H, Lq, -1), dk.reshape(B, H, Lk, -1), dv.reshape(B, H, Lk, -1)

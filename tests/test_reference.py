@@ -261,14 +261,21 @@ def test_attention_matches_its_definition(case, is_causal):
         np.testing.assert_allclose(g, e, rtol=1e-3, atol=1e-4, err_msg=name)
 
 
-def test_attention_in_slices(monkeypatch):
-    """Rows of (batch, head) cut into several slices give the same numbers as all at once."""
+@pytest.mark.parametrize("query_block", [None, 1, 2])
+def test_attention_in_tiles(monkeypatch, query_block):
+    """Rows of (batch, head) cut into slices, and query rows into blocks, give the same numbers
+    as all at once."""
     B, H, Lq, Lk, d = 3, 2, 5, 4, 3
     q, k, v = rand(B, H, Lq, d), rand(B, H, Lk, d, seed=1), rand(B, H, Lk, d, seed=2)
     do = rand(B, H, Lq, d, seed=3)
     whole = reference.attention_forward(q, k, v, 0.5, True)
     whole_grads = reference.attention_backward(do, q, k, v, *whole, 0.5, True)
-    monkeypatch.setattr(reference, "MAX_SCORES_IN_MEMORY", 2 * Lq * Lk)  # two rows a slice, 6 rows
+    if query_block is None:
+        monkeypatch.setattr(reference, "MAX_SCORES_IN_MEMORY", 2 * Lq * Lk)  # two rows a slice, 6 rows
+    else:
+        monkeypatch.setattr(reference, "MIN_QUERY_BLOCK", query_block)
+        monkeypatch.setattr(reference, "BLAS_SMALL", 1)
+        monkeypatch.setattr(reference, "MAX_SCORES_IN_MEMORY", 3 * query_block * Lk)  # 3 rows a slice
     for got, want in zip(reference.attention_forward(q, k, v, 0.5, True), whole):
         np.testing.assert_allclose(got, want, rtol=1e-12)
     for got, want in zip(reference.attention_backward(do, q, k, v, *whole, 0.5, True), whole_grads):
