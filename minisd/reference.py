@@ -64,14 +64,15 @@ import numpy as np
 # faster than in main memory. It also bounds the memory a convolution takes beyond its
 # input and output to about CONV_CHUNK_BYTES. The chunk's buffers are made once per
 # call and refilled: fresh memory is slow too, as the operating system hands it out
-# one zeroed page at a time. Chunks are not smaller than a few MB: every product is a
-# call into a multithreaded BLAS that must gather its threads, which costs little on an
-# idle machine but up to a time slice per call when other processes hold the cores
-# (for the benchmark's 32x32 layer, 2 MB chunks make 80 calls per forward and backward
-# pass, and ran 8x slower than one chunk on a machine busy with other work, though
-# 1.7x faster on one core alone).
+# one zeroed page at a time. Chunks are not made smaller than a few MB, though: every
+# product is a call into a multithreaded BLAS that must gather its threads, which costs
+# little on an idle machine but up to a time slice per call when other processes hold
+# the cores. (For the benchmark's 32x32 layer, 2 MB chunks make 80 calls per forward
+# and backward pass; on one core they ran 1.7x faster than one whole-batch chunk, on
+# two cores busy with other work 8x slower. 4 MB costs a few per cent on one core and
+# halves the calls.)
 
-CONV_CHUNK_BYTES = 8 << 20  # xs + Z per chunk: a quarter of a 32 MB L3 cache
+CONV_CHUNK_BYTES = 4 << 20  # xs + Z per chunk: between one core's L2 (1 MB) and the L3 (32 MB)
 UNROLL_ROWS_UP_TO = 8  # outputs with at most this many rows unroll the kernel rows too
 
 
