@@ -249,8 +249,9 @@ def conv2d_backward(dy, x, w, stride: int, padding: int, need_dx=True, need_dw=T
 #
 # Group norm is a handful of passes over memory, so the work is in making few of them.
 # Sums over the M values of a row take one pass each (einsum for sums, batched BLAS
-# dot products for sums of products), and every elementwise step writes in place. Per-channel factors are folded together first, so that y is one multiply and
-# one add over the data.
+# dot products for sums of products), and every elementwise step writes in place.
+# Per-channel factors are folded together first, so that y is one multiply and one add
+# over the data, and dx one affine map per (n, c) of dy and x - mu.
 
 
 def _row_sums(a):
