@@ -47,7 +47,7 @@ args = viz.lesson_args("08_text_to_image")
 results = {}
 t_start = time.perf_counter()
 pipe = viz.require_model(args, results)
-steps = 4 if args.fast else viz.SD["inference_steps"]
+steps = 10 if args.fast else viz.SD["inference_steps"]
 guidance = 5.0
 print(f"  {steps} DDIM steps (SD: {viz.SD['inference_steps']}), guidance {guidance} (SD: 7.5); "
       f"images {pipe.vae.config['sample_size']} px (SD: 512), latents {pipe.latent_shape} (SD: {viz.SD['latents']})")

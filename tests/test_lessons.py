@@ -215,7 +215,7 @@ def test_07_reverse_denoise_numbers(runs):
     assert r["ddim_repeatable"] is True  # DDIM (eta = 0) from the same z_T: the same image
     # the decoded predictions of x_0 approach the final image
     assert r["x0_distance_last"] < r["x0_distance_first"] and r["x0_distance_last"] < 0.05
-    assert r["x0_distance_first"] < r["xt_distance_first"] + 1e-9  # the guess is closer than the noisy state
+    assert r["x0_distance_half"] < r["x0_distance_first"]
 
 
 def test_08_text_to_image_numbers(runs):
@@ -226,8 +226,10 @@ def test_08_text_to_image_numbers(runs):
     assert r["sweep_matches_pipeline"] <= 1  # the lesson's own guided loop is the pipeline's
     for key in ("train", "heldout"):
         assert 0 <= r[f"{key}_all_right"] <= r[f"{key}_prompts"]
-    if not OTHER_MODEL:  # even at the 4 steps of --fast, the shipped model gets most colours right
-        assert r["train_color_accuracy"] >= 0.5
+    if not OTHER_MODEL:  # at the 10 steps of --fast the shipped model already follows the prompts
+        assert r["train_all_right"] >= 3 and r["train_color_accuracy"] >= 0.75
+        scales, right = r["guidance_scales"], r["guidance_attributes_right"]
+        assert right[scales.index(0.0)] <= right[scales.index(5.0)]  # guidance makes it follow the prompt
 
 
 def test_cli_lists_lessons_and_rejects_unknown():
