@@ -176,6 +176,7 @@ fig, ax = plt.subplots(figsize=(6, 3.2))
 ax.plot(t_grid, loss_c, "o-", ms=3, label="with the caption")
 ax.plot(t_grid, loss_u, "s--", ms=3, label="with the empty prompt")
 ax.axhline(1, color="k", lw=0.6, ls=":", label="predicting 0")
+ax.set_yscale("log")
 ax.set_xlabel("timestep t")
 ax.set_ylabel("MSE(eps_hat, eps)")
 ax.set_title(f"noise-prediction error over t ({n_images} training images)", fontsize=9)
@@ -194,12 +195,18 @@ print(f"  mean over t: {np.mean(loss_c):.3f} with captions, {np.mean(loss_u):.3f
 # Turning it around, each token has a map over the latent grid: how much each pixel
 # listens to it. We generate an image for a prompt, record these maps at every step
 # (`collect_attention=True`), average them over heads, the finest-resolution layers and
-# the second half of the steps, and lay each word's map over the image. (SD: the same
-# maps on 64 x 64 latents; the well-known "prompt-to-prompt" editing works with them.)
+# the second half of the steps, and draw each word's map beside the image, with the
+# object's outline. (SD: the same maps on 64 x 64 latents; "prompt-to-prompt" editing
+# works with them.)
+#
+# Watch where the attention goes as a whole: in this model most of it lands on the
+# `<end>` and padding positions, which (lesson 5) have seen the entire prompt and act as
+# summaries of it, so each word's own map is faint. The printed shares say how much of
+# each word's attention falls on the object, against the object's share of the grid.
 
 # %%
 viz.header("4. cross-attention maps")
-steps = 4 if args.fast else 50
+steps = 10 if args.fast else 50
 prompt = "a large red circle in the top left"
 image = pipe(prompt, steps=steps, seed=0, collect_attention=True)[0]
 h, w = latent_shape[1:]
@@ -210,19 +217,30 @@ print(f"  {len(pipe.attention_maps)} cross-attention layers recorded over {steps
 results["attention_row_sum_error"] = max(row_sums)
 words = list(maps)
 late = {k: v[len(v) // 2:].mean(axis=0) for k, v in maps.items()}
+# Where does a pixel's attention go, on average over layers, heads, pixels and the late steps?
+fine = [a[len(a) // 2:, 0] for a in pipe.attention_maps.values() if a.shape[3] == h * w]
+per_token = np.mean([a.mean(axis=(0, 1, 2)) for a in fine], axis=0)  # (77,)
+n_words = len(words)
+shares = {"<start>": per_token[0], "words": per_token[1:1 + n_words].sum(), "<end> and padding": per_token[1 + n_words:].sum()}
+print("  a pixel's attention, on average: " + ", ".join(f"{k} {v:.0%}" for k, v in shares.items()))
+results["attention_share_start"] = float(shares["<start>"])
+results["attention_share_words"] = float(shares["words"])
 fig, axes = plt.subplots(1, len(words) + 1, figsize=(1.45 * (len(words) + 1), 1.9))
 axes[0].imshow(image, interpolation="nearest")
 axes[0].set_title("generated", fontsize=7)
 scale = image.shape[0] // h
+outline = np.asarray(image, dtype=float).min(axis=2) < 200  # the object's pixels
 for ax, word in zip(axes[1:], words):
     m = late[word]
-    ax.imshow(image, interpolation="nearest")
-    ax.imshow(np.kron(m / m.max(), np.ones((scale, scale))), cmap="magma", alpha=0.65, vmin=0, vmax=1)
+    ax.imshow(np.kron((m - m.min()) / (np.ptp(m) + 1e-12), np.ones((scale, scale))), cmap="viridis",
+              vmin=0, vmax=1, interpolation="nearest")
+    ax.contour(outline, levels=[0.5], colors="w", linewidths=0.8)  # where the object is
     ax.set_title(f"\"{word.split(':')[1].replace('</w>', '')}\"", fontsize=7)
 for ax in axes:
     ax.set_xticks([])
     ax.set_yticks([])
-fig.suptitle(f"where each word of {prompt!r} is looked at ({h} x {w} latent grid; SD: 64 x 64)", fontsize=7.5)
+fig.suptitle(f"where each word of {prompt!r} is looked at (each map from its least to its most attended "
+             f"pixel; white line: the object; {h} x {w} latent grid, SD: 64 x 64)", fontsize=7)
 fig.tight_layout()
 viz.save(fig, args.out / "attention_maps.png")
 
