@@ -181,7 +181,9 @@ def image_grid(images, titles=None, ncols: int | None = None, cell: float = 1.3,
         r, c = divmod(i, ncols)
         y0, x0 = r * cell_h + band, c * cell_w + gap // 2
         mosaic[y0:y0 + im.shape[0], x0:x0 + im.shape[1]] = im
-    head = 0.35 if title else 0.0
+    if title:  # wrapped to the figure's width (9 pt characters are about 0.07 inch wide)
+        title = _wrap(title, max(20, int(mosaic.shape[1] / ppi / 0.07)))
+    head = 0.2 + 0.16 * (title.count("\n") + 1) if title else 0.0
     fig = plt.figure(figsize=(mosaic.shape[1] / ppi, mosaic.shape[0] / ppi + head))
     ax = fig.add_axes((0, 0, 1, mosaic.shape[0] / ppi / (mosaic.shape[0] / ppi + head)))
     ax.imshow(mosaic, interpolation="nearest")
@@ -194,7 +196,7 @@ def image_grid(images, titles=None, ncols: int | None = None, cell: float = 1.3,
         if labels[i]:
             ax.text(x0 + im.shape[1] / 2, y0 - 1, labels[i], ha="center", va="bottom", fontsize=fontsize)
     if title:
-        fig.suptitle(title, fontsize=9, y=1 - 0.08 * head / (mosaic.shape[0] / ppi + head))
+        fig.suptitle(title, fontsize=9, y=1 - 0.1 / (mosaic.shape[0] / ppi + head), va="top")
     return fig
 
 
