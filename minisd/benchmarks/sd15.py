@@ -203,13 +203,13 @@ def run(args) -> int:
         print(json.dumps(worker(args.worker, args.folder, args.repeats, args.save)))
         return 0
     sides = ["minisd"] if args.no_torch else ["minisd", "torch"]
-    if not args.no_torch:
+    if not (args.no_torch and args.folder and os.path.isdir(args.folder)):
         try:
             import diffusers  # noqa: F401
             import torch  # noqa: F401
         except ImportError as e:
-            raise UsageError(f"minisd bench sd15 builds its folder with diffusers, which is not installed ({e}); "
-                             "install the parity extra, or give --folder an existing SD folder with --no-torch")
+            raise UsageError(f"minisd bench sd15 needs diffusers and PyTorch to build its folder and to compare "
+                             f"({e}); install the parity extra, or give --folder an SD folder and --no-torch")
 
     scratch = tempfile.mkdtemp(prefix="minisd-sd15-")
     folder = args.folder or os.path.join(scratch, "sd15")
