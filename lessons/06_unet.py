@@ -157,8 +157,8 @@ viz.save(fig, args.out / "unet_step.png")
 # much does the caption help, and at which t?
 
 # %%
-n_images = 4 if args.fast else 32
-t_grid = np.linspace(20, 980, 4 if args.fast else 13).astype(int)
+n_images = 4 if args.fast else 16
+t_grid = np.linspace(20, 980, 4 if args.fast else 9).astype(int)
 data = shapes.make_dataset(n_images, "train", seed=6)
 with minisd.no_grad():
     zb = vae.encode(viz.to_model_input(data.images)).mean.numpy() * sf

@@ -78,10 +78,10 @@ def label(record, verdict):
 
 # %%
 viz.header("1. prompts to images")
-n_prompts = 4 if args.fast else 8
+n_prompts = 4 if args.fast else 6
 records = shapes.make_dataset(n_prompts, "train", seed=11).records
 seed_record = shapes.ShapeRecord("purple", "circle", "small", "bottom left")
-n_seeds = 2 if args.fast else 6
+n_seeds = 2 if args.fast else 4
 held_records = [shapes.ShapeRecord(c, s, size, pos) for (c, s) in sorted(shapes.HELD_OUT)
                 for size, pos in (("large", "center"), ("small", "top left"))]
 if args.fast:
@@ -99,7 +99,7 @@ verdicts, right = grade(images, records)
 per_attribute = {k: float(np.mean([v[k] for v in verdicts])) for k in ("color", "shape", "size", "position")}
 print(f"  all four attributes right: {right} of {n_prompts}; per attribute: "
       + ", ".join(f"{k} {v:.0%}" for k, v in per_attribute.items()))
-viz.save(viz.image_grid(images, titles=[label(r, v) for r, v in zip(records, verdicts)], ncols=4, cell=1.5,
+viz.save(viz.image_grid(images, titles=[label(r, v) for r, v in zip(records, verdicts)], ncols=3 if n_prompts == 6 else 4, cell=1.5,
                         fontsize=6, wrap=26, title="prompts -> images (graded by the shapes reader)"),
          args.out / "prompts.png")
 results["train_prompts"] = n_prompts
@@ -109,7 +109,7 @@ results.update({f"train_{k}_accuracy": v for k, v in per_attribute.items()})
 # %% [markdown]
 # ## 2. The guidance scale
 #
-# One prompt, one starting noise z_T, guidance w from 0 to 10. At w = 0 the prompt is
+# One prompt, one starting noise z_T, guidance w from 0 to 10 or more. At w = 0 the prompt is
 # ignored: the model draws *some* shape. As w grows the image follows the prompt more
 # closely; too large a w overshoots (in SD: saturated colours, artefacts).
 #
@@ -120,7 +120,7 @@ results.update({f"train_{k}_accuracy": v for k, v in per_attribute.items()})
 # %%
 viz.header("2. guidance sweep")
 sweep_record = shapes.ShapeRecord("red", "triangle", "large", "top right")
-scales = np.array([0.0, 1.0, 3.0, 5.0, 7.5, 10.0] if not args.fast else [0.0, 1.0, 5.0, 10.0], dtype=np.float32)
+scales = np.array([0.0, 1.0, 3.0, 7.5, 12.0] if not args.fast else [0.0, 1.0, 5.0, 10.0], dtype=np.float32)
 k = len(scales)
 scheduler = pipe.make_scheduler("ddim")
 scheduler.set_timesteps(steps)
