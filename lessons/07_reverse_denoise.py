@@ -107,7 +107,7 @@ viz.save(viz.image_grid(cells, titles=titles, ncols=3 * per_row, cell=0.8, fonts
 gap = np.full((x_t_images.shape[1], 4, 3), 255, np.uint8)
 frames = [np.concatenate([x_t_images[i], gap, x0_images[min(i, len(x0_images) - 1)]], axis=1)
           for i in range(len(x_t_images))]
-viz.save_gif(frames, args.out / "reverse.gif", scale=4, duration_ms=150)
+viz.save_gif(frames, args.out / "reverse.gif", scale=3, duration_ms=150)
 print("  GIF: left z_t decoded, right the prediction z0_hat decoded")
 
 # %% [markdown]
