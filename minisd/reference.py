@@ -328,18 +328,22 @@ def group_norm_backward(dy, x, num_groups: int, weight, mean, rstd):
 # the row sums is applied to O = exp(S - m) V, again the small side.
 #
 # The work is cut into tiles, FlashAttention's way: a few (batch, head) rows times a
-# block of query rows. A tile's scores (at most MAX_SCORES_IN_MEMORY: 1 MB in float32)
-# stay in the CPU's cache between the passes over them, and memory stays bounded at
-# 64x64 latents, where one head alone has 4,096 x 4,096 scores. Each query block is
+# block of query rows. A tile's scores (SCORES_IN_CACHE: 1 MB in float32) stay in the
+# CPU's cache between the passes over them, and memory stays bounded (by
+# MAX_SCORES_IN_MEMORY) at 64x64 latents, where one head alone has 4,096 x 4,096 scores. Each query block is
 # small enough (about BLAS_SMALL multiply-adds per product) that the BLAS computes its
 # products on the calling thread instead of gathering its own threads, which for
 # products this small costs more than the product (and far more when other processes
 # hold the cores). The cores are used instead by running the (batch, head) slices on a
-# pool of threads: NumPy releases Python's lock inside its loops and the BLAS. In the
-# backward pass each query block adds its share into dK and dV of its slice.
-MAX_SCORES_IN_MEMORY = 1 << 18
+# pool of threads: NumPy releases Python's lock inside its loops and the BLAS. (With
+# long keys, 4,096 at 64x64 latents, a block that small would be a handful of rows;
+# there the products are big, the BLAS threads them, and the slices run one by one:
+# two threads each calling a multithreaded BLAS slow each other down many times over.)
+# In the backward pass each query block adds its share into dK and dV of its slice.
+MAX_SCORES_IN_MEMORY = 1 << 22  # 16 MB of float32 scores per tile at most
+SCORES_IN_CACHE = 1 << 18  # 1 MB: the tile size when the products are small
 BLAS_SMALL = 1 << 17
-MIN_QUERY_BLOCK = 16  # fewer rows make the products inefficient, however long the keys
+MIN_QUERY_BLOCK = 16  # fewer rows make inefficient products: then let the BLAS thread them
 
 
 def _causal_bias(Lq: int, Lk: int, dtype):
@@ -348,20 +352,26 @@ def _causal_bias(Lq: int, Lk: int, dtype):
 
 
 def _tiles(rows: int, Lq: int, Lk: int, d: int):
-    """(slices of the (batch, head) rows, slices of the query rows) that cut the work into tiles."""
-    block = min(Lq, max(MIN_QUERY_BLOCK, BLAS_SMALL // (Lk * d)))
-    step = max(1, MAX_SCORES_IN_MEMORY // (block * Lk))
+    """(slices of the (batch, head) rows, slices of the query rows, whether the tiles' products
+    are small enough to run on the calling thread, so that the tiles can share out the cores)."""
+    block = BLAS_SMALL // (Lk * d)
+    small = block >= MIN_QUERY_BLOCK
+    scores = min(SCORES_IN_CACHE, MAX_SCORES_IN_MEMORY) if small else MAX_SCORES_IN_MEMORY
+    if not small:  # long keys (64x64 latents): big products, which the BLAS shares out itself
+        block = max(1, scores // Lk)
+    block = min(Lq, block)
+    step = max(1, scores // (block * Lk))
     return ([slice(i, min(rows, i + step)) for i in range(0, rows, step)],
-            [slice(i, min(Lq, i + block)) for i in range(0, Lq, block)])
+            [slice(i, min(Lq, i + block)) for i in range(0, Lq, block)], small)
 
 
 _pool, _pool_pid = None, None
 
 
-def _on_all_cores(fn, items):
+def _on_all_cores(fn, items, parallel=True):
     """fn(item) for every item, on a pool of one thread per core; the first exception is raised."""
     global _pool, _pool_pid
-    if len(items) == 1 or (os.cpu_count() or 1) == 1:
+    if not parallel or len(items) == 1 or (os.cpu_count() or 1) == 1:
         return [fn(item) for item in items]
     if _pool_pid != os.getpid():  # first use, or a forked child, which has none of the parent's threads
         _pool = concurrent.futures.ThreadPoolExecutor(os.cpu_count(), thread_name_prefix="minisd-reference")
@@ -383,7 +393,7 @@ def attention_forward(q, k, v, scale: float, is_causal: bool):
     kT = k.swapaxes(-1, -2)
     o = np.empty((B * H, Lq, v.shape[-1]), dtype=q.dtype)
     lse = np.empty((B * H, Lq), dtype=q.dtype)
-    slices, blocks = _tiles(B * H, Lq, Lk, max(d, v.shape[-1]))
+    slices, blocks, small = _tiles(B * H, Lq, Lk, max(d, v.shape[-1]))
 
     def slice_of_rows(sl):
         buffer = np.empty((len(o[sl]), blocks[0].stop, Lk), dtype=q.dtype)  # refilled by every block
@@ -399,7 +409,7 @@ def attention_forward(q, k, v, scale: float, is_causal: bool):
             o[sl, qb] /= total
             lse[sl, qb] = (m + np.log(total))[..., 0]
 
-    _on_all_cores(slice_of_rows, slices)
+    _on_all_cores(slice_of_rows, slices, parallel=small)
     return o.reshape(B, H, Lq, -1), lse.reshape(B, H, Lq)
 
 
@@ -416,7 +426,7 @@ def attention_backward(do, q, k, v, o, lse, scale: float, is_causal: bool):
     D = np.einsum("nid,nid->ni", do, o)[..., None]  # D_i = sum_j dO_ij O_ij  (= sum_j P_ij dP_ij)
     dq = np.empty_like(q)
     dk, dv = np.zeros_like(k), np.zeros((B * H, Lk, v.shape[-1]), dtype=v.dtype)
-    slices, blocks = _tiles(B * H, Lq, Lk, max(d, v.shape[-1]))
+    slices, blocks, small = _tiles(B * H, Lq, Lk, max(d, v.shape[-1]))
 
     def slice_of_rows(sl):
         p_buffer, ds_buffer = (np.empty((len(dq[sl]), blocks[0].stop, Lk), dtype=q.dtype) for _ in range(2))
@@ -434,5 +444,5 @@ def attention_backward(do, q, k, v, o, lse, scale: float, is_causal: bool):
             np.matmul(ds, k_scaled[sl], out=dq[sl, qb])
             dk[sl] += ds.swapaxes(-1, -2) @ q_scaled[sl, qb]
 
-    _on_all_cores(slice_of_rows, slices)
+    _on_all_cores(slice_of_rows, slices, parallel=small)
     return dq.reshape(B, H, Lq, -1), dk.reshape(B, H, Lk, -1), dv.reshape(B, H, Lk, -1)

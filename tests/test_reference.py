@@ -261,21 +261,26 @@ def test_attention_matches_its_definition(case, is_causal):
         np.testing.assert_allclose(g, e, rtol=1e-3, atol=1e-4, err_msg=name)
 
 
-@pytest.mark.parametrize("query_block", [None, 1, 2])
-def test_attention_in_tiles(monkeypatch, query_block):
+@pytest.mark.parametrize("tiles", ["slices", "small products", "long keys"])
+def test_attention_in_tiles(monkeypatch, tiles):
     """Rows of (batch, head) cut into slices, and query rows into blocks, give the same numbers
-    as all at once."""
+    as all at once: on the thread pool (small products) and one slice after another."""
     B, H, Lq, Lk, d = 3, 2, 5, 4, 3
     q, k, v = rand(B, H, Lq, d), rand(B, H, Lk, d, seed=1), rand(B, H, Lk, d, seed=2)
     do = rand(B, H, Lq, d, seed=3)
     whole = reference.attention_forward(q, k, v, 0.5, True)
     whole_grads = reference.attention_backward(do, q, k, v, *whole, 0.5, True)
-    if query_block is None:
-        monkeypatch.setattr(reference, "MAX_SCORES_IN_MEMORY", 2 * Lq * Lk)  # two rows a slice, 6 rows
-    else:
-        monkeypatch.setattr(reference, "MIN_QUERY_BLOCK", query_block)
+    if tiles == "slices":  # two (batch, head) rows a slice: 3 slices, all query rows at once
+        monkeypatch.setattr(reference, "SCORES_IN_CACHE", 2 * Lq * Lk)
+    elif tiles == "small products":  # 2 query rows a block, 3 (batch, head) rows a slice
+        monkeypatch.setattr(reference, "MIN_QUERY_BLOCK", 1)
+        monkeypatch.setattr(reference, "BLAS_SMALL", 2 * Lk * d)
+        monkeypatch.setattr(reference, "SCORES_IN_CACHE", 3 * 2 * Lk)
+    else:  # products too big for the pool: 2 query rows a block, one (batch, head) row a slice
         monkeypatch.setattr(reference, "BLAS_SMALL", 1)
-        monkeypatch.setattr(reference, "MAX_SCORES_IN_MEMORY", 3 * query_block * Lk)  # 3 rows a slice
+        monkeypatch.setattr(reference, "MAX_SCORES_IN_MEMORY", 2 * Lk)
+    slices, blocks, small = reference._tiles(B * H, Lq, Lk, d)
+    assert len(slices) > 1 and (len(blocks) > 1 or tiles == "slices") and small == (tiles != "long keys")
     for got, want in zip(reference.attention_forward(q, k, v, 0.5, True), whole):
         np.testing.assert_allclose(got, want, rtol=1e-12)
     for got, want in zip(reference.attention_backward(do, q, k, v, *whole, 0.5, True), whole_grads):
