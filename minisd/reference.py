@@ -199,12 +199,12 @@ def conv2d_forward(x, w, b, stride: int, padding: int):
 
 
 def _dy_rows(dy, I: int, out=None):
-    """dy (n, K, P, Q) as the (n*I*Q, K) matrix whose row (n, i, q) pairs with column (n, i, q)
+    """dy (n, K, P, Q) as a (K, n*I*Q) matrix whose column (n, i, q) pairs with column (n, i, q)
     of xs; zero in the rows i >= P that no output uses (``out``: an earlier one to refill)."""
     n, K, P, Q = dy.shape
-    D = np.zeros((n, I, Q, K), dtype=dy.dtype) if out is None else out[:n * I * Q].reshape(n, I, Q, K)
-    D[:, :P] = dy.transpose(0, 2, 3, 1)
-    return D.reshape(n * I * Q, K)
+    D = np.zeros((K, n, I, Q), dtype=dy.dtype) if out is None else out[:, :n * I * Q].reshape(K, n, I, Q)
+    D[:, :, :P] = dy.transpose(1, 0, 2, 3)
+    return D.reshape(K, n * I * Q)
 
 
 def conv2d_backward(dy, x, w, stride: int, padding: int, need_dx=True, need_dw=True, need_db=True):
@@ -222,17 +222,18 @@ def conv2d_backward(dy, x, w, stride: int, padding: int, need_dx=True, need_dw=T
         D = xs = None  # buffers, reused from chunk to chunk
         for chunk in _chunks(N, (C * U * S * lay.A + K) * I * Q * x.itemsize):
             D = _dy_rows(dy[chunk], I, out=D)
-            db += D.sum(axis=0)
+            M = D.shape[1]
+            db += D.sum(axis=1)
             xs = unroll(x[chunk], lay, S, stride, padding, out=xs) if need_dw else None
-            dxs = np.zeros((C, U, S, lay.A, len(D) // (I * Q), I, Q), dtype=dy.dtype) if dx is not None else None
+            dxs = np.zeros((C, U, S, lay.A, M // (I * Q), I, Q), dtype=dy.dtype) if dx is not None else None
             for a, Wa in enumerate(Wm):
                 for j in range(len(Wa) // K):  # kernel row a + j*stride (all rows when U = R), j rows down
                     rows = slice(None) if U == R else a + j * stride
-                    Dj = D[:len(D) - j * Q]
+                    Dj = D[:, :M - j * Q]
                     if need_dw:
-                        dw[:, :, rows, :] += (_phase(xs, a)[:, j * Q:] @ Dj).T.reshape(dw[:, :, rows, :].shape)
+                        dw[:, :, rows, :] += (_phase(xs, a)[:, j * Q:] @ Dj.T).T.reshape(dw[:, :, rows, :].shape)
                     if dxs is not None:  # the forward product transposed; fold below
-                        _phase(dxs, a)[:, j * Q:] += Wa[j * K:(j + 1) * K].T @ Dj.T
+                        _phase(dxs, a)[:, j * Q:] += Wa[j * K:(j + 1) * K].T @ Dj
             if dxs is not None:
                 dx[chunk] = fold(dxs, x[chunk].shape, lay, S, stride, padding)
     if need_dx and transposed_conv:
