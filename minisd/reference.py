@@ -225,16 +225,20 @@ def conv2d_backward(dy, x, w, stride: int, padding: int, need_dx=True, need_dw=T
             M = D.shape[1]
             db += D.sum(axis=1)
             xs = unroll(x[chunk], lay, S, stride, padding, out=xs) if need_dw else None
-            dxs = np.zeros((C, U, S, lay.A, M // (I * Q), I, Q), dtype=dy.dtype) if dx is not None else None
+            if dx is not None:  # every phase with kernel rows is written whole (at j = 0) before it is added to
+                dxs = (np.zeros if stride > R else np.empty)((C, U, S, lay.A, M // (I * Q), I, Q), dtype=dy.dtype)
             for a, Wa in enumerate(Wm):
                 for j in range(len(Wa) // K):  # kernel row a + j*stride (all rows when U = R), j rows down
                     rows = slice(None) if U == R else a + j * stride
                     Dj = D[:, :M - j * Q]
                     if need_dw:
                         dw[:, :, rows, :] += (_phase(xs, a)[:, j * Q:] @ Dj.T).T.reshape(dw[:, :, rows, :].shape)
-                    if dxs is not None:  # the forward product transposed; fold below
-                        _phase(dxs, a)[:, j * Q:] += Wa[j * K:(j + 1) * K].T @ Dj
-            if dxs is not None:
+                    if dx is not None:  # the forward product transposed; fold below
+                        if j == 0:
+                            np.matmul(Wa[:K].T, Dj, out=_phase(dxs, a))
+                        else:
+                            _phase(dxs, a)[:, j * Q:] += Wa[j * K:(j + 1) * K].T @ Dj
+            if dx is not None:
                 dx[chunk] = fold(dxs, x[chunk].shape, lay, S, stride, padding)
     if need_dx and transposed_conv:
         w_flipped = w[:, :, ::-1, ::-1].transpose(1, 0, 2, 3)  # (C, K, R, S)
