@@ -94,7 +94,7 @@ SCHEDULER_CONFIG = dict(
 )  # exactly SD v1.x's schedule
 
 # Steps, batch and learning rate per stage for `minisd train all` (about 20 minutes in all).
-DEFAULT_STEPS = {"vae": 2000, "clip": 200, "unet": 3000}
+DEFAULT_STEPS = {"vae": 2000, "clip": 200, "unet": 5000}
 DEFAULT_BATCH = {"vae": 8, "clip": 64, "unet": 32}
 DEFAULT_LR = {"vae": 3e-3, "clip": 1e-3, "unet": 1e-3}
 KL_WEIGHT = 1e-6
