@@ -5,7 +5,7 @@ ones (nothing is downloaded): diffusers builds SD v1.5's UNet (860M parameters),
 CLIP text encoder from their published configs, and saves them in float16 as SD's
 published "fp16" folder holds them, in a temporary folder (about 2 GB; removed afterwards
 unless --folder names where to keep it). Then each side, in a process of its own so that
-neither's memory counts against the other:
+neither's memory counts against the other (both alive at once: about 11 GB in all):
 
     loads the folder (float16 on disk, float32 in memory)
     c = text_encoder(tokenizer(["", prompt]))            (2, 77, 768)
@@ -13,8 +13,9 @@ neither's memory counts against the other:
     eps = eps_u + 7.5 (eps_c - eps_u)                    classifier-free guidance
 
 and reports the median time of the guided UNet step (batch 2) and the process' peak
-resident memory (the kernel's high-water mark, loading included). The two sides' eps
-are compared too: the same weights must give the same prediction.
+resident memory (the kernel's high-water mark, loading included). The two processes take
+turns, one step each, so that other work on a shared machine slows both alike. The two
+sides' eps are compared too: the same weights must give the same prediction.
 
 Targets (issue 7): minisd's time <= 1.5x PyTorch's, its peak memory <= 1.2x PyTorch's.
 The UNet's work at 64x64 is mostly 3x3 convolutions on 320-1280 channels (im2col + BLAS
@@ -157,26 +158,83 @@ def torch_side(folder: str):
     return step, load
 
 
-def worker(side: str, folder: str, repeats: int, save: str) -> dict:
-    """Load, take one untimed step (saving its eps to ``save``), time ``repeats`` more; report
-    the load time, the median step time and the peak memory after loading and at the end."""
-    from minisd.benchmarks import peak_memory_mb, timeit
+def worker(side: str, folder: str, save: str) -> None:
+    """The process of one side: load, then answer the parent's commands on stdin, one JSON line each.
+
+    "step": one guided UNet step, timed (the first one's eps is saved to ``save``);
+    "exit": the peak memory of the whole run, then exit.
+    """
+    from minisd.benchmarks import peak_memory_mb
 
     step, load = (minisd_side if side == "minisd" else torch_side)(folder)
-    load_peak = peak_memory_mb()
-    np.save(save, step())  # the warm-up step
-    seconds = timeit(step, repeat=repeats, warmup=0)
-    return {"side": side, "load_s": load, "step_s": seconds, "load_peak_mb": load_peak, "peak_mb": peak_memory_mb()}
+    print(json.dumps({"load_s": load, "load_peak_mb": peak_memory_mb()}), flush=True)
+    saved = False
+    for command in sys.stdin:
+        if command.strip() == "exit":
+            break
+        start = time.perf_counter()
+        eps = step()
+        seconds = time.perf_counter() - start
+        if not saved:
+            np.save(save, eps)
+            saved = True
+        print(json.dumps({"step_s": seconds}), flush=True)
+    print(json.dumps({"peak_mb": peak_memory_mb()}), flush=True)
 
 
-def run_worker(side: str, folder: str, repeats: int, save: str) -> dict:
-    command = [sys.executable, "-m", "minisd.benchmarks.sd15", "--worker", side, "--folder", folder,
-               "--repeats", str(repeats), "--save", save]
-    done = subprocess.run(command, capture_output=True, text=True)
-    if done.returncode != 0:
-        tail = (done.stderr.strip().splitlines() or ["(no output)"])[-1]
-        raise RuntimeError(f"bench sd15: the {side} run failed (exit status {done.returncode}): {tail}")
-    return json.loads(done.stdout.strip().splitlines()[-1])
+class Side:
+    """One side's worker process, driven line by line (so that the two sides can take turns)."""
+
+    def __init__(self, side: str, folder: str, save: str, log: str):
+        self.side, self.save, self.log = side, save, log
+        command = [sys.executable, "-m", "minisd.benchmarks.sd15", "--worker", side, "--folder", folder, "--save", save]
+        with open(log, "w") as err:
+            self.process = subprocess.Popen(command, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=err,
+                                            text=True)
+        self.result = self._answer()
+        self.steps = []
+
+    def _answer(self) -> dict:
+        for line in self.process.stdout:
+            if line.startswith("{"):
+                return json.loads(line)
+        self.process.wait()
+        with open(self.log) as f:
+            tail = (f.read().strip().splitlines() or ["(no output)"])[-1]
+        raise RuntimeError(f"bench sd15: the {self.side} run failed (exit status {self.process.returncode}): {tail}")
+
+    def ask(self, command: str) -> dict:
+        self.process.stdin.write(command + "\n")
+        self.process.stdin.flush()
+        return self._answer()
+
+    def step(self) -> None:
+        self.steps.append(self.ask("step")["step_s"])
+
+    def finish(self) -> dict:
+        self.result.update(self.ask("exit"), step_s=float(np.median(self.steps[1:] or self.steps)))
+        self.process.wait()
+        return self.result
+
+
+def compare(folder: str, sides: list[str], repeats: int, scratch: str) -> dict:
+    """Run each side in its own process: both load (one after the other), take one warm-up step
+    (whose eps is saved as SCRATCH/SIDE.npy), then ``repeats`` timed steps taking turns, so that
+    a machine whose load changes meanwhile slows both alike. {side: load_s, step_s (median),
+    load_peak_mb, peak_mb}."""
+    running = []
+    try:
+        for side in sides:
+            running.append(Side(side, folder, os.path.join(scratch, f"{side}.npy"),
+                                os.path.join(scratch, f"{side}.log")))
+        for _ in range(1 + repeats):
+            for s in running:
+                s.step()
+        return {s.side: s.finish() for s in running}
+    finally:
+        for s in running:
+            if s.process.poll() is None:
+                s.process.kill()
 
 
 # =====================================================================================
@@ -200,7 +258,7 @@ def run(args) -> int:
     if args.repeats < 1:
         raise UsageError(f"minisd bench sd15: --repeats must be >= 1, got {args.repeats}")
     if args.worker:
-        print(json.dumps(worker(args.worker, args.folder, args.repeats, args.save)))
+        worker(args.worker, args.folder, args.save)
         return 0
     sides = ["minisd"] if args.no_torch else ["minisd", "torch"]
     if not (args.no_torch and args.folder and os.path.isdir(args.folder)):
@@ -222,11 +280,9 @@ def run(args) -> int:
         threads = (f"OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS', 'unset')}, "
                    f"OPENBLAS_NUM_THREADS={os.environ.get('OPENBLAS_NUM_THREADS', 'unset')}, {os.cpu_count()} CPUs")
         print(f"one guided UNet step: z (1, 4, 64, 64) twice (batch 2), c (2, 77, 768), t = {TIMESTEP}, "
-              f"w = {GUIDANCE}; median of {args.repeats} after 1 warm-up; {threads}")
-        results = {}
-        for side in sides:
-            print(f"  running {side} ...", flush=True)
-            results[side] = run_worker(side, folder, args.repeats, os.path.join(scratch, f"{side}.npy"))
+              f"w = {GUIDANCE}; median of {args.repeats} after 1 warm-up, the two sides taking turns; {threads}")
+        print(f"  loading {' and '.join(sides)}, then {args.repeats + 1} steps each, taking turns ...", flush=True)
+        results = compare(folder, sides, args.repeats, scratch)
         print(f"{'':10s} {'load s':>8s} {'step s':>8s} {'peak MiB':>9s} {'(after load)':>13s}")
         names = {"minisd": "minisd", "torch": "PyTorch"}
         for side, r in results.items():
