@@ -272,25 +272,8 @@ def test_record_attention_is_off_by_default_and_records_on_request():
 # SD v1.5's sizes
 # =====================================================================================
 
-# config.json of SD v1.5's unet/, vae/ and text_encoder/ as published (diffusers 0.6, transformers 4.22)
-SD15_UNET = {"_class_name": "UNet2DConditionModel", "_diffusers_version": "0.6.0", "act_fn": "silu",
-             "attention_head_dim": 8, "block_out_channels": [320, 640, 1280, 1280], "center_input_sample": False,
-             "cross_attention_dim": 768, "down_block_types": ["CrossAttnDownBlock2D", "CrossAttnDownBlock2D",
-                                                              "CrossAttnDownBlock2D", "DownBlock2D"],
-             "downsample_padding": 1, "flip_sin_to_cos": True, "freq_shift": 0, "in_channels": 4,
-             "layers_per_block": 2, "mid_block_scale_factor": 1, "norm_eps": 1e-05, "norm_num_groups": 32,
-             "out_channels": 4, "sample_size": 64,
-             "up_block_types": ["UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"]}
-SD15_VAE = {"_class_name": "AutoencoderKL", "_diffusers_version": "0.6.0", "act_fn": "silu",
-            "block_out_channels": [128, 256, 512, 512], "down_block_types": ["DownEncoderBlock2D"] * 4,
-            "in_channels": 3, "latent_channels": 4, "layers_per_block": 2, "norm_num_groups": 32, "out_channels": 3,
-            "sample_size": 512, "up_block_types": ["UpDecoderBlock2D"] * 4}
-SD15_TEXT = {"_name_or_path": "openai/clip-vit-large-patch14", "architectures": ["CLIPTextModel"],
-             "attention_dropout": 0.0, "bos_token_id": 0, "dropout": 0.0, "eos_token_id": 2, "hidden_act": "quick_gelu",
-             "hidden_size": 768, "initializer_factor": 1.0, "initializer_range": 0.02, "intermediate_size": 3072,
-             "layer_norm_eps": 1e-05, "max_position_embeddings": 77, "model_type": "clip_text_model",
-             "num_attention_heads": 12, "num_hidden_layers": 12, "pad_token_id": 1, "projection_dim": 768,
-             "torch_dtype": "float32", "transformers_version": "4.22.0.dev0", "vocab_size": 49408}
+# SD v1.5's unet/, vae/ and text_encoder/ configs: one copy, the one `minisd bench sd15` builds its folder from.
+from minisd.benchmarks.sd15 import SD15_TEXT, SD15_UNET, SD15_VAE  # noqa: E402
 
 
 class _ShapesOnly:

@@ -50,7 +50,7 @@ SD15_VAE = {"_class_name": "AutoencoderKL", "act_fn": "silu", "block_out_channel
             "down_block_types": ["DownEncoderBlock2D"] * 4, "in_channels": 3, "latent_channels": 4,
             "layers_per_block": 2, "norm_num_groups": 32, "out_channels": 3, "sample_size": 512,
             "up_block_types": ["UpDecoderBlock2D"] * 4}
-SD15_TEXT = {"attention_dropout": 0.0, "bos_token_id": 0, "dropout": 0.0, "eos_token_id": 2,
+SD15_TEXT = {"architectures": ["CLIPTextModel"], "model_type": "clip_text_model", "attention_dropout": 0.0, "bos_token_id": 0, "dropout": 0.0, "eos_token_id": 2,
              "hidden_act": "quick_gelu", "hidden_size": 768, "initializer_factor": 1.0, "initializer_range": 0.02,
              "intermediate_size": 3072, "layer_norm_eps": 1e-05, "max_position_embeddings": 77,
              "num_attention_heads": 12, "num_hidden_layers": 12, "pad_token_id": 1, "projection_dim": 768,
