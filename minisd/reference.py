@@ -24,43 +24,46 @@ import numpy as np
 # ------------------------------------------------------------------------------------
 #
 # Sizes: Stable Diffusion's UNet convolves 320 to 1,280 channels on 64x64 down to 8x8
-# latents; minisd's small UNet and VAE, 32 to 128 channels on 32x32 down to 8x8.
+# latents; minisd's small UNet and VAE, 32 to 128 channels on 32x32 down to 4x4.
 #
-# The textbook route is im2col: copy every receptive field into a column of a matrix of
-# C*R*S rows and N*P*Q columns, then one matrix product W @ cols. On a CPU that copy is
-# the problem: it writes R*S = 9 copies of the input, and writing memory is as slow as
-# the multiplications. So we copy only S times (along the kernel's width) and get the
-# kernel's height for free.
+# The textbook route is im2col: copy every receptive field into a row of a matrix of
+# N*P*Q rows and R*S*C columns, then one matrix product with the (R*S*C, K) weights. On
+# a CPU the copy is what costs: it writes R*S = 9 copies of the input, and writing
+# memory is as slow as the multiplications. So minisd has two routes, each best where
+# the other is weak, chosen per call by ``_row_shifts``:
 #
-# Stride 1 first. Unroll the width:  xs[(c,s), (n,i,q)] = xpad[n, c, i, q + s],
-# with i running over all Hp = H + 2*pd padded rows. Kernel row r of output row p reads
-# padded row p + r, so with W_r = w[:, :, r, :] as a (K, C*S) matrix,
-#     y[n, :, p, q] = sum_r  W_r @ xs[:, (n, p + r, q)].
-# Stack the R matrices W_r into one (R*K, C*S) matrix, and a single product gives
-#     Z[r, :, (n,i,q)] = W_r @ xs[:, (n,i,q)]   for every padded row i;
-# y is then the sum of R slices of Z, each shifted by r rows:
-#     y[n,k,p,q] = sum_r Z[r, k, n, p + r, q].
-# Rows i >= P of Z are computed and never read: 2 of 34 rows at 32x32, 2 of 18 at
-# 16x16. At 8x8 that would be 2 of 10, so small outputs unroll the kernel rows too
-# (U = R: plain im2col, whose 9 copies of a small input cost less than that waste).
+# 1. Shifted rows (stride 1, outputs taller than ROW_SHIFTS_FROM rows). Copy only S
+#    times, along the kernel's width, and get the kernel's height for free. Unroll the
+#    width:  xs[(c,s), (n,i,q)] = xpad[n, c, i, q + s],  i over all I = H + 2*pd padded
+#    rows. Kernel row r of output row p reads padded row p + r, so with W_r = w[:, :, r, :]
+#    as a (K, C*S) matrix,   y[n, :, p, q] = sum_r  W_r @ xs[:, (n, p + r, q)].
+#    Stack the R matrices W_r into one (R*K, C*S) matrix, and a single product gives
+#        Z[r, :, (n,i,q)] = W_r @ xs[:, (n,i,q)]   for every padded row i;
+#    y is then the sum of R slices of Z, each shifted by r rows:
+#        y[n,k,p,q] = sum_r Z[r, k, n, p + r, q].
+#    Rows i >= P of Z are computed and never read: 2 of 34 rows at 32x32, 2 of 18 at
+#    16x16. The backward pass reuses both pieces:
+#      dW_r = sum over (n, p, q) of xs[:, (n, p + r, q)] dy[n, :, p, q]: a product of a
+#          column-shifted view of xs with dy laid out as a (N*I*Q, K) matrix;
+#      dX: the gradient of a stride-1 convolution is itself a convolution, of dy with
+#          the kernel flipped in (r, s) and C and K swapped (padding R - 1 - pd), so the
+#          forward code computes it (by either route: at stride 1 route 2 does the same).
 #
-# Stride st: split the padded rows by phase a = i mod st. Kernel row r of output row p
-# reads padded row p*st + r = (p + r // st)*st + r % st: row p + r // st of phase r % st.
-# So xs gets a phase axis, xs[c, s, a, n, i, q] = xpad[n, c, i*st + a, q*st + s], there
-# is one product per phase (for the kernel rows r = a, a + st, ...), and kernel row r
-# is shifted by r // st rows. With st = 1 this is exactly the scheme above.
+# 2. Channels last (strides > 1, small outputs, and what route 1 cannot do). Plain
+#    im2col, made cheap by moving the channels innermost first:
+#        xcl[n, i, j, c] = xpad[n, c, i, j]           (one transposing copy)
+#        cols[(n,p,q), (r,s,c)] = xcl[n, p*st + r, q*st + s, c]
+#    Each of the R*S copies then moves runs of C contiguous numbers, where in the NCHW
+#    layout it would move runs of Q: at 4x4 outputs that is 128 numbers a run instead of
+#    4, and the copies run about ten times faster. A stride is just a step in the slice.
+#        y = cols @ W^T (in channels-last order),   dW = dy (K, N*P*Q) @ cols,
+#    and for strides > 1 dcols = dy^T @ W, which ``col2im``, the adjoint of the copies,
+#    adds back onto the input's positions. At 8x8 outputs
+#    route 1 would throw away 2 of every 10 rows it computes, and a stride would split
+#    its rows by phase; here nothing is computed twice.
 #
-# The backward pass reuses both pieces:
-#   dW_r = sum over (n, p, q) of xs[:, (n, p + r // st, q)] dy[n, :, p, q]: a product
-#       of a column-shifted view of xs with dy laid out as a (N*I*Q, K) matrix;
-#   dX: for stride 1 the gradient of a convolution is itself a convolution, of dy with
-#       the kernel flipped in (r, s) and with C and K swapped (padding R - 1 - pd), so
-#       the forward code computes it. For stride > 1 each forward step is transposed
-#       instead: a product with the stacked W_r^T, then ``fold``, the adjoint of
-#       ``unroll``, adds every entry back onto the input position it was copied from.
-#
-# Everything runs over a few images at a time (a chunk): xs and Z of one chunk stay in
-# the CPU's cache, where the copies and the sums of Z's slices are several times
+# Everything runs over a few images at a time (a chunk): the copies of one chunk stay
+# in the CPU's cache, where the copies and the sums of Z's slices are several times
 # faster than in main memory. It also bounds the memory a convolution takes beyond its
 # input and output to about CONV_CHUNK_BYTES. The chunk's buffers are made once per
 # call and refilled: fresh memory is slow too, as the operating system hands it out
@@ -72,98 +75,21 @@ import numpy as np
 # two cores busy with other work 8x slower. 4 MB costs a few per cent on one core and
 # halves the calls.)
 
-CONV_CHUNK_BYTES = 4 << 20  # xs + Z per chunk: between one core's L2 (1 MB) and the L3 (32 MB)
-UNROLL_ROWS_UP_TO = 8  # outputs with at most this many rows unroll the kernel rows too
+CONV_CHUNK_BYTES = 4 << 20  # copies + products per chunk: between one core's L2 (1 MB) and the L3 (32 MB)
+ROW_SHIFTS_FROM = 9  # output rows from which stride-1 convolutions take route 1
 
 
 def _out_size(size: int, k: int, stride: int, padding: int) -> int:
     return (size + 2 * padding - k) // stride + 1
 
 
-class _Layout(NamedTuple):
-    """How xs holds one convolution's input: xs[c, u, s, a, n, i, q] = xpad[n, c, i*st + a + u, q*st + s].
-
-    U kernel rows are unrolled into the matrix (1, or all R for small images: see
-    ``_layout``), A = st phases when U = 1 (else 1), I rows per phase and image, and the
-    output is P x Q.
-    """
-
-    P: int
-    Q: int
-    U: int
-    A: int
-    I: int
-
-
-def _layout(x_shape, R: int, S: int, stride: int, padding: int) -> _Layout:
-    P, Q = _out_size(x_shape[2], R, stride, padding), _out_size(x_shape[3], S, stride, padding)
-    junk = (R - 1) // stride  # rows per image that the row shifts compute and throw away
-    if junk and P <= UNROLL_ROWS_UP_TO:
-        # Small outputs (8x8: 2 of every 10 rows thrown away at stride 1, 1 of 9 at stride
-        # 2, whose rows are also short to copy): unroll the kernel rows too. This is
-        # plain im2col, and its R*S copies of a small input cost less than the waste.
-        return _Layout(P, Q, R, 1, P)
-    return _Layout(P, Q, 1, stride, P + junk)
-
-
-def _inside(n_in: int, n_out: int, phase: int, stride: int, padding: int):
-    """(out slice, in slice): the positions o < n_out whose padded position o*stride + phase
-    falls inside the unpadded input [0, n_in), and the input positions they read."""
-    lo = max(0, -((phase - padding) // stride))  # ceil((padding - phase) / stride)
-    hi = min(n_out, -((phase - padding - n_in) // stride))
-    if hi <= lo:
-        return None
-    first = lo * stride + phase - padding
-    return slice(lo, hi), slice(first, first + (hi - lo - 1) * stride + 1, stride)
-
-
-def _pairs(x_shape, lay: _Layout, S: int, stride: int, padding: int):
-    """For every (u, s, a): the xs slice and the (channel-major) x slice that hold the same numbers."""
-    H, W = x_shape[2:]
-    for u, s, a in itertools.product(range(lay.U), range(S), range(lay.A)):
-        cols = _inside(W, lay.Q, s, stride, padding)
-        rows = _inside(H, lay.I, a + u, stride, padding)
-        if cols and rows:
-            yield (slice(None), u, s, a, slice(None), rows[0], cols[0]), (slice(None), slice(None), rows[1], cols[1])
-
-
-def unroll(x, lay: _Layout, S: int, stride: int, padding: int, out=None):
-    """xs (C, U, S, A, N, I, Q): xs[c, u, s, a, n, i, q] = xpad[n, c, i*stride + a + u, q*stride + s].
-
-    ``out``: an xs from an earlier call with the same layout, to fill again; the
-    padding entries are never written, so they are still zero.
-    """
-    N, C = x.shape[:2]
-    shape = (C, lay.U, S, lay.A, N, lay.I, lay.Q)
-    xs = np.zeros(shape, dtype=x.dtype) if out is None else out[:, :, :, :, :N]
-    xt = x.transpose(1, 0, 2, 3)
-    for dst, src in _pairs(x.shape, lay, S, stride, padding):
-        xs[dst] = xt[src]
-    return xs
-
-
-def fold(dxs, x_shape, lay: _Layout, S: int, stride: int, padding: int):
-    """The adjoint of unroll: dx (N, C, H, W), each dxs entry added onto the x entry it copies."""
-    N, C = x_shape[:2]
-    dxt = np.zeros((C, N) + tuple(x_shape[2:]), dtype=dxs.dtype)
-    for dst, src in _pairs(x_shape, lay, S, stride, padding):
-        dxt[src] += dxs[dst]
-    return dxt.transpose(1, 0, 2, 3)
-
-
-def _phase(xs, a: int):
-    """Phase a of xs as one (C*U*S, N*I*Q) matrix: a view (its rows are evenly spaced)."""
-    C, U, S, _, N, I, Q = xs.shape
-    return xs[:, :, :, a].reshape(C * U * S, N * I * Q)
-
-
-def _kernel_matrices(w, lay: _Layout, stride: int):
-    """Per phase a, the matrices W_r (K, C*U*S) of its kernel rows r = a, a + stride, ...
-    stacked into one (J*K, C*U*S) matrix; with the rows unrolled, all of w as one matrix."""
-    K, C, R, S = w.shape
-    if lay.U == R:
-        return [w.reshape(K, C * R * S)]
-    return [w[:, :, a::stride, :].transpose(2, 0, 1, 3).reshape(-1, C * S) for a in range(min(stride, R))]
+def _row_shifts(x_shape, w_shape, stride: int, padding: int) -> bool:
+    """Route 1 (shifted rows) or route 2 (channels last)? Route 1 needs stride 1 and a
+    square kernel with padding < its size (so that dX is a convolution with padding >= 0);
+    a 1x1 kernel shifts nothing and takes it at any size."""
+    R, S = w_shape[2:]
+    P = _out_size(x_shape[2], R, stride, padding)
+    return stride == 1 and R == S and padding <= R - 1 and (P >= ROW_SHIFTS_FROM or R == 1)
 
 
 def _chunks(N: int, bytes_per_image: int):
@@ -173,28 +99,66 @@ def _chunks(N: int, bytes_per_image: int):
 
 def conv2d_forward(x, w, b, stride: int, padding: int):
     """y (N, K, P, Q) = conv(x (N, C, H, W), w (K, C, R, S)) + b."""
+    if _row_shifts(x.shape, w.shape, stride, padding):
+        return _shifted_rows_forward(x, w, b, padding)
+    return _channels_last_forward(x, w, b, stride, padding)
+
+
+def conv2d_backward(dy, x, w, stride: int, padding: int, need_dx=True, need_dw=True, need_db=True):
+    """(dx, dw, db) from dy (N, K, P, Q); None for the gradients not asked for."""
+    R, S = w.shape[2:]
+    # The gradient of a stride-1 convolution is itself a convolution, of dy with the kernel
+    # flipped in (r, s) and C and K swapped, padded by R - 1 - padding (which must be >= 0).
+    dx_is_a_conv = stride == 1 and R == S and padding <= R - 1
+    if _row_shifts(x.shape, w.shape, stride, padding):
+        dx, dw, db = _shifted_rows_backward(dy, x, w, padding, need_dw, need_db)
+    else:
+        dx, dw, db = _channels_last_backward(dy, x, w, stride, padding, need_dx and not dx_is_a_conv, need_dw, need_db)
+    if need_dx and dx_is_a_conv:
+        w_flipped = w[:, :, ::-1, ::-1].transpose(1, 0, 2, 3)  # (C, K, R, S)
+        dx = conv2d_forward(dy, w_flipped, None, 1, R - 1 - padding)
+    return dx, (dw if need_dw else None), (db if need_db else None)
+
+
+# --- route 1: shifted rows -------------------------------------------------------------
+
+
+def unroll(x, S: int, padding: int, out=None):
+    """xs (C, S, N, I, Q) with I = H + 2*padding:  xs[c, s, n, i, q] = xpad[n, c, i, q + s].
+
+    ``out``: an xs from an earlier call with the same sizes, to fill again; the padding
+    entries are never written, so they are still zero.
+    """
+    N, C, H, W = x.shape
+    Q = _out_size(W, S, 1, padding)
+    xs = np.zeros((C, S, N, H + 2 * padding, Q), dtype=x.dtype) if out is None else out[:, :, :N]
+    xt = x.transpose(1, 0, 2, 3)
+    for s in range(S):  # output column q reads input column q + s - padding, where that is inside
+        lo, hi = max(0, padding - s), min(Q, W + padding - s)
+        xs[:, s, :, padding:padding + H, lo:hi] = xt[:, :, :, lo + s - padding:hi + s - padding]
+    return xs
+
+
+def _shifted_rows_forward(x, w, b, padding: int):
     N = x.shape[0]
     K, C, R, S = w.shape
-    lay = _layout(x.shape, R, S, stride, padding)
-    P, Q, I = lay.P, lay.Q, lay.I
-    W = _kernel_matrices(w, lay, stride)
+    P, Q, I = _out_size(x.shape[2], R, 1, padding), _out_size(x.shape[3], S, 1, padding), x.shape[2] + 2 * padding
+    W = w.transpose(2, 0, 1, 3).reshape(R * K, C * S)  # the stacked W_r
     y = np.empty((N, K, P, Q), dtype=x.dtype)
-    chunks = _chunks(N, (C * lay.U * S * lay.A + R // lay.U * K) * I * Q * x.itemsize)
     xs = z = None  # buffers, made for the first chunk and refilled for the others
-    for chunk in chunks:
-        xs = unroll(x[chunk], lay, S, stride, padding, out=xs)
+    for chunk in _chunks(N, (C * S + R * K) * I * Q * x.itemsize):
+        xs = unroll(x[chunk], S, padding, out=xs)
         yc = y[chunk]
         n = yc.shape[0]
-        z = np.empty(max(len(Wa) for Wa in W) * n * I * Q, dtype=x.dtype) if z is None else z
-        for a, Wa in enumerate(W):
-            Z = np.matmul(Wa, _phase(xs, a), out=z[:len(Wa) * n * I * Q].reshape(len(Wa), -1))
-            Z = Z.reshape(-1, K, n, I, Q)
-            for j in range(len(Z)):  # kernel row a + j*stride reads j rows further down
-                term = Z[j, :, :, j:j + P].transpose(1, 0, 2, 3)
-                if a == j == 0:
-                    np.copyto(yc, term) if b is None else np.add(term, b.reshape(K, 1, 1), out=yc)
-                else:
-                    yc += term
+        z = np.empty(R * K * n * I * Q, dtype=x.dtype) if z is None else z
+        Z = np.matmul(W, xs.reshape(C * S, -1), out=z[:R * K * n * I * Q].reshape(R * K, -1))
+        Z = Z.reshape(R, K, n, I, Q)
+        for r in range(R):  # kernel row r reads r rows further down
+            term = Z[r, :, :, r:r + P].transpose(1, 0, 2, 3)
+            if r == 0:
+                np.copyto(yc, term) if b is None else np.add(term, b.reshape(K, 1, 1), out=yc)
+            else:
+                yc += term
     return y
 
 
@@ -207,43 +171,113 @@ def _dy_rows(dy, I: int, out=None):
     return D.reshape(K, n * I * Q)
 
 
-def conv2d_backward(dy, x, w, stride: int, padding: int, need_dx=True, need_dw=True, need_db=True):
-    """(dx, dw, db) from dy (N, K, P, Q); None for the gradients not asked for."""
+def _shifted_rows_backward(dy, x, w, padding: int, need_dw: bool, need_db: bool):
+    """(None, dw, db): dx is a convolution of its own (see conv2d_backward)."""
     N, C = x.shape[:2]
     K, _, R, S = w.shape
-    lay = _layout(x.shape, R, S, stride, padding)
-    I, Q, U = lay.I, lay.Q, lay.U
-    Wm = _kernel_matrices(w, lay, stride)
-    transposed_conv = stride == 1 and R == S and padding <= R - 1
-    dw = np.zeros(w.shape, dtype=w.dtype)
+    I, Q = x.shape[2] + 2 * padding, dy.shape[3]
+    dw = np.zeros((R, K, C, S), dtype=w.dtype)  # dW_r for each r: w's layout is made at the end
     db = np.zeros(K, dtype=dy.dtype)
-    dx = np.empty(x.shape, dtype=dy.dtype) if need_dx and not transposed_conv else None
-    if need_dw or need_db or dx is not None:
+    if need_dw or need_db:
         D = xs = None  # buffers, reused from chunk to chunk
-        for chunk in _chunks(N, (C * U * S * lay.A + K) * I * Q * x.itemsize):
+        for chunk in _chunks(N, (C * S + K) * I * Q * x.itemsize):
             D = _dy_rows(dy[chunk], I, out=D)
-            M = D.shape[1]
             db += D.sum(axis=1)
-            xs = unroll(x[chunk], lay, S, stride, padding, out=xs) if need_dw else None
-            if dx is not None:  # every phase with kernel rows is written whole (at j = 0) before it is added to
-                dxs = (np.zeros if stride > R else np.empty)((C, U, S, lay.A, M // (I * Q), I, Q), dtype=dy.dtype)
-            for a, Wa in enumerate(Wm):
-                for j in range(len(Wa) // K):  # kernel row a + j*stride (all rows when U = R), j rows down
-                    rows = slice(None) if U == R else a + j * stride
-                    Dj = D[:, :M - j * Q]
-                    if need_dw:
-                        dw[:, :, rows, :] += (_phase(xs, a)[:, j * Q:] @ Dj.T).T.reshape(dw[:, :, rows, :].shape)
-                    if dx is not None:  # the forward product transposed; fold below
-                        if j == 0:
-                            np.matmul(Wa[:K].T, Dj, out=_phase(dxs, a))
-                        else:
-                            _phase(dxs, a)[:, j * Q:] += Wa[j * K:(j + 1) * K].T @ Dj
-            if dx is not None:
-                dx[chunk] = fold(dxs, x[chunk].shape, lay, S, stride, padding)
-    if need_dx and transposed_conv:
-        w_flipped = w[:, :, ::-1, ::-1].transpose(1, 0, 2, 3)  # (C, K, R, S)
-        dx = conv2d_forward(dy, w_flipped, None, 1, R - 1 - padding)
-    return dx, (dw if need_dw else None), (db if need_db else None)
+            if need_dw:
+                xs = unroll(x[chunk], S, padding, out=xs)
+                X = xs.reshape(C * S, -1)
+                for r in range(R):  # kernel row r pairs output row p with padded row p + r
+                    M = D.shape[1] - r * Q
+                    dw[r] += (D[:, :M] @ X[:, r * Q:r * Q + M].T).reshape(K, C, S)
+    return None, dw.transpose(1, 2, 0, 3), db
+
+
+# --- route 2: channels last ------------------------------------------------------------
+
+
+def _channels_last(x, padding: int, out=None):
+    """xcl (N, H + 2*padding, W + 2*padding, C): xcl[n, i, j, c] = xpad[n, c, i, j]
+    (``out``: an earlier one to refill; its border is still zero)."""
+    N, C, H, W = x.shape
+    xcl = np.zeros((N, H + 2 * padding, W + 2 * padding, C), dtype=x.dtype) if out is None else out[:N]
+    xcl[:, padding:padding + H, padding:padding + W] = x.transpose(0, 2, 3, 1)
+    return xcl
+
+
+def _windows(xcl, R: int, S: int, stride: int, P: int, Q: int):
+    """For each kernel position (r, s): the view xcl[:, p*stride + r, q*stride + s] of shape (n, P, Q, C)."""
+    for r, s in itertools.product(range(R), range(S)):
+        yield r, s, xcl[:, r:r + stride * (P - 1) + 1:stride, s:s + stride * (Q - 1) + 1:stride]
+
+
+def im2col(xcl, R: int, S: int, stride: int, P: int, Q: int, out=None):
+    """cols (n, P, Q, R, S, C): cols[n, p, q, r, s, c] = xcl[n, p*stride + r, q*stride + s, c]."""
+    n, C = xcl.shape[0], xcl.shape[3]
+    cols = np.empty((n, P, Q, R, S, C), dtype=xcl.dtype) if out is None else out[:n]
+    for r, s, window in _windows(xcl, R, S, stride, P, Q):
+        cols[:, :, :, r, s] = window
+    return cols
+
+
+def col2im(dcols, dxcl, stride: int):
+    """The adjoint of im2col: every dcols entry added onto the dxcl entry it was copied from."""
+    _, P, Q, R, S, _ = dcols.shape
+    dxcl[...] = 0
+    for r, s, window in _windows(dxcl, R, S, stride, P, Q):
+        window += dcols[:, :, :, r, s]
+    return dxcl
+
+
+def _channels_last_sizes(x, w, stride: int, padding: int):
+    """(P, Q, bytes per image of a chunk's buffers: xcl, cols and the output or dy)."""
+    K, C, R, S = w.shape
+    H, W = x.shape[2] + 2 * padding, x.shape[3] + 2 * padding
+    P, Q = _out_size(x.shape[2], R, stride, padding), _out_size(x.shape[3], S, stride, padding)
+    return P, Q, (H * W * C + P * Q * (R * S * C + K)) * x.itemsize
+
+
+def _channels_last_forward(x, w, b, stride: int, padding: int):
+    N = x.shape[0]
+    K, C, R, S = w.shape
+    P, Q, chunk_bytes = _channels_last_sizes(x, w, stride, padding)
+    WmT = w.transpose(2, 3, 1, 0).reshape(R * S * C, K)  # rows in cols' (r, s, c) order
+    y = np.empty((N, K, P, Q), dtype=x.dtype)
+    xcl = cols = None  # buffers, made for the first chunk and refilled for the others
+    for chunk in _chunks(N, chunk_bytes):
+        xcl = _channels_last(x[chunk], padding, out=xcl)
+        cols = im2col(xcl, R, S, stride, P, Q, out=cols)
+        n = cols.shape[0]
+        # y in channels-last order, (n*P*Q, K): this product runs ~20% faster than W @ cols^T
+        ycl = (cols.reshape(n * P * Q, -1) @ WmT).reshape(n, P, Q, K).transpose(0, 3, 1, 2)
+        np.copyto(y[chunk], ycl) if b is None else np.add(ycl, b.reshape(K, 1, 1), out=y[chunk])
+    return y
+
+
+def _channels_last_backward(dy, x, w, stride: int, padding: int, need_dx: bool, need_dw: bool, need_db: bool):
+    N, C, H, W = x.shape
+    K, _, R, S = w.shape
+    P, Q, chunk_bytes = _channels_last_sizes(x, w, stride, padding)
+    Wm = w.transpose(0, 2, 3, 1).reshape(K, R * S * C)
+    dWm = np.zeros((K, R * S * C), dtype=w.dtype)
+    db = np.zeros(K, dtype=dy.dtype)
+    dx = np.empty(x.shape, dtype=dy.dtype) if need_dx else None
+    xcl = cols = dxcl = None  # buffers, reused from chunk to chunk
+    for chunk in _chunks(N, chunk_bytes):
+        n = len(dy[chunk])
+        D = np.ascontiguousarray(dy[chunk].transpose(1, 0, 2, 3)).reshape(K, n * P * Q)
+        if need_db:
+            db += D.sum(axis=1)
+        if need_dw:
+            xcl = _channels_last(x[chunk], padding, out=xcl)
+            cols = im2col(xcl, R, S, stride, P, Q, out=cols)
+            dWm += D @ cols.reshape(n * P * Q, -1)
+        if need_dx:
+            dcols = (D.T @ Wm).reshape(n, P, Q, R, S, C)
+            if dxcl is None:
+                dxcl = np.empty((n, H + 2 * padding, W + 2 * padding, C), dtype=dy.dtype)
+            col2im(dcols, dxcl[:n], stride)
+            dx[chunk] = dxcl[:n, padding:padding + H, padding:padding + W].transpose(0, 3, 1, 2)
+    return dx, dWm.reshape(K, R, S, C).transpose(0, 3, 1, 2), db
 
 
 # ------------------------------------------------------------------------------------

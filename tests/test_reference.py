@@ -81,15 +81,15 @@ CONV_CASES = [
 ]
 
 
-# The reference lays its input out two ways (kernel rows shifted, or unrolled as in
-# im2col), chosen by output size; these small images would all get the second, so the
-# conv tests run under both choices.
-LAYOUTS = {"shifted_rows": 0, "unrolled_rows": 10 ** 9}
+# The reference computes a convolution by one of two routes (kernel rows shifted, or
+# channels-last im2col), chosen by output size; these small images would all take the
+# second, so the conv tests run under both choices (route 1 takes every case it can).
+LAYOUTS = {"shifted_rows": 0, "channels_last": 10 ** 9}
 
 
 @pytest.fixture(params=list(LAYOUTS))
 def layout(request, monkeypatch):
-    monkeypatch.setattr(reference, "UNROLL_ROWS_UP_TO", LAYOUTS[request.param])
+    monkeypatch.setattr(reference, "ROW_SHIFTS_FROM", LAYOUTS[request.param])
     return request.param
 
 
