@@ -31,6 +31,30 @@ def timeit(fn: Callable[[], object], repeat: int = 5, warmup: int = 1, min_time:
     return statistics.median(times)
 
 
+def side_by_side(fns: list[Callable[[], object]], repeat: int = 5, rounds: int = 3, warmup: int = 1) -> list[float]:
+    """Median wall time of each function in seconds, the functions taking turns in blocks.
+
+    Each round runs every function ``warmup`` times untimed, then ``repeat`` times timed,
+    one function after the other; the median is over all rounds. Turns, so that a spell
+    of other work on a shared machine slows every side alike. Blocks rather than single
+    calls, because a library's worker threads keep spinning on the cores for a while
+    after a call returns (PyTorch's OpenMP pool, OpenBLAS's): a call made right after
+    the other library's is slowed by them. Measured here: a conv2d step that takes 19 ms
+    on its own took 26 to 46 ms when minisd and PyTorch swapped after every call. The
+    untimed first call of each block absorbs that hand-over.
+    """
+    times: list[list[float]] = [[] for _ in fns]
+    for _ in range(rounds):
+        for fn, ts in zip(fns, times):
+            for _ in range(warmup):
+                fn()
+            for _ in range(repeat):
+                t0 = time.perf_counter()
+                fn()
+                ts.append(time.perf_counter() - t0)
+    return [statistics.median(ts) for ts in times]
+
+
 def torch_or_none():
     """PyTorch if installed (the parity extra), else None: benchmarks then time minisd alone."""
     try:

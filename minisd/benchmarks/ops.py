@@ -5,19 +5,19 @@ maps, 32 to 128 channels). For conv2d the achieved GFLOP/s is also shown as a fr
 of this machine's float32 matmul peak, measured in the same run: a convolution is
 three matrix products (forward, dX, dW), so the peak is the ceiling.
 
-minisd and PyTorch run alternately, one step each, so that a spell of other work on a
-shared machine slows both alike; the load average is printed before and after.
+minisd and PyTorch take turns in blocks of runs (``side_by_side``), so that a spell of
+other work on a shared machine slows both alike; the load average is printed before and
+after.
 """
 
 from __future__ import annotations
 
 import os
-import statistics
 
 import numpy as np
 
 from minisd import functional as F
-from minisd.benchmarks import timeit, torch_or_none
+from minisd.benchmarks import side_by_side, timeit, torch_or_none
 from minisd.tensor import Tensor
 
 # (N, C, H, W, K, kernel, stride, padding)
@@ -36,7 +36,9 @@ ATTN_SHAPES = [(32, 4, 256, 256, 16), (32, 4, 64, 64, 32), (32, 4, 64, 16, 32), 
 
 
 def add_arguments(parser) -> None:
-    parser.add_argument("--repeat", type=int, default=5, help="timed runs per case (the median is shown)")
+    parser.add_argument("--repeat", type=int, default=5, help="timed runs per case and round, 3 rounds (the median is shown)")
+    parser.add_argument("--only", metavar="TEXT", default="",
+                        help="time only the cases whose label contains TEXT (e.g. conv2d, 'k3 s2')")
 
 
 def matmul_peak_gflops(n: int = 1024, repeat: int = 5) -> float:
@@ -95,13 +97,6 @@ def _load_note() -> str:
     return f"load average {load:.1f} on {cores} cores{busy}"
 
 
-def _side_by_side(ours, theirs, repeat: int):
-    """Median times of ours() and theirs(), run alternately so that a busy spell slows both alike."""
-    ours(), theirs()  # warm-up
-    times = [(timeit(ours, repeat=1, warmup=0), timeit(theirs, repeat=1, warmup=0)) for _ in range(repeat)]
-    return statistics.median(t[0] for t in times), statistics.median(t[1] for t in times)
-
-
 def run(args) -> int:
     rng = np.random.default_rng(0)
     torch = torch_or_none()
@@ -117,11 +112,13 @@ def run(args) -> int:
     print("-" * len(header))
     worst = 0.0
     for label, fn, torch_fn, arrays, flops in _cases(rng):
+        if args.only not in label:
+            continue
         out = fn(*[Tensor(a) for a in arrays])
         grad_out = rng.standard_normal(out.shape, dtype=np.float32)
         if torch is not None:
-            ours, theirs = _side_by_side(_minisd_step(fn, arrays, grad_out),
-                                         _torch_step(torch, torch_fn(torch), arrays, grad_out), args.repeat)
+            ours, theirs = side_by_side([_minisd_step(fn, arrays, grad_out),
+                                         _torch_step(torch, torch_fn(torch), arrays, grad_out)], args.repeat)
         else:
             ours = timeit(_minisd_step(fn, arrays, grad_out), repeat=args.repeat)
         line = f"{label:48s} {ours * 1e3:10.2f}"

@@ -9,8 +9,9 @@ name) on the same inputs:
 Config (the issue's): block_out_channels (64, 128), layers_per_block 2, down blocks
 (CrossAttnDownBlock2D, DownBlock2D), up blocks (UpBlock2D, CrossAttnUpBlock2D), 8 heads
 (attention_head_dim 8, diffusers' default), 32 groups; batch 32 of 4 x 8 x 8 latents,
-16 text tokens of width 64. Each figure is the median of ``--repeats`` timed runs after
-``--warmup`` untimed ones, minisd and PyTorch taking turns. The ratio is minisd's time
+16 text tokens of width 64. Each figure is the median of ``--rounds`` x ``--repeats`` timed
+runs, minisd and PyTorch taking turns in blocks of ``--warmup`` untimed and ``--repeats``
+timed runs (``minisd.benchmarks.side_by_side``). The ratio is minisd's time
 over PyTorch's (lower is better). On a machine shared with other busy processes, BLAS
 threads that spin while waiting for each other can slow both sides many times over: set
 OMP_NUM_THREADS=1 OPENBLAS_NUM_THREADS=1 there (printed below as "threads").
@@ -23,9 +24,10 @@ import cProfile
 import io as _io
 import os
 import pstats
-import time
 
 import numpy as np
+
+from minisd.benchmarks import side_by_side
 
 CONFIG = dict(sample_size=8, in_channels=4, out_channels=4, block_out_channels=(64, 128), layers_per_block=2,
               down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
@@ -36,26 +38,12 @@ CONFIG = dict(sample_size=8, in_channels=4, out_channels=4, block_out_channels=(
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--batch", type=int, default=32, help="batch size (default 32)")
     parser.add_argument("--tokens", type=int, default=16, help="text tokens per sample (default 16)")
-    parser.add_argument("--repeats", type=int, default=10, help="timed runs per measurement (default 10)")
-    parser.add_argument("--warmup", type=int, default=2, help="untimed runs first (default 2)")
+    parser.add_argument("--repeats", type=int, default=4, help="timed runs per block (default 4)")
+    parser.add_argument("--rounds", type=int, default=3, help="blocks each side runs, taking turns (default 3)")
+    parser.add_argument("--warmup", type=int, default=1, help="untimed runs at the start of each block (default 1)")
     parser.add_argument("--no-torch", action="store_true", help="time minisd only")
     parser.add_argument("--profile", action="store_true",
                         help="after timing, print cProfile's top functions for one minisd training step")
-
-
-def _median_ms(fns: list, repeats: int, warmup: int) -> list[float]:
-    """Median wall time in ms of each function; the functions take turns, so that a
-    machine whose load changes over time slows all of them alike."""
-    for _ in range(warmup):
-        for fn in fns:
-            fn()
-    times = [[] for _ in fns]
-    for _ in range(repeats):
-        for fn, ts in zip(fns, times):
-            start = time.perf_counter()
-            fn()
-            ts.append(time.perf_counter() - start)
-    return [1000 * float(np.median(ts)) for ts in times]
 
 
 def _inputs(batch: int, tokens: int, seed: int = 0):
@@ -125,7 +113,7 @@ def run(args) -> int:
           f"{'+'.join(cfg['down_block_types'])} / {'+'.join(cfg['up_block_types'])}, "
           f"{cfg['attention_head_dim']} heads, {cfg['norm_num_groups']} groups")
     print(f"batch {args.batch}, latents 4x8x8, {args.tokens} tokens of width 64; "
-          f"median of {args.repeats} runs after {args.warmup} warm-up runs; backend {minisd.get_backend().name}")
+          f"median of {args.rounds} x {args.repeats} runs (blocks after {args.warmup} warm-up runs); backend {minisd.get_backend().name}")
     state = unet.state_dict()  # before any step changes the weights
     ours = dict(zip(("train step", "forward"), minisd_steps(unet, z, t, c, noise)))
     theirs = {}
@@ -143,10 +131,10 @@ def run(args) -> int:
     print(f"{'':12s} {'minisd ms':>10s} {'PyTorch ms':>11s} {'ratio':>7s}")
     for name, fn in ours.items():
         if name in theirs:
-            ms, ref = _median_ms([fn, theirs[name]], args.repeats, args.warmup)
+            ms, ref = (1e3 * t for t in side_by_side([fn, theirs[name]], args.repeats, args.rounds, args.warmup))
             print(f"{name:12s} {ms:10.1f} {ref:11.1f} {ms / ref:6.2f}x")
         else:
-            (ms,) = _median_ms([fn], args.repeats, args.warmup)
+            ms = 1e3 * side_by_side([fn], args.repeats, args.rounds, args.warmup)[0]
             print(f"{name:12s} {ms:10.1f}")
 
     if args.profile:
