@@ -17,11 +17,13 @@ normalisation, convolution and resampling, attention, embeddings, dropout, losse
 from __future__ import annotations
 
 import math
+import os
 from typing import Sequence
 
 import numpy as np
 
 from minisd.backend import get_array_module, get_backend
+from minisd.reference import _on_all_cores
 from minisd.tensor import Function, Tensor, _as_input
 
 
@@ -527,24 +529,118 @@ def _sigmoid(a):
     return half + half * xp.tanh(half * a)
 
 
+# Long elementwise chains (GELU's erf is some 30 NumPy passes) run on both cores: each
+# core takes a block of rows and runs the whole chain on it (NumPy's loops release the
+# GIL). Blocks are big on purpose: every pass is a GIL hand-off between the threads, which
+# costs far more than the pass itself on a small block, and on the development machine a
+# pass over an L2-sized block is no faster per element than one over the whole array (the
+# loops are bound by arithmetic, not memory). Blocks of at most _BLOCK elements still bound
+# the temporaries of a huge array. CuPy arrays take the plain whole-array expressions: on
+# a GPU each pass is already one kernel over everything.
+
+_BLOCK = 1 << 18  # elements per block at most: 1 MiB per float32 temporary
+_THREADED = 1 << 18  # from this many elements on, the cores share the blocks (a hand-off costs ~0.1 ms)
+
+
+def _blockwise(fn, *arrays):
+    """fn(*blocks) for consecutive blocks of rows (axis 0) of NumPy arrays with the same number of rows.
+
+    fn reads its inputs' blocks and writes its results into the blocks of the output
+    arrays, which the caller allocates and passes among ``arrays``.
+    """
+    rows, size = len(arrays[0]), arrays[0].size
+    if size <= _BLOCK and size < _THREADED:  # one block: skip the bookkeeping (small arrays are common)
+        return fn(*arrays)
+    cores = os.cpu_count() or 1
+    threaded = size >= _THREADED and cores > 1
+    parts = -(-size // _BLOCK) or 1
+    if threaded:
+        parts = -(-parts // cores) * cores  # a whole number of blocks per core
+    step = -(-rows // parts) or 1  # rows per block
+    blocks = [slice(start, start + step) for start in range(0, rows, step)]
+
+    def run(span):
+        for block in span:
+            fn(*(a[block] for a in arrays))
+
+    if not threaded or len(blocks) == 1:
+        return run(blocks)
+    per_core = -(-len(blocks) // cores)  # each core takes a run of consecutive blocks
+    _on_all_cores(run, [blocks[i:i + per_core] for i in range(0, len(blocks), per_core)])
+
+
+def _rows(a, row_size):
+    """a as (rows, row_size): a view where the layout allows (e.g. the gate half of GEGLU's projection), else a copy."""
+    return a.reshape(-1, row_size)
+
+
+def _empty_rows(a, row_size):
+    return np.empty((a.size // row_size, row_size), dtype=a.dtype)
+
+
+def _row_size(a) -> int:
+    """Blocks are made of whole rows of the last axis, so views strided along the others need no copy."""
+    return a.shape[-1] if a.ndim and a.shape[-1] else 1
+
+
+def _copysign(magnitude, sign_of):
+    """np.copysign(magnitude, sign_of) into magnitude, done on the sign bit: NumPy's copysign
+    has no SIMD loop (5-7x slower than a multiply), integer and/or have."""
+    bits = np.dtype(f"u{magnitude.itemsize}")
+    sign = bits.type(1 << (8 * magnitude.itemsize - 1))
+    m = magnitude.view(bits)
+    m &= ~sign
+    m |= sign_of.view(bits) & sign
+
+
 class ScaledSiLU(Function):
     """a * sigmoid(beta * a): SiLU/swish for beta = 1 (UNet, VAE), quick_gelu for beta = 1.702 (CLIP).
 
-    d/da = s + beta * a * s * (1 - s), with s = sigmoid(beta * a).
+    d/da = s + beta * a * s * (1 - s) = s + beta * y * (1 - s), with s = sigmoid(beta * a), y = a * s.
     """
 
     def forward(self, a, beta=1.0):
-        self.a, self.beta = a, a.dtype.type(beta)
-        self.s = _sigmoid(self.beta * a)
-        return a * self.s
+        self.beta = a.dtype.type(beta)
+        if _xp(a) is not np:
+            self.s = _sigmoid(self.beta * a)
+            self.y = a * self.s
+            return self.y
+        n = _row_size(a)
+        self.s, self.y = _empty_rows(a, n), _empty_rows(a, n)
+        _blockwise(self._forward_block, _rows(a, n), self.s, self.y)
+        self.s, self.y = self.s.reshape(a.shape), self.y.reshape(a.shape)
+        return self.y
+
+    def _forward_block(self, a, s, y):
+        half = a.dtype.type(0.5)
+        np.multiply(a, half * self.beta, out=s)  # s = (1 + tanh(beta a / 2)) / 2, as _sigmoid
+        np.tanh(s, out=s)
+        s *= half
+        s += half
+        np.multiply(a, s, out=y)
 
     def backward(self, g):
-        s = self.s
-        return g * (s + self.beta * self.a * s * (1 - s))
+        if _xp(g) is not np:
+            return g * (self.s + self.beta * self.y * (1 - self.s))
+        n = _row_size(g)
+        da = _empty_rows(g, n)
+        _blockwise(self._backward_block, _rows(g, n), _rows(self.s, n), _rows(self.y, n), da)
+        return da.reshape(g.shape)
+
+    def _backward_block(self, g, s, y, da):
+        np.subtract(1, s, out=da)
+        da *= y
+        if self.beta != 1:
+            da *= self.beta
+        da += s
+        da *= g
 
 
 class GELU(Function):
-    """Gaussian error linear unit, x * Phi(x): exact (erf) or the tanh approximation."""
+    """Gaussian error linear unit, x * Phi(x): exact (erf) or the tanh approximation.
+
+    Exact: Phi(x) = (1 + erf(x / sqrt 2)) / 2, d/dx = Phi(x) + x * exp(-x^2 / 2) / sqrt(2 pi).
+    """
 
     def forward(self, a, approximate="none"):
         xp, self.a, self.approximate = _xp(a), a, approximate
@@ -552,8 +648,14 @@ class GELU(Function):
             c = a.dtype.type(math.sqrt(2 / math.pi))
             self.t = xp.tanh(c * (a + a.dtype.type(0.044715) * a ** 3))
             return 0.5 * a * (1 + self.t)
-        self.cdf = 0.5 * (1 + _erf(a * a.dtype.type(1 / math.sqrt(2))))
-        return a * self.cdf
+        if xp is not np:
+            self.cdf = 0.5 * (1 + _erf(a * a.dtype.type(1 / math.sqrt(2))))
+            return a * self.cdf
+        n = _row_size(a)
+        out, self.cdf = _empty_rows(a, n), _empty_rows(a, n)
+        _blockwise(_gelu_block, _rows(a, n), out, self.cdf)
+        self.cdf = self.cdf.reshape(a.shape)
+        return out.reshape(a.shape)
 
     def backward(self, g):
         a = self.a
@@ -561,32 +663,66 @@ class GELU(Function):
             c = a.dtype.type(math.sqrt(2 / math.pi))
             dinner = c * (1 + 3 * a.dtype.type(0.044715) * a * a)
             return g * (0.5 * (1 + self.t) + 0.5 * a * (1 - self.t * self.t) * dinner)
-        pdf = _xp(a).exp(-0.5 * a * a) * a.dtype.type(1 / math.sqrt(2 * math.pi))
-        return g * (self.cdf + a * pdf)
+        if _xp(a) is not np:
+            pdf = _xp(a).exp(-0.5 * a * a) * a.dtype.type(1 / math.sqrt(2 * math.pi))
+            return g * (self.cdf + a * pdf)
+        n = _row_size(a)
+        da = _empty_rows(a, n)
+        _blockwise(_gelu_backward_block, _rows(g, n), _rows(a, n), _rows(self.cdf, n), da)
+        return da.reshape(a.shape)
+
+
+def _gelu_block(a, out, cdf):
+    """cdf = Phi(a) = (1 + erf(a / sqrt 2)) / 2 and out = a * Phi(a), on one block."""
+    f = a.dtype.type
+    np.multiply(a, f(1 / math.sqrt(2)), out=cdf)
+    erf = _erf(cdf)
+    erf += f(1)
+    np.multiply(erf, f(0.5), out=cdf)
+    np.multiply(a, cdf, out=out)
+
+
+def _gelu_backward_block(g, a, cdf, da):
+    """da = g * (Phi(a) + a * pdf(a)), pdf(a) = exp(-a^2 / 2) / sqrt(2 pi), on one block."""
+    f = a.dtype.type
+    np.multiply(a, f(-0.5), out=da)
+    da *= a
+    np.exp(da, out=da)
+    da *= f(1 / math.sqrt(2 * math.pi))
+    da *= a
+    da += cdf
+    da *= g
 
 
 def _erf(x):
-    """erf, elementwise on NumPy or CuPy arrays (NumPy has no erf of its own)."""
+    """erf, elementwise on NumPy or CuPy arrays (NumPy has no erf of its own); a new array."""
     xp = _xp(x)
     if xp is not np:
         import cupyx.scipy.special
 
         return cupyx.scipy.special.erf(x)
-    # erfc by the Chebyshev fit of Numerical Recipes (erfcc): relative error below 1.2e-7,
-    # which is float32's own precision.
+    # erfc(z), z = |x|, by the Chebyshev fit of Numerical Recipes (erfcc): relative error
+    # below 1.2e-7, which is float32's own precision. erf(x) = sign(x) (1 - erfc(|x|)).
+    # Every step writes into one of three buffers: each np.* call is one pass.
+    f = x.dtype.type
     z = np.abs(x)
-    t = 1 / (1 + z.dtype.type(0.5) * z)
+    t = np.multiply(z, f(0.5))
+    t += f(1)
+    np.divide(f(1), t, out=t)  # t = 1 / (1 + z/2)
     coefficients = (-1.26551223, 1.00002368, 0.37409196, 0.09678418, -0.18628806,
                     0.27886807, -1.13520398, 1.48851587, -0.82215223, 0.17087277)
-    poly = np.full_like(t, coefficients[-1])
-    for c in coefficients[-2::-1]:  # Horner's rule
+    poly = np.multiply(t, f(coefficients[-1]))
+    for c in coefficients[-2:0:-1]:  # Horner's rule
+        poly += f(c)
         poly *= t
-        poly += x.dtype.type(c)
-    poly -= z * z
-    erfc = t * np.exp(poly, out=poly)
-    # erf(-x) = -erf(x). copysign, not np.where(x >= 0, ...): where() on random signs is
-    # several times slower than the whole polynomial (it is a third of GEGLU's time in the UNet).
-    return np.copysign(1 - erfc, x)
+    poly += f(coefficients[0])
+    z *= z
+    poly -= z
+    erfc = np.exp(poly, out=poly)
+    erfc *= t
+    erf = np.subtract(f(1), erfc, out=erfc)
+    _copysign(erf, x)  # erf(-x) = -erf(x); not np.where(x >= 0, ...), several times slower on random signs
+    return erf
 
 
 class Softmax(Function):
@@ -639,20 +775,69 @@ class LayerNorm(Function):
 
     Backward (n values per row):  dx = rstd * (g - mean(g) - xhat * mean(g * xhat)),
     with g = dy * gamma, the same formula as group norm's.
+    On NumPy, rows are normalised block by block (_blockwise) and the per-row means are
+    matrix-vector products with a vector of ones: BLAS, several times faster than
+    .mean(axis=-1) over rows as short as the UNet's 64 features.
     """
 
     def forward(self, x, weight=None, bias=None, normalized_ndim=1, eps=1e-5):
         self.axes = tuple(range(x.ndim - normalized_ndim, x.ndim))
-        mu = x.mean(axis=self.axes, keepdims=True)
-        centred = x - mu
-        self.rstd = 1 / _xp(x).sqrt((centred * centred).mean(axis=self.axes, keepdims=True) + x.dtype.type(eps))
-        self.xhat, self.weight = centred * self.rstd, weight
-        y = self.xhat * weight if weight is not None else self.xhat.copy()
-        if bias is not None:
-            y += bias
-        return y
+        self.weight, eps = weight, x.dtype.type(eps)
+        if _xp(x) is not np:
+            mu = x.mean(axis=self.axes, keepdims=True)
+            centred = x - mu
+            self.rstd = 1 / _xp(x).sqrt((centred * centred).mean(axis=self.axes, keepdims=True) + eps)
+            self.xhat = centred * self.rstd
+            y = self.xhat * weight if weight is not None else self.xhat.copy()
+            if bias is not None:
+                y += bias
+            return y
+        n = math.prod(x.shape[x.ndim - normalized_ndim:])
+        rows = _rows(x, n)
+        self.xhat, y, self.rstd = _empty_rows(x, n), _empty_rows(x, n), np.empty(len(rows), dtype=x.dtype)
+
+        def normalise(x, xhat, y, rstd):
+            np.subtract(x, _row_means(x)[:, None], out=xhat)
+            var = _row_means(np.multiply(xhat, xhat, out=y))  # y is scratch until the end
+            np.divide(1, np.sqrt(var + eps, out=rstd), out=rstd)
+            xhat *= rstd[:, None]
+            if weight is None:
+                y[...] = xhat
+            else:
+                np.multiply(xhat, weight.reshape(n), out=y)
+                y += bias.reshape(n)
+
+        _blockwise(normalise, rows, self.xhat, y, self.rstd)
+        self.xhat = self.xhat.reshape(x.shape)
+        return y.reshape(x.shape)
 
     def backward(self, dy):
+        if _xp(dy) is not np:
+            return self._backward_whole(dy)
+        n = math.prod(dy.shape[dy.ndim - len(self.axes):])
+        dy2, xhat = _rows(dy, n), _rows(self.xhat, n)
+        w = self.weight.reshape(n) if self.weight is not None else None
+        column_sums = np.ones(len(dy2), dtype=dy.dtype)  # sums over rows, as one BLAS product each
+        dweight = (column_sums @ (dy2 * xhat)).reshape(self.weight.shape) \
+            if self.weight is not None and self.needs_input_grad[1] else None
+        dbias = (column_sums @ dy2).reshape(self.weight.shape) \
+            if len(self.needs_input_grad) > 2 and self.needs_input_grad[2] else None
+        if not self.needs_input_grad[0]:
+            return None, dweight, dbias
+
+        def rows_dx(dy, xhat, rstd, dx):
+            g = dy * w if w is not None else dy
+            mean_gx = _row_means(np.multiply(g, xhat, out=dx))  # dx is scratch until the end
+            np.subtract(g, _row_means(g)[:, None], out=dx)
+            dx -= xhat * mean_gx[:, None]
+            dx *= rstd[:, None]
+
+        dx = _empty_rows(dy, n)
+        _blockwise(rows_dx, dy2, xhat, self.rstd, dx)
+        return dx.reshape(dy.shape), dweight, dbias
+
+    def _backward_whole(self, dy):
+        """The same formulas on whole arrays (CuPy: each expression is one kernel over everything)."""
         lead = tuple(range(dy.ndim - len(self.axes)))
         dweight = (dy * self.xhat).sum(axis=lead) if self.weight is not None and self.needs_input_grad[1] else None
         dbias = dy.sum(axis=lead) if len(self.needs_input_grad) > 2 and self.needs_input_grad[2] else None
@@ -662,6 +847,11 @@ class LayerNorm(Function):
             dx = self.rstd * (g - g.mean(axis=self.axes, keepdims=True)
                               - self.xhat * (g * self.xhat).mean(axis=self.axes, keepdims=True))
         return dx, dweight, dbias
+
+
+def _row_means(a):
+    """The mean of each row of a 2-D NumPy array, as a product with a vector of ones (BLAS)."""
+    return (a @ np.ones(a.shape[1], dtype=a.dtype)) / a.dtype.type(a.shape[1])
 
 
 def layer_norm(x, normalized_shape, weight=None, bias=None, eps=1e-5):

@@ -14,6 +14,7 @@ finite differences are meaningful.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import Callable
 
@@ -597,6 +598,84 @@ def test_attention_probabilities_match_the_op():
     pc = F.attention_probabilities(q, k, is_causal=True)
     out = F.scaled_dot_product_attention(Tensor(q), Tensor(k), Tensor(v), is_causal=True)
     np.testing.assert_allclose(out.numpy(), pc @ v, rtol=1e-10, atol=1e-12)
+
+
+# ------------------------------------------------------------------------------------
+# Big activations and layer norms: functional._blockwise's blocks, shared by the cores
+# ------------------------------------------------------------------------------------
+
+
+def _erf64(x):
+    return np.vectorize(math.erf, otypes=[np.float64])(x)
+
+
+def _big_cases():
+    """(name, fn, inputs, float64 forward, float64 d/dx (elementwise ops) or None) at sizes above
+    F._THREADED; GELU's input is GEGLU's gate, the strided second half of a projection."""
+    gate = (randn(32, 64, 512, seed=11) * 2)[..., 256:]
+    silu_x = randn(32, 64, 8, 16, seed=12) * 3
+    ln_x, w, b = randn(64, 64, 64, seed=13) * 2 + 1, randn(64, seed=14), randn(64, seed=15)
+    phi = lambda x: 0.5 * (1 + _erf64(x / math.sqrt(2)))  # noqa: E731
+    sig = lambda x: 1 / (1 + np.exp(-x))  # noqa: E731
+    mu, var = ln_x.mean(-1, keepdims=True), ln_x.var(-1, keepdims=True)
+    return [
+        ("gelu", F.gelu, [gate], gate * phi(gate),
+         phi(gate) + gate * np.exp(-gate * gate / 2) / math.sqrt(2 * math.pi)),
+        ("silu", F.silu, [silu_x], silu_x * sig(silu_x), sig(silu_x) * (1 + silu_x * (1 - sig(silu_x)))),
+        ("quick_gelu", F.quick_gelu, [silu_x], silu_x * sig(1.702 * silu_x),
+         sig(1.702 * silu_x) * (1 + 1.702 * silu_x * (1 - sig(1.702 * silu_x)))),
+        ("layer_norm", lambda x, w, b: F.layer_norm(x, 64, w, b), [ln_x, w, b], (ln_x - mu) / np.sqrt(var + 1e-5) * w + b,
+         None),
+    ]
+
+
+def _layer_norm_grads64(x, w, g):
+    """dx, dw, db of layer norm over the last axis, in float64 from the formulas."""
+    xhat = (x - x.mean(-1, keepdims=True)) / np.sqrt(x.var(-1, keepdims=True) + 1e-5)
+    gw = g * w
+    dx = (gw - gw.mean(-1, keepdims=True) - xhat * (gw * xhat).mean(-1, keepdims=True)) \
+        / np.sqrt(x.var(-1, keepdims=True) + 1e-5)
+    return dx, (g * xhat).sum((0, 1)), g.sum((0, 1))
+
+
+def _run(fn, arrays, dtype, g):
+    tensors = [Tensor(a.astype(dtype), requires_grad=True) for a in arrays]
+    out = fn(*tensors)
+    out.backward(g.astype(dtype))
+    return out.numpy(), [t.grad for t in tensors]
+
+
+@pytest.mark.parametrize("case", range(4), ids=["gelu", "silu", "quick_gelu", "layer_norm"])
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_big_activations_and_layer_norm_in_blocks_on_all_cores(monkeypatch, case, dtype):
+    """Above F._THREADED values the NumPy path works on blocks of rows spread over the cores:
+    forward and gradients against float64 formulas (math.erf for GELU), and equal to the
+    same op run as one block on one thread, with blocks small enough for several a core."""
+    if get_backend().name != "numpy":
+        pytest.skip("blocks are the numpy backend's")
+    name, fn, arrays, want, dwant = _big_cases()[case]
+    assert arrays[0].size >= F._THREADED
+    g = randn(*arrays[0].shape, seed=21)
+    monkeypatch.setattr(F, "_BLOCK", 4096)
+    out, grads = _run(fn, arrays, dtype, g)
+    assert out.dtype == dtype
+    if name == "layer_norm":
+        dwants = _layer_norm_grads64(arrays[0], arrays[1], g)
+    else:
+        dwants = [g * dwant]
+    # float32: rounding (sums of 64 terms in layer norm); float64: limited by the erf fit's ~1e-7
+    tol = dict(atol=2e-6, rtol=2e-5) if dtype == np.float32 else \
+        dict(atol=1e-6, rtol=1e-6) if name == "gelu" else dict(atol=1e-10, rtol=1e-10)
+    np.testing.assert_allclose(out, want, **tol)
+    for got, ref in zip(grads, dwants):
+        np.testing.assert_allclose(got, ref, atol=tol["atol"] * (100 if got.ndim == 1 else 1), rtol=tol["rtol"])
+
+    monkeypatch.setattr(F, "_BLOCK", 1 << 40)
+    monkeypatch.setattr(F, "_THREADED", 1 << 40)  # one block, one thread
+    out1, grads1 = _run(fn, arrays, dtype, g)
+    np.testing.assert_allclose(out, out1, rtol=1e-6 if dtype == np.float32 else 1e-14, atol=0)
+    for got, one in zip(grads, grads1):
+        np.testing.assert_allclose(got, one, rtol=1e-6 if dtype == np.float32 else 1e-14, atol=1e-7)
 
 
 # ------------------------------------------------------------------------------------
