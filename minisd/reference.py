@@ -379,10 +379,23 @@ def group_norm_backward(dy, x, num_groups: int, weight, mean, rstd):
 # there the products are big, the BLAS threads them, and the slices run one by one:
 # two threads each calling a multithreaded BLAS slow each other down many times over.)
 # In the backward pass each query block adds its share into dK and dV of its slice.
+#
+# Softmax subtracts a shift m before exp so that nothing overflows; any m >= max_j S_ij
+# gives the same P. The row maxima cost more than the exp (NumPy reduces short rows
+# slowly: 64 keys a row), so each tile is shifted by the largest score of each of its
+# (batch, head) pairs, one fast reduction over contiguous memory. A row whose own scores
+# all lie far below that shift would underflow (sum exp(S - m) below EXP_FLOOR); a tile
+# with such a row is redone with the exact row maxima.
 MAX_SCORES_IN_MEMORY = 1 << 22  # 16 MB of float32 scores per tile at most
 SCORES_IN_CACHE = 1 << 18  # 1 MB: the tile size when the products are small
 BLAS_SMALL = 1 << 17
 MIN_QUERY_BLOCK = 16  # fewer rows make inefficient products: then let the BLAS thread them
+
+
+def _exp_floor(dtype) -> float:
+    """Row sums of exp(S - m) below this mean the row's largest entry is so small that
+    its neighbours may already be subnormal: tiny**0.7 is e^-61 in float32, e^-496 in float64."""
+    return float(np.finfo(dtype).tiny) ** 0.7
 
 
 def _causal_bias(Lq: int, Lk: int, dtype):
@@ -433,17 +446,21 @@ def attention_forward(q, k, v, scale: float, is_causal: bool):
     o = np.empty((B * H, Lq, v.shape[-1]), dtype=q.dtype)
     lse = np.empty((B * H, Lq), dtype=q.dtype)
     slices, blocks, small = _tiles(B * H, Lq, Lk, max(d, v.shape[-1]))
+    floor = _exp_floor(q.dtype)
 
     def slice_of_rows(sl):
         buffer = np.empty((len(o[sl]), blocks[0].stop, Lk), dtype=q.dtype)  # refilled by every block
         for qb in blocks:
-            p = np.matmul(q[sl, qb], kT[sl], out=buffer[:, :qb.stop - qb.start])  # S for this tile
-            if bias is not None:
-                p += bias[qb]
-            m = p.max(axis=-1, keepdims=True)
-            p -= m
-            np.exp(p, out=p)  # p = exp(S - m): unnormalised probabilities
-            total = _row_sums(p)[..., None]
+            for shift_by_rows in (False, True):  # the second pass only if a row underflowed
+                p = np.matmul(q[sl, qb], kT[sl], out=buffer[:, :qb.stop - qb.start])  # S for this tile
+                if bias is not None:
+                    p += bias[qb]
+                m = p.max(axis=-1 if shift_by_rows else (-2, -1), keepdims=True)
+                p -= m
+                np.exp(p, out=p)  # p = exp(S - m): unnormalised probabilities
+                total = _row_sums(p)[..., None]
+                if shift_by_rows or total.min() >= floor:
+                    break
             np.matmul(p, v[sl], out=o[sl, qb])
             o[sl, qb] /= total
             lse[sl, qb] = (m + np.log(total))[..., 0]

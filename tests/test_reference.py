@@ -285,3 +285,24 @@ def test_attention_in_tiles(monkeypatch, tiles):
         np.testing.assert_allclose(got, want, rtol=1e-12)
     for got, want in zip(reference.attention_backward(do, q, k, v, *whole, 0.5, True), whole_grads):
         np.testing.assert_allclose(got, want, rtol=1e-12, atol=1e-14)
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_attention_rows_far_below_their_tiles_top(dtype):
+    """Each tile is shifted by its (batch, head)'s largest score; a row whose scores all lie
+    ~1,000 below it would underflow to 0/0, and is redone with its own maximum."""
+    rng = np.random.default_rng(0)
+    k = rng.standard_normal((1, 2, 6, 4))
+    q = rng.standard_normal((1, 2, 5, 4))
+    q[0, 0, 1] = 30 * k[0, 0].mean(axis=0)  # row 1 of head 0 scores high ...
+    q[0, 0, 3] = -30 * k[0, 0].mean(axis=0)  # ... row 3, far below it
+    v = rng.standard_normal((1, 2, 6, 3))
+    scale = 10.0
+    s = scale * q @ k.swapaxes(-1, -2)
+    assert s[0, 0, 1].max() - s[0, 0, 3].max() > 200  # exp(-200) underflows float32 (and the float32 floor)
+    o, lse = reference.attention_forward(*(a.astype(dtype) for a in (q, k, v)), scale, False)
+    assert np.isfinite(o).all() and np.isfinite(lse).all()
+    rtol = 1e-4 if dtype == np.float32 else 1e-10
+    np.testing.assert_allclose(o, naive_attention(q, k, v, scale, False), rtol=rtol, atol=rtol)
+    m = s.max(-1, keepdims=True)
+    np.testing.assert_allclose(lse, (m + np.log(np.exp(s - m).sum(-1, keepdims=True)))[..., 0], rtol=rtol)

@@ -124,6 +124,7 @@ def run(args) -> int:
             theirs = dict(zip(("train step", "forward"), torch_steps(state, z, t, c, noise)))
             print(f"PyTorch {torch.__version__} on CPU; threads: PyTorch {torch.get_num_threads()}, "
                   f"OPENBLAS_NUM_THREADS={os.environ.get('OPENBLAS_NUM_THREADS', 'unset')}, "
+                  f"OPENBLAS_THREAD_TIMEOUT={os.environ.get('OPENBLAS_THREAD_TIMEOUT', 'unset')}, "
                   f"OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS', 'unset')}, {os.cpu_count()} CPUs")
         except ImportError as e:
             print(f"(PyTorch/diffusers not installed: {e}; timing minisd only)")
