@@ -8,20 +8,10 @@ The story, file by file: tensor.py (autograd) -> functional.py (ops) -> nn.py (l
 train.py -> pipeline.py (text -> image).
 """
 
-import os as _os
-
-# OpenBLAS's worker threads spin for about 2^28 cycles (~0.1 s) after every matrix product
-# before they sleep. minisd also runs NumPy loops on a thread pool of its own (attention,
-# GELU, ...), and a spinning BLAS thread takes a core from that pool: on 2 cores a small
-# UNet's training step took 490 ms with the default, 330 ms with 2^4 cycles. OpenBLAS reads
-# the setting when NumPy loads it, so this works when minisd is imported before NumPy;
-# otherwise export OPENBLAS_THREAD_TIMEOUT=4 yourself. A value already set is kept.
-_os.environ.setdefault("OPENBLAS_THREAD_TIMEOUT", "4")
-
-from minisd.backend import get_backend, set_backend  # noqa: E402
-from minisd.tensor import Tensor, is_grad_enabled, no_grad, tensor  # noqa: E402
-from minisd import functional, nn, optim  # noqa: E402
-from minisd.nn import manual_seed  # noqa: E402
+from minisd.backend import get_backend, set_backend
+from minisd.tensor import Tensor, is_grad_enabled, no_grad, tensor
+from minisd import functional, nn, optim
+from minisd.nn import manual_seed
 
 __version__ = "0.1.0"
 

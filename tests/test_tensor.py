@@ -1,7 +1,6 @@
 """The autograd engine: accumulation, graph freeing, deep graphs, no_grad, errors, mixing with NumPy."""
 
 import gc
-import os
 import weakref
 
 import numpy as np
@@ -502,17 +501,3 @@ def test_methods_are_the_functional_ops(method, function):
     yb.backward(g)
     np.testing.assert_allclose(a.grad, b.grad, rtol=1e-12, atol=1e-15)
 
-
-def test_importing_minisd_first_stops_openblas_threads_spinning():
-    """minisd sets OPENBLAS_THREAD_TIMEOUT=4 (BLAS threads that spin ~0.1 s after every product
-    take a core from minisd's own thread pool) unless it is set already."""
-    import subprocess
-    import sys
-
-    code = "import minisd, os; print(os.environ['OPENBLAS_THREAD_TIMEOUT'])"
-    env = {k: v for k, v in os.environ.items() if k != "OPENBLAS_THREAD_TIMEOUT"}
-    assert subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
-                          check=True).stdout.strip() == "4"
-    env["OPENBLAS_THREAD_TIMEOUT"] = "12"
-    assert subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
-                          check=True).stdout.strip() == "12"

@@ -31,21 +31,28 @@ def timeit(fn: Callable[[], object], repeat: int = 5, warmup: int = 1, min_time:
     return statistics.median(times)
 
 
+# Seconds to wait before each block: longer than OpenBLAS's worker threads spin after a
+# product (2^28 cycles, ~0.1 s, by default) and PyTorch's OpenMP threads after a parallel loop.
+SETTLE_SECONDS = 0.25
+
+
 def side_by_side(fns: list[Callable[[], object]], repeat: int = 5, rounds: int = 3, warmup: int = 1) -> list[float]:
     """Median wall time of each function in seconds, the functions taking turns in blocks.
 
     Each round runs every function ``warmup`` times untimed, then ``repeat`` times timed,
     one function after the other; the median is over all rounds. Turns, so that a spell
     of other work on a shared machine slows every side alike. Blocks rather than single
-    calls, because a library's worker threads keep spinning on the cores for a while
-    after a call returns (PyTorch's OpenMP pool, OpenBLAS's): a call made right after
-    the other library's is slowed by them. Measured here: a conv2d step that takes 19 ms
-    on its own took 26 to 46 ms when minisd and PyTorch swapped after every call. The
-    untimed first call of each block absorbs that hand-over.
+    calls, with a pause before each, because a library's worker threads keep spinning on
+    the cores for a while after a call returns (OpenBLAS's for ~0.1 s, PyTorch's OpenMP
+    pool): a call made right after the other library's runs on a core and a half. Measured
+    here: PyTorch's conv2d step at 8x8x128 took 16.6 ms right after minisd's, 8.1 ms alone;
+    minisd's 32x32x32 step 19 ms alone, 26 to 46 ms when the two swapped after every call.
     """
     times: list[list[float]] = [[] for _ in fns]
     for _ in range(rounds):
         for fn, ts in zip(fns, times):
+            if len(fns) > 1:
+                time.sleep(SETTLE_SECONDS)
             for _ in range(warmup):
                 fn()
             for _ in range(repeat):
