@@ -332,25 +332,28 @@ def group_norm_backward(dy, x, num_groups: int, weight, mean, rstd):
     """(dx, dweight, dbias). With g = dy * gamma:  dx = rstd * (g - mean(g) - xhat * mean(g * xhat)).
 
     Both means are over a group; they come from per-channel sums of dy and dy * xhat
-    (which also give dbias and dweight). Written out, dx is one affine map per (n, c):
-        dx = (rstd gamma) dy - (rstd^2 mean(g xhat)) (x - mu) - rstd mean(g).
+    (which also give dbias and dweight). The arrays are viewed as (N, G, C/G, H*W), so
+    that per-group and per-channel factors broadcast without being repeated:
+        dx = (rstd gamma) dy - (rstd mean(g xhat)) xhat - rstd mean(g).
     """
     N, C = x.shape[:2]
     G = num_groups
-    M = x[0].size // G
-    centred = (x.reshape(N, G, -1) - mean[:, :, None]).reshape(N, C, -1)
-    dyc = dy.reshape(N, C, -1)
-    sum_dy = _row_sums(dyc)  # (N, C)
-    sum_dy_xhat = _row_dots(dyc, centred) * _per_channel(rstd, C)
-    gamma = np.ones(C, dtype=x.dtype) if weight is None else weight
-    mean_g = (sum_dy * gamma).reshape(N, G, -1).sum(axis=2) / M  # (N, G)
-    mean_gx = (sum_dy_xhat * gamma).reshape(N, G, -1).sum(axis=2) / M
-    centred *= _per_channel(-rstd * rstd * mean_gx, C)[:, :, None]
-    centred -= _per_channel(rstd * mean_g, C)[:, :, None]
-    dx = dyc * (_per_channel(rstd, C) * gamma)[:, :, None]
-    dx += centred
-    dweight = sum_dy_xhat.sum(axis=0) if weight is not None else None
-    dbias = sum_dy.sum(axis=0) if weight is not None else None
+    x4, dy4 = x.reshape(N, G, C // G, -1), dy.reshape(N, G, C // G, -1)
+    M = x4.shape[2] * x4.shape[3]
+    r = rstd[:, :, None, None]
+    xhat = x4 - mean[:, :, None, None]
+    xhat *= r
+    sum_dy = _row_sums(dy4)  # (N, G, C/G): per channel
+    sum_dy_xhat = _row_dots(dy4, xhat)
+    gamma = np.ones((G, C // G), dtype=x.dtype) if weight is None else weight.reshape(G, C // G)
+    mean_g = _row_sums(sum_dy * gamma) / M  # (N, G)
+    mean_gx = _row_sums(sum_dy_xhat * gamma) / M
+    dx = dy4 * (gamma * r[..., 0])[..., None]
+    xhat *= r * mean_gx[:, :, None, None]
+    dx -= xhat
+    dx -= r * mean_g[:, :, None, None]
+    dweight = sum_dy_xhat.sum(axis=0).reshape(C) if weight is not None else None
+    dbias = sum_dy.sum(axis=0).reshape(C) if weight is not None else None
     return dx.reshape(x.shape), dweight, dbias
 
 

@@ -1,6 +1,7 @@
 """The autograd engine: accumulation, graph freeing, deep graphs, no_grad, errors, mixing with NumPy."""
 
 import gc
+import os
 import weakref
 
 import numpy as np
@@ -501,3 +502,18 @@ def test_methods_are_the_functional_ops(method, function):
     yb.backward(g)
     np.testing.assert_allclose(a.grad, b.grad, rtol=1e-12, atol=1e-15)
 
+
+
+def test_importing_minisd_first_shortens_openblas_spinning():
+    """import minisd sets OPENBLAS_THREAD_TIMEOUT=20 (BLAS threads that spin ~0.1 s after each
+    product take a core from minisd's thread pool) unless it is set already."""
+    import subprocess
+    import sys
+
+    code = "import minisd, os; print(os.environ['OPENBLAS_THREAD_TIMEOUT'])"
+    env = {k: v for k, v in os.environ.items() if k != "OPENBLAS_THREAD_TIMEOUT"}
+    run = lambda: subprocess.run([sys.executable, "-c", code], env=env, capture_output=True,  # noqa: E731
+                                 text=True, check=True).stdout.strip()
+    assert run() == "20"
+    env["OPENBLAS_THREAD_TIMEOUT"] = "12"
+    assert run() == "12"
