@@ -387,8 +387,9 @@ def group_norm_backward(dy, x, num_groups: int, weight, mean, rstd):
 # gives the same P. The row maxima cost more than the exp (NumPy reduces short rows
 # slowly: 64 keys a row), so each tile is shifted by the largest score of each of its
 # (batch, head) pairs, one fast reduction over contiguous memory. A row whose own scores
-# all lie far below that shift would underflow (sum exp(S - m) below EXP_FLOOR); a tile
-# with such a row is redone with the exact row maxima.
+# all lie far below that shift would underflow (sum exp(S - m) below ``_exp_floor``); a
+# tile with such a row is redone with the exact row maxima. (Causal attention keeps row
+# maxima: there a row's numbers must not depend, even in rounding, on later keys.)
 MAX_SCORES_IN_MEMORY = 1 << 22  # 16 MB of float32 scores per tile at most
 SCORES_IN_CACHE = 1 << 18  # 1 MB: the tile size when the products are small
 BLAS_SMALL = 1 << 17
@@ -450,11 +451,14 @@ def attention_forward(q, k, v, scale: float, is_causal: bool):
     lse = np.empty((B * H, Lq), dtype=q.dtype)
     slices, blocks, small = _tiles(B * H, Lq, Lk, max(d, v.shape[-1]))
     floor = _exp_floor(q.dtype)
+    # The second pass runs only if a row underflowed. A causal mask takes each row's own
+    # maximum at once: a shared shift would let later keys change earlier rows' rounding.
+    shifts = (True,) if is_causal else (False, True)
 
     def slice_of_rows(sl):
         buffer = np.empty((len(o[sl]), blocks[0].stop, Lk), dtype=q.dtype)  # refilled by every block
         for qb in blocks:
-            for shift_by_rows in (False, True):  # the second pass only if a row underflowed
+            for shift_by_rows in shifts:
                 p = np.matmul(q[sl, qb], kT[sl], out=buffer[:, :qb.stop - qb.start])  # S for this tile
                 if bias is not None:
                     p += bias[qb]

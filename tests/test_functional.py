@@ -545,10 +545,13 @@ def test_dropout_same_seed_same_mask_float64():
 
 
 @pytest.mark.parametrize("stride", [1, 2])
-def test_conv2d_over_several_chunks_of_images_against_torch(stride):
-    """A batch large enough that the reference convolution works through it a few images at a
-    time (its unrolled input, about 0.4 MB an image here, is cut into chunks of CONV_CHUNK_BYTES)."""
+def test_conv2d_over_several_chunks_of_images_against_torch(monkeypatch, stride):
+    """The reference convolution works through a batch a few images at a time (its copies of
+    the input, 0.2-0.4 MB an image here, in chunks of CONV_CHUNK_BYTES, made 1 MB here)."""
     torch = pytest.importorskip("torch")
+    from minisd import reference
+
+    monkeypatch.setattr(reference, "CONV_CHUNK_BYTES", 1 << 20)
     x, w, b = randn(7, 16, 32, 32), randn(16, 16, 3, 3, seed=1) * 0.1, randn(16, seed=2)
     x32, w32, b32 = (a.astype(np.float32) for a in (x, w, b))
     ours = [Tensor(a, requires_grad=True) for a in (x32, w32, b32)]
