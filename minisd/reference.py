@@ -43,8 +43,9 @@ import numpy as np
 #        y[n,k,p,q] = sum_r Z[r, k, n, p + r, q].
 #    Rows i >= P of Z are computed and never read: 2 of 34 rows at 32x32, 2 of 18 at
 #    16x16. The backward pass reuses both pieces:
-#      dW_r = sum over (n, p, q) of xs[:, (n, p + r, q)] dy[n, :, p, q]: a product of a
-#          column-shifted view of xs with dy laid out as a (N*I*Q, K) matrix;
+#      dW_r = sum over (n, p, q) of dy[n, :, p, q] xs[:, (n, p + r, q)]: a product of xs
+#          with dy laid out like xs's columns and moved r rows down; stacking the R
+#          moved copies of dy makes it one product, as in the forward pass;
 #      dX: the gradient of a stride-1 convolution is itself a convolution, of dy with
 #          the kernel flipped in (r, s) and C and K swapped (padding R - 1 - pd), so the
 #          forward code computes it (by either route: at stride 1 route 2 does the same).
@@ -162,13 +163,18 @@ def _shifted_rows_forward(x, w, b, padding: int):
     return y
 
 
-def _dy_rows(dy, I: int, out=None):
-    """dy (n, K, P, Q) as a (K, n*I*Q) matrix whose column (n, i, q) pairs with column (n, i, q)
-    of xs; zero in the rows i >= P that no output uses (``out``: an earlier one to refill)."""
+def _shifted_dy(dy, R: int, I: int, out=None):
+    """Ds (R, K, n*I*Q): Ds[r] is dy laid out like xs's columns (n, i, q), moved r rows down:
+    Ds[r, k, (n, i, q)] = dy[n, k, i - r, q], zero where i - r is not an output row. Then
+    Ds[r] @ xs^T = dW_r, and all R of them are one product. (``out``: an earlier Ds to refill;
+    what is never written, stays zero.)"""
     n, K, P, Q = dy.shape
-    D = np.zeros((K, n, I, Q), dtype=dy.dtype) if out is None else out[:, :n * I * Q].reshape(K, n, I, Q)
-    D[:, :, :P] = dy.transpose(1, 0, 2, 3)
-    return D.reshape(K, n * I * Q)
+    M = n * I * Q
+    Ds = np.zeros((R, K, M), dtype=dy.dtype) if out is None else out
+    Ds[0, :, :M].reshape(K, n, I, Q)[:, :, :P] = dy.transpose(1, 0, 2, 3)
+    for r in range(1, R):  # r rows down is r*Q columns on; rows P..I-1 of each image are zero
+        Ds[r, :, r * Q:M] = Ds[0, :, :M - r * Q]
+    return Ds
 
 
 def _shifted_rows_backward(dy, x, w, padding: int, need_dw: bool, need_db: bool):
@@ -176,20 +182,18 @@ def _shifted_rows_backward(dy, x, w, padding: int, need_dw: bool, need_db: bool)
     N, C = x.shape[:2]
     K, _, R, S = w.shape
     I, Q = x.shape[2] + 2 * padding, dy.shape[3]
-    dw = np.zeros((R, K, C, S), dtype=w.dtype)  # dW_r for each r: w's layout is made at the end
+    dw = np.zeros((R * K, C * S), dtype=w.dtype)  # the stacked dW_r: w's layout is made at the end
     db = np.zeros(K, dtype=dy.dtype)
     if need_dw or need_db:
-        D = xs = None  # buffers, reused from chunk to chunk
-        for chunk in _chunks(N, (C * S + K) * I * Q * x.itemsize):
-            D = _dy_rows(dy[chunk], I, out=D)
-            db += D.sum(axis=1)
+        Ds = xs = None  # buffers, reused from chunk to chunk
+        for chunk in _chunks(N, (C * S + R * K) * I * Q * x.itemsize):
+            Ds = _shifted_dy(dy[chunk], R, I, out=Ds)
+            M = len(dy[chunk]) * I * Q
+            db += Ds[0, :, :M].sum(axis=1)
             if need_dw:
                 xs = unroll(x[chunk], S, padding, out=xs)
-                X = xs.reshape(C * S, -1)
-                for r in range(R):  # kernel row r pairs output row p with padded row p + r
-                    M = D.shape[1] - r * Q
-                    dw[r] += (D[:, :M] @ X[:, r * Q:r * Q + M].T).reshape(K, C, S)
-    return None, dw.transpose(1, 2, 0, 3), db
+                dw += Ds[:, :, :M].reshape(R * K, M) @ xs.reshape(C * S, M).T
+    return None, dw.reshape(R, K, C, S).transpose(1, 2, 0, 3), db
 
 
 # --- route 2: channels last ------------------------------------------------------------
