@@ -199,12 +199,21 @@ def _shifted_rows_backward(dy, x, w, padding: int, need_dw: bool, need_db: bool)
 # --- route 2: channels last ------------------------------------------------------------
 
 
+def _channel_blocks(C: int, H: int, W: int):
+    """Slices of channels for moving an image between NCHW and channels-last: a transposing
+    copy runs fastest a block of about 32 KB (L1) of each image at a time (at 32x32, 8
+    channels: 4x faster than the whole image at once; at 8x8 the whole image is one block)."""
+    step = max(1, (8 << 10) // (H * W))
+    return [slice(c, c + step) for c in range(0, C, step)]
+
+
 def _channels_last(x, padding: int, out=None):
     """xcl (N, H + 2*padding, W + 2*padding, C): xcl[n, i, j, c] = xpad[n, c, i, j]
     (``out``: an earlier one to refill; its border is still zero)."""
     N, C, H, W = x.shape
     xcl = np.zeros((N, H + 2 * padding, W + 2 * padding, C), dtype=x.dtype) if out is None else out[:N]
-    xcl[:, padding:padding + H, padding:padding + W] = x.transpose(0, 2, 3, 1)
+    for cs in _channel_blocks(C, H, W):
+        xcl[:, padding:padding + H, padding:padding + W, cs] = x[:, cs].transpose(0, 2, 3, 1)
     return xcl
 
 
@@ -280,7 +289,8 @@ def _channels_last_backward(dy, x, w, stride: int, padding: int, need_dx: bool, 
             if dxcl is None:
                 dxcl = np.empty((n, H + 2 * padding, W + 2 * padding, C), dtype=dy.dtype)
             col2im(dcols, dxcl[:n], stride)
-            dx[chunk] = dxcl[:n, padding:padding + H, padding:padding + W].transpose(0, 3, 1, 2)
+            for cs in _channel_blocks(C, H, W):
+                dx[chunk, cs] = dxcl[:n, padding:padding + H, padding:padding + W, cs].transpose(0, 3, 1, 2)
     return dx, dWm.reshape(K, R, S, C).transpose(0, 3, 1, 2), db
 
 
