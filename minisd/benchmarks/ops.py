@@ -88,12 +88,15 @@ def _cases(rng):
                [f32(B, Hh, Lq, d), f32(B, Hh, Lk, d), f32(B, Hh, Lk, d)], None)
 
 
-def _load_note() -> str:
-    """The 1-minute load average, flagged when other work competes for the cores."""
+def _load_note(before: bool = True) -> str:
+    """The 1-minute load average, flagged when other work competes for the cores. Only
+    before the run: afterwards the average counts this benchmark's own threads too."""
     if not hasattr(os, "getloadavg"):
         return ""
     load, cores = os.getloadavg()[0], os.cpu_count() or 1
     busy = " (busy: other work shares the cores; times are inflated, ratios unreliable)" if load > 0.5 * cores else ""
+    if not before:
+        return f"load average {load:.1f} on {cores} cores after the run (this benchmark's threads included)"
     return f"load average {load:.1f} on {cores} cores{busy}"
 
 
@@ -134,5 +137,5 @@ def run(args) -> int:
         print(line)
     if torch is not None:
         print(f"conv2d: worst time ratio minisd / PyTorch = {worst:.2f} (target <= 1.5)")
-    print(_load_note())
+    print(_load_note(before=False))
     return 0
