@@ -30,7 +30,8 @@ import numpy as np
 # N*P*Q rows and R*S*C columns, then one matrix product with the (R*S*C, K) weights. On
 # a CPU the copy is what costs: it writes R*S = 9 copies of the input, and writing
 # memory is as slow as the multiplications. So minisd has two routes, each best where
-# the other is weak, chosen per call by ``_row_shifts``:
+# the other is weak, chosen per call by ``_row_shifts`` (and 1x1 kernels, which need no
+# copies at all, take a shortcut: see conv2d_forward):
 #
 # 1. Shifted rows (stride 1, outputs taller than ROW_SHIFTS_FROM rows). Copy only S
 #    times, along the kernel's width, and get the kernel's height for free. Unroll the
@@ -100,6 +101,16 @@ def _chunks(N: int, bytes_per_image: int):
 
 def conv2d_forward(x, w, b, stride: int, padding: int):
     """y (N, K, P, Q) = conv(x (N, C, H, W), w (K, C, R, S)) + b."""
+    if w.shape[2:] == (1, 1) and stride == 1 and padding == 0:
+        # A 1x1 convolution mixes channels pixel by pixel: y[n] = W (K, C) @ x[n] (C, H*W),
+        # one product per image straight on the NCHW arrays, with no copies at all. (Its
+        # dx, W^T @ dy[n], comes here too, as the flipped convolution of conv2d_backward.)
+        N, C, H, W = x.shape
+        K = w.shape[0]
+        y = np.matmul(w.reshape(K, C), x.reshape(N, C, H * W))
+        if b is not None:
+            y += b.reshape(K, 1)
+        return y.reshape(N, K, H, W)
     if _row_shifts(x.shape, w.shape, stride, padding):
         return _shifted_rows_forward(x, w, b, padding)
     return _channels_last_forward(x, w, b, stride, padding)
