@@ -85,13 +85,21 @@ def _out_size(size: int, k: int, stride: int, padding: int) -> int:
     return (size + 2 * padding - k) // stride + 1
 
 
-def _row_shifts(x_shape, w_shape, stride: int, padding: int) -> bool:
-    """Route 1 (shifted rows) or route 2 (channels last)? Route 1 needs stride 1 and a
-    square kernel with padding < its size (so that dX is a convolution with padding >= 0);
-    a 1x1 kernel shifts nothing and takes it at any size."""
+def _dx_is_a_conv(w_shape, stride: int, padding: int) -> bool:
+    """The gradient of a stride-1 convolution is itself a convolution, of dy with the kernel
+    flipped in (r, s) and C and K swapped, padded by R - 1 - padding; that padding must be
+    >= 0, and square like conv2d's."""
     R, S = w_shape[2:]
+    return stride == 1 and R == S and padding <= R - 1
+
+
+def _row_shifts(x_shape, w_shape, stride: int, padding: int) -> bool:
+    """Route 1 (shifted rows) or route 2 (channels last)? Route 1 computes dX as a
+    convolution (``_dx_is_a_conv``) and pays for the rows it throws away only on tall
+    outputs; a 1x1 kernel shifts nothing and takes it at any size."""
+    R = w_shape[2]
     P = _out_size(x_shape[2], R, stride, padding)
-    return stride == 1 and R == S and padding <= R - 1 and (P >= ROW_SHIFTS_FROM or R == 1)
+    return _dx_is_a_conv(w_shape, stride, padding) and (P >= ROW_SHIFTS_FROM or R == 1)
 
 
 def _chunks(N: int, bytes_per_image: int):
@@ -118,17 +126,14 @@ def conv2d_forward(x, w, b, stride: int, padding: int):
 
 def conv2d_backward(dy, x, w, stride: int, padding: int, need_dx=True, need_dw=True, need_db=True):
     """(dx, dw, db) from dy (N, K, P, Q); None for the gradients not asked for."""
-    R, S = w.shape[2:]
-    # The gradient of a stride-1 convolution is itself a convolution, of dy with the kernel
-    # flipped in (r, s) and C and K swapped, padded by R - 1 - padding (which must be >= 0).
-    dx_is_a_conv = stride == 1 and R == S and padding <= R - 1
+    dx_is_a_conv = _dx_is_a_conv(w.shape, stride, padding)
     if _row_shifts(x.shape, w.shape, stride, padding):
         dx, dw, db = _shifted_rows_backward(dy, x, w, padding, need_dw, need_db)
     else:
         dx, dw, db = _channels_last_backward(dy, x, w, stride, padding, need_dx and not dx_is_a_conv, need_dw, need_db)
-    if need_dx and dx_is_a_conv:
+    if need_dx and dx_is_a_conv:  # the flipped convolution, by whichever route suits dy
         w_flipped = w[:, :, ::-1, ::-1].transpose(1, 0, 2, 3)  # (C, K, R, S)
-        dx = conv2d_forward(dy, w_flipped, None, 1, R - 1 - padding)
+        dx = conv2d_forward(dy, w_flipped, None, 1, w.shape[2] - 1 - padding)
     return dx, (dw if need_dw else None), (db if need_db else None)
 
 
@@ -260,11 +265,17 @@ def _channels_last_sizes(x, w, stride: int, padding: int):
     return P, Q, (H * W * C + P * Q * (R * S * C + K)) * x.itemsize
 
 
+def _weight_rows(w):
+    """w (K, C, R, S) as the (K, R*S*C) matrix whose columns follow cols' (r, s, c) order."""
+    K, C, R, S = w.shape
+    return w.transpose(0, 2, 3, 1).reshape(K, R * S * C)
+
+
 def _channels_last_forward(x, w, b, stride: int, padding: int):
     N = x.shape[0]
     K, C, R, S = w.shape
     P, Q, chunk_bytes = _channels_last_sizes(x, w, stride, padding)
-    WmT = w.transpose(2, 3, 1, 0).reshape(R * S * C, K)  # rows in cols' (r, s, c) order
+    Wm = _weight_rows(w)
     y = np.empty((N, K, P, Q), dtype=x.dtype)
     xcl = cols = None  # buffers, made for the first chunk and refilled for the others
     for chunk in _chunks(N, chunk_bytes):
@@ -272,7 +283,7 @@ def _channels_last_forward(x, w, b, stride: int, padding: int):
         cols = im2col(xcl, R, S, stride, P, Q, out=cols)
         n = cols.shape[0]
         # y in channels-last order, (n*P*Q, K): this product runs ~20% faster than W @ cols^T
-        ycl = (cols.reshape(n * P * Q, -1) @ WmT).reshape(n, P, Q, K).transpose(0, 3, 1, 2)
+        ycl = (cols.reshape(n * P * Q, -1) @ Wm.T).reshape(n, P, Q, K).transpose(0, 3, 1, 2)
         np.copyto(y[chunk], ycl) if b is None else np.add(ycl, b.reshape(K, 1, 1), out=y[chunk])
     return y
 
@@ -281,7 +292,7 @@ def _channels_last_backward(dy, x, w, stride: int, padding: int, need_dx: bool, 
     N, C, H, W = x.shape
     K, _, R, S = w.shape
     P, Q, chunk_bytes = _channels_last_sizes(x, w, stride, padding)
-    Wm = w.transpose(0, 2, 3, 1).reshape(K, R * S * C)
+    Wm = _weight_rows(w) if need_dx else None
     dWm = np.zeros((K, R * S * C), dtype=w.dtype)
     db = np.zeros(K, dtype=dy.dtype)
     dx = np.empty(x.shape, dtype=dy.dtype) if need_dx else None
@@ -328,28 +339,25 @@ def _row_dots(a, b):
     return (a[..., None, :] @ b[..., :, None])[..., 0, 0]
 
 
-def _per_channel(per_group, C: int):
-    """(N, G) -> (N, C): each group's value repeated for its C/G channels."""
-    return np.repeat(per_group, C // per_group.shape[1], axis=1)
-
-
 def group_norm_forward(x, num_groups: int, weight, bias, eps: float):
     """(y, mean, rstd); mean and rstd have shape (N, G)."""
     N, C = x.shape[:2]
-    xg = x.reshape(N, num_groups, -1)
+    G = num_groups
+    xg = x.reshape(N, G, -1)
     M = xg.shape[2]
     mean = _row_sums(xg) / M
     centred = xg - mean[:, :, None]
     var = _row_dots(centred, centred) / M  # two passes (mean first): no cancellation
     rstd = 1.0 / np.sqrt(var + np.asarray(eps, dtype=var.dtype))
-    # y = centred * (rstd * gamma) + beta, with one factor per (n, c)
-    scale = _per_channel(rstd, C)
+    # y = centred * (rstd * gamma) + beta, with one factor per (n, c): viewed as
+    # (N, G, C/G, H*W), the per-group and per-channel factors broadcast
+    scale = np.broadcast_to(rstd[:, :, None], (N, G, C // G)).copy()
     if weight is not None:
-        scale *= weight
-    y = centred.reshape(N, C, -1)
-    y *= scale[:, :, None]
+        scale *= weight.reshape(G, C // G)
+    y = centred.reshape(N, G, C // G, -1)
+    y *= scale[..., None]
     if bias is not None:
-        y += bias.reshape(C, 1)
+        y += bias.reshape(G, C // G, 1)
     return y.reshape(x.shape), mean, rstd
 
 
@@ -357,8 +365,8 @@ def group_norm_backward(dy, x, num_groups: int, weight, mean, rstd):
     """(dx, dweight, dbias). With g = dy * gamma:  dx = rstd * (g - mean(g) - xhat * mean(g * xhat)).
 
     Both means are over a group; they come from per-channel sums of dy and dy * xhat
-    (which also give dbias and dweight). The arrays are viewed as (N, G, C/G, H*W), so
-    that per-group and per-channel factors broadcast without being repeated:
+    (which also give dbias and dweight). As in the forward pass the arrays are viewed as
+    (N, G, C/G, H*W), so that per-group and per-channel factors broadcast:
         dx = (rstd gamma) dy - (rstd mean(g xhat)) xhat - rstd mean(g).
     """
     N, C = x.shape[:2]

@@ -544,33 +544,38 @@ def test_dropout_same_seed_same_mask_float64():
     assert gradcheck(lambda t: F.dropout(t, 0.4, rng=mask_rng()), [randn(4, 5)])
 
 
+def _assert_matches_torch(fn, torch_fn, arrays, grad_seed, atol, grad_atol, rtol=1e-3):
+    """fn's output and its gradients for every input equal torch_fn's (float32 arrays)."""
+    ours = [Tensor(a, requires_grad=True) for a in arrays]
+    theirs = [torch.tensor(a, requires_grad=True) for a in arrays]
+    out, ref = fn(*ours), torch_fn(*theirs)
+    np.testing.assert_allclose(out.numpy(), ref.detach().numpy(), atol=atol, rtol=rtol)
+    g = randn(*out.shape, seed=grad_seed).astype(np.float32)
+    out.backward(g)
+    ref.backward(torch.tensor(g))
+    for t, tt in zip(ours, theirs):
+        np.testing.assert_allclose(t.grad, tt.grad.numpy(), atol=grad_atol, rtol=rtol)
+
+
 @pytest.mark.parametrize("stride", [1, 2])
 def test_conv2d_over_several_chunks_of_images_against_torch(monkeypatch, stride):
     """The reference convolution works through a batch a few images at a time (its copies of
     the input, 0.2-0.4 MB an image here, in chunks of CONV_CHUNK_BYTES, made 1 MB here)."""
-    torch = pytest.importorskip("torch")
+    pytest.importorskip("torch")
     from minisd import reference
 
     monkeypatch.setattr(reference, "CONV_CHUNK_BYTES", 1 << 20)
     x, w, b = randn(7, 16, 32, 32), randn(16, 16, 3, 3, seed=1) * 0.1, randn(16, seed=2)
-    x32, w32, b32 = (a.astype(np.float32) for a in (x, w, b))
-    ours = [Tensor(a, requires_grad=True) for a in (x32, w32, b32)]
-    theirs = [torch.tensor(a, requires_grad=True) for a in (x32, w32, b32)]
-    out = F.conv2d(*ours, stride=stride, padding=1)
-    ref = TF.conv2d(*theirs, stride=stride, padding=1)
-    np.testing.assert_allclose(out.numpy(), ref.detach().numpy(), atol=1e-4, rtol=1e-3)
-    g = randn(*out.shape, seed=3).astype(np.float32)
-    out.backward(g)
-    ref.backward(torch.tensor(g))
-    for t, tt in zip(ours, theirs):
-        np.testing.assert_allclose(t.grad, tt.grad.numpy(), atol=1e-3, rtol=1e-3)
+    _assert_matches_torch(lambda x, w, b: F.conv2d(x, w, b, stride=stride, padding=1),
+                          lambda x, w, b: TF.conv2d(x, w, b, stride=stride, padding=1),
+                          [a.astype(np.float32) for a in (x, w, b)], grad_seed=3, atol=1e-4, grad_atol=1e-3)
 
 
 @pytest.mark.parametrize("is_causal", [False, True])
 def test_attention_in_slices_of_the_batch_against_torch(monkeypatch, is_causal):
     """The reference computes attention a few (batch) rows at a time to bound the memory of the
     scores; shrink that bound so that a small batch is cut into several slices."""
-    torch = pytest.importorskip("torch")
+    pytest.importorskip("torch")
     from minisd import reference
 
     if get_backend().name != "numpy":
@@ -578,16 +583,9 @@ def test_attention_in_slices_of_the_batch_against_torch(monkeypatch, is_causal):
     B, H, Lq, Lk, d = 5, 2, 4, 6, 3
     monkeypatch.setattr(reference, "MAX_SCORES_IN_MEMORY", 2 * H * Lq * Lk)  # two batch rows a slice
     q, k, v = (randn(B, H, L, d, seed=i).astype(np.float32) for i, L in enumerate((Lq, Lk, Lk)))
-    ours = [Tensor(a, requires_grad=True) for a in (q, k, v)]
-    theirs = [torch.tensor(a, requires_grad=True) for a in (q, k, v)]
-    out = F.scaled_dot_product_attention(*ours, is_causal=is_causal)
-    ref = TF.scaled_dot_product_attention(*theirs, is_causal=is_causal)
-    np.testing.assert_allclose(out.numpy(), ref.detach().numpy(), atol=1e-5, rtol=1e-3)
-    g = randn(*out.shape, seed=9).astype(np.float32)
-    out.backward(g)
-    ref.backward(torch.tensor(g))
-    for t, tt in zip(ours, theirs):
-        np.testing.assert_allclose(t.grad, tt.grad.numpy(), atol=1e-4, rtol=1e-3)
+    _assert_matches_torch(lambda q, k, v: F.scaled_dot_product_attention(q, k, v, is_causal=is_causal),
+                          lambda q, k, v: TF.scaled_dot_product_attention(q, k, v, is_causal=is_causal),
+                          [q, k, v], grad_seed=9, atol=1e-5, grad_atol=1e-4)
 
 
 def test_attention_probabilities_match_the_op():

@@ -32,7 +32,8 @@ def timeit(fn: Callable[[], object], repeat: int = 5, warmup: int = 1, min_time:
 
 
 # Seconds to wait before each block: longer than OpenBLAS's worker threads spin after a
-# product (2^28 cycles, ~0.1 s, by default) and PyTorch's OpenMP threads after a parallel loop.
+# product (2^28 cycles, ~0.1 s, by OpenBLAS's default; minisd sets 2^20 when it is imported
+# first) and PyTorch's OpenMP threads after a parallel loop.
 SETTLE_SECONDS = 0.25
 
 

@@ -94,9 +94,9 @@ def _load_note(before: bool = True) -> str:
     if not hasattr(os, "getloadavg"):
         return ""
     load, cores = os.getloadavg()[0], os.cpu_count() or 1
-    busy = " (busy: other work shares the cores; times are inflated, ratios unreliable)" if load > 0.5 * cores else ""
     if not before:
         return f"load average {load:.1f} on {cores} cores after the run (this benchmark's threads included)"
+    busy = " (busy: other work shares the cores; times are inflated, ratios unreliable)" if load > 0.5 * cores else ""
     return f"load average {load:.1f} on {cores} cores{busy}"
 
 
