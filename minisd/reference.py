@@ -323,8 +323,8 @@ def _channels_last_backward(dy, x, w, stride: int, padding: int, need_dx: bool, 
 # ------------------------------------------------------------------------------------
 #
 # Group norm is a handful of passes over memory, so the work is in making few of them.
-# Sums over the M values of a row take one pass each (einsum for sums, batched BLAS
-# dot products for sums of products), and every elementwise step writes in place.
+# Sums over the M values of a row take one pass each (einsum, for sums and for sums of
+# products), and every elementwise step writes in place.
 # Per-channel factors are folded together first, so that y is one multiply and one add
 # over the data, and dx one affine map per (n, c) of dy and x - mu.
 
@@ -335,8 +335,9 @@ def _row_sums(a):
 
 
 def _row_dots(a, b):
-    """sum over the last axis of a * b, as batched dot products (no a * b temporary)."""
-    return (a[..., None, :] @ b[..., :, None])[..., 0, 0]
+    """sum over the last axis of a * b, in one pass with no a * b temporary (einsum: as fast as
+    batched BLAS dot products on long rows, 3x faster on rows as short as a 4x4 image's)."""
+    return np.einsum("...i,...i->...", a, b)
 
 
 def group_norm_forward(x, num_groups: int, weight, bias, eps: float):
@@ -365,26 +366,27 @@ def group_norm_backward(dy, x, num_groups: int, weight, mean, rstd):
     """(dx, dweight, dbias). With g = dy * gamma:  dx = rstd * (g - mean(g) - xhat * mean(g * xhat)).
 
     Both means are over a group; they come from per-channel sums of dy and dy * xhat
-    (which also give dbias and dweight). As in the forward pass the arrays are viewed as
-    (N, G, C/G, H*W), so that per-group and per-channel factors broadcast:
+    (which also give dbias and dweight). Per-channel factors need the arrays viewed as
+    (N, G, C/G, H*W); per-group ones take the (N, G, M) view, whose rows are longer
+    (NumPy runs a loop per row: at 4x4 images, H*W rows are only 16 numbers long):
         dx = (rstd gamma) dy - (rstd mean(g xhat)) xhat - rstd mean(g).
     """
     N, C = x.shape[:2]
     G = num_groups
-    x4, dy4 = x.reshape(N, G, C // G, -1), dy.reshape(N, G, C // G, -1)
-    M = x4.shape[2] * x4.shape[3]
-    r = rstd[:, :, None, None]
-    xhat = x4 - mean[:, :, None, None]
-    xhat *= r
+    xhat = x.reshape(N, G, -1) - mean[:, :, None]
+    xhat *= rstd[:, :, None]
+    M = xhat.shape[2]
+    dy4, xhat4 = dy.reshape(N, G, C // G, -1), xhat.reshape(N, G, C // G, -1)
     sum_dy = _row_sums(dy4)  # (N, G, C/G): per channel
-    sum_dy_xhat = _row_dots(dy4, xhat)
+    sum_dy_xhat = _row_dots(dy4, xhat4)
     gamma = np.ones((G, C // G), dtype=x.dtype) if weight is None else weight.reshape(G, C // G)
     mean_g = _row_sums(sum_dy * gamma) / M  # (N, G)
     mean_gx = _row_sums(sum_dy_xhat * gamma) / M
-    dx = dy4 * (gamma * r[..., 0])[..., None]
-    xhat *= r * mean_gx[:, :, None, None]
+    dx = np.empty(xhat.shape, dtype=np.result_type(dy, xhat))  # (N, G, M), C order whatever dy's layout
+    np.multiply(dy4, (gamma * rstd[:, :, None])[..., None], out=dx.reshape(dy4.shape))
+    xhat *= (rstd * mean_gx)[:, :, None]
+    xhat += (rstd * mean_g)[:, :, None]
     dx -= xhat
-    dx -= r * mean_g[:, :, None, None]
     dweight = sum_dy_xhat.sum(axis=0).reshape(C) if weight is not None else None
     dbias = sum_dy.sum(axis=0).reshape(C) if weight is not None else None
     return dx.reshape(x.shape), dweight, dbias

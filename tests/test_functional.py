@@ -251,6 +251,7 @@ case("quick_gelu", F.quick_gelu, lambda a: a * torch.sigmoid(1.702 * a), lambda:
 case("gelu_exact", F.gelu, TF.gelu if TF else None, lambda: [randn(3, 5) * 3])
 case("gelu_tanh", lambda a: F.gelu(a, approximate="tanh"), lambda a: TF.gelu(a, approximate="tanh"),
      lambda: [randn(3, 5) * 3])
+case("geglu", F.geglu, lambda x: (lambda h, g: h * TF.gelu(g))(*x.chunk(2, -1)), lambda: [randn(2, 3, 8) * 3])
 case("softmax_last", F.softmax, lambda a: torch.softmax(a, -1), lambda: [randn(3, 5) * 2])
 case("softmax_axis0", lambda a: a.softmax(0), lambda a: torch.softmax(a, 0), lambda: [randn(3, 1, 5) * 2])
 case("log_softmax_last", F.log_softmax, lambda a: torch.log_softmax(a, -1), lambda: [randn(3, 5) * 2])
@@ -610,18 +611,26 @@ def _erf64(x):
     return np.vectorize(math.erf, otypes=[np.float64])(x)
 
 
+def _phi64(x):
+    """The standard normal CDF, in float64 from math.erf."""
+    return 0.5 * (1 + _erf64(x / math.sqrt(2)))
+
+
 def _big_cases():
     """(name, fn, inputs, float64 forward, float64 d/dx (elementwise ops) or None) at sizes above
-    F._THREADED; GELU's input is GEGLU's gate, the strided second half of a projection."""
+    F._THREADED; GELU's input is GEGLU's gate, the strided second half of a projection, and
+    GEGLU's the whole projection."""
     gate = (randn(32, 64, 512, seed=11) * 2)[..., 256:]
     silu_x = randn(32, 64, 8, 16, seed=12) * 3
     ln_x, w, b = randn(64, 64, 64, seed=13) * 2 + 1, randn(64, seed=14), randn(64, seed=15)
-    phi = lambda x: 0.5 * (1 + _erf64(x / math.sqrt(2)))  # noqa: E731
     sig = lambda x: 1 / (1 + np.exp(-x))  # noqa: E731
     mu, var = ln_x.mean(-1, keepdims=True), ln_x.var(-1, keepdims=True)
+    proj = randn(32, 64, 512, seed=16) * 2
+    h, g = proj[..., :256], proj[..., 256:]
     return [
-        ("gelu", F.gelu, [gate], gate * phi(gate),
-         phi(gate) + gate * np.exp(-gate * gate / 2) / math.sqrt(2 * math.pi)),
+        ("geglu", F.geglu, [proj], h * g * _phi64(g), None),
+        ("gelu", F.gelu, [gate], gate * _phi64(gate),
+         _phi64(gate) + gate * np.exp(-gate * gate / 2) / math.sqrt(2 * math.pi)),
         ("silu", F.silu, [silu_x], silu_x * sig(silu_x), sig(silu_x) * (1 + silu_x * (1 - sig(silu_x)))),
         ("quick_gelu", F.quick_gelu, [silu_x], silu_x * sig(1.702 * silu_x),
          sig(1.702 * silu_x) * (1 + 1.702 * silu_x * (1 - sig(1.702 * silu_x)))),
@@ -646,7 +655,7 @@ def _run(fn, arrays, dtype, g):
     return out.numpy(), [t.grad for t in tensors]
 
 
-@pytest.mark.parametrize("case", range(4), ids=["gelu", "silu", "quick_gelu", "layer_norm"])
+@pytest.mark.parametrize("case", range(5), ids=["geglu", "gelu", "silu", "quick_gelu", "layer_norm"])
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
 def test_big_activations_and_layer_norm_in_blocks_on_all_cores(monkeypatch, case, dtype):
     """Above F._THREADED values the NumPy path works on blocks of rows spread over the cores:
@@ -656,17 +665,21 @@ def test_big_activations_and_layer_norm_in_blocks_on_all_cores(monkeypatch, case
         pytest.skip("blocks are the numpy backend's")
     name, fn, arrays, want, dwant = _big_cases()[case]
     assert arrays[0].size >= F._THREADED
-    g = randn(*arrays[0].shape, seed=21)
+    g = randn(*want.shape, seed=21)
     monkeypatch.setattr(F, "_BLOCK", 4096)
     out, grads = _run(fn, arrays, dtype, g)
     assert out.dtype == dtype
     if name == "layer_norm":
         dwants = _layer_norm_grads64(arrays[0], arrays[1], g)
+    elif name == "geglu":
+        h, gate = np.split(arrays[0], 2, axis=-1)
+        pdf = np.exp(-gate * gate / 2) / math.sqrt(2 * math.pi)
+        dwants = [np.concatenate([g * gate * _phi64(gate), g * h * (_phi64(gate) + gate * pdf)], axis=-1)]
     else:
         dwants = [g * dwant]
     # float32: rounding (sums of 64 terms in layer norm); float64: limited by the erf fit's ~1e-7
     tol = dict(atol=2e-6, rtol=2e-5) if dtype == np.float32 else \
-        dict(atol=1e-6, rtol=1e-6) if name == "gelu" else dict(atol=1e-10, rtol=1e-10)
+        dict(atol=1e-6, rtol=1e-6) if name in ("gelu", "geglu") else dict(atol=1e-10, rtol=1e-10)
     np.testing.assert_allclose(out, want, **tol)
     for got, ref in zip(grads, dwants):
         np.testing.assert_allclose(got, ref, atol=tol["atol"] * (100 if got.ndim == 1 else 1), rtol=tol["rtol"])

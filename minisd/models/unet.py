@@ -82,8 +82,7 @@ class GEGLU(nn.Module):
         self.proj = nn.Linear(dim_in, 2 * dim_out)
 
     def forward(self, x: Tensor) -> Tensor:
-        a, gate = F.chunk(self.proj(x), 2, axis=-1)
-        return a * F.gelu(gate)
+        return F.geglu(self.proj(x))
 
 
 class FeedForward(nn.Module):
