@@ -144,3 +144,18 @@ def test_eval_bad_steps_exit_2(tiny_path, tmp_path, capsys):
     code, _, err = run_cli(capsys, "eval", "--model", tiny_path, "--out", str(tmp_path), "--steps", "0")
     assert code == 2
     assert "--steps" in one_line_error(err)
+
+
+def test_bench_ops_prints_ratios_and_both_libraries_share_of_the_peak(capsys, monkeypatch):
+    """`minisd bench ops` on one small case: a minisd / PyTorch ratio and each side's share of the
+    NumPy matmul peak measured in the same run (PyTorch's oneDNN can run above it)."""
+    pytest.importorskip("torch")
+    monkeypatch.setattr("minisd.benchmarks.SETTLE_SECONDS", 0)  # no pauses between blocks: a quick run
+    code, out, _ = run_cli(capsys, "bench", "ops", "--only", "k1 s1", "--repeat", "1")
+    assert code == 0
+    row = next(line for line in out.splitlines() if line.startswith("conv2d") and "k1 s1" in line)
+    minisd_ms, torch_ms, ratio, gflops, share, torch_share = row.split()[-6:]
+    assert float(minisd_ms) > 0 and float(torch_ms) > 0
+    assert float(ratio) == pytest.approx(float(minisd_ms) / float(torch_ms), rel=0.02, abs=0.01)
+    assert share.endswith("%") and torch_share.endswith("%") and float(torch_share[:-1]) > 0
+    assert "conv2d: worst time ratio minisd / PyTorch" in out

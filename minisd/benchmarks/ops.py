@@ -3,7 +3,9 @@
 The shapes are those of a small UNet's training step (batch 32, 8x8 to 32x32 feature
 maps, 32 to 128 channels). For conv2d the achieved GFLOP/s is also shown as a fraction
 of this machine's float32 matmul peak, measured in the same run: a convolution is
-three matrix products (forward, dX, dW), so the peak is the ceiling.
+three matrix products (forward, dX, dW), so the peak is the ceiling for minisd, which
+computes them with NumPy's BLAS. PyTorch's fraction is shown too: its oneDNN
+convolutions do not go through that BLAS, and can run above it.
 
 minisd and PyTorch take turns in blocks of runs (``side_by_side``), so that a spell of
 other work on a shared machine slows both alike; the load average is printed before and
@@ -110,7 +112,8 @@ def run(args) -> int:
         print("PyTorch is not installed (pip install 'minisd[parity]'): timing minisd alone")
     else:
         print(f"PyTorch {torch.__version__} CPU, {torch.get_num_threads()} threads")
-    header = f"{'forward + backward':48s} {'minisd ms':>10s} {'torch ms':>9s} {'ratio':>6s} {'GFLOP/s':>8s} {'of peak':>7s}"
+    header = (f"{'forward + backward':48s} {'minisd ms':>10s} {'torch ms':>9s} {'ratio':>6s} {'GFLOP/s':>8s} {'of peak':>7s}"
+              f" {'torch of peak':>13s}")
     print(header)
     print("-" * len(header))
     worst = 0.0
@@ -134,6 +137,8 @@ def run(args) -> int:
             line += f" {'-':>9s} {'-':>6s}"
         if flops:
             line += f" {flops / ours / 1e9:8.1f} {flops / ours / 1e9 / peak:7.0%}"
+            if torch is not None:
+                line += f" {flops / theirs / 1e9 / peak:13.0%}"
         print(line)
     if torch is not None:
         print(f"conv2d: worst time ratio minisd / PyTorch = {worst:.2f} (target <= 1.5)")
