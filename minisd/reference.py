@@ -67,17 +67,22 @@ import numpy as np
 # Everything runs over a few images at a time (a chunk): the copies of one chunk stay
 # in the CPU's cache, where the copies and the sums of Z's slices are several times
 # faster than in main memory. It also bounds the memory a convolution takes beyond its
-# input and output to about CONV_CHUNK_BYTES. The chunk's buffers are made once per
-# call and refilled: fresh memory is slow too, as the operating system hands it out
-# one zeroed page at a time. Chunks are not made smaller than a few MB, though: every
-# product is a call into a multithreaded BLAS that must gather its threads, which costs
-# little on an idle machine but up to a time slice per call when other processes hold
-# the cores. (For the benchmark's 32x32 layer, 2 MB chunks make 80 calls per forward
-# and backward pass; on one core they ran 1.7x faster than one whole-batch chunk, on
-# two cores busy with other work 8x slower. 4 MB costs a few per cent on one core and
-# halves the calls.)
+# input and output to about CONV_CHUNK_BYTES per core. The chunk's buffers are made
+# once per run of chunks and refilled: fresh memory is slow too, as the operating system
+# hands it out one zeroed page at a time.
+#
+# The cores share the chunks out (``_over_the_batch``), the way PyTorch splits a batch
+# among its threads: each core takes a run of chunks and does all of their work, copies,
+# products and sums alike, while NumPy's BLAS is held to one thread (threadpoolctl). Left
+# to itself the BLAS would thread each product and leave the copies, about half of the
+# time, on one core; and each of its products would have to gather its threads first,
+# which small products feel. (On the 2-core development machine this took bench ops'
+# convolutions from 1.9-2.5x PyTorch's time to 1.4-1.9x.) A batch with fewer chunks
+# than cores (one big image) stays on the calling thread, and the BLAS threads its
+# products as before.
 
 CONV_CHUNK_BYTES = 4 << 20  # copies + products per chunk: between one core's L2 (1 MB) and the L3 (32 MB)
+CONV_PARALLEL_BYTES = 1 << 20  # from this much chunk work per call on, the cores share the chunks
 ROW_SHIFTS_FROM = 9  # output rows from which stride-1 convolutions take route 1
 
 
@@ -102,9 +107,50 @@ def _row_shifts(x_shape, w_shape, stride: int, padding: int) -> bool:
     return _dx_is_a_conv(w_shape, stride, padding) and (P >= ROW_SHIFTS_FROM or R == 1)
 
 
-def _chunks(N: int, bytes_per_image: int):
-    step = max(1, min(N, CONV_CHUNK_BYTES // bytes_per_image))
-    return [slice(n, min(N, n + step)) for n in range(0, N, step)]
+def _chunk_runs(N: int, bytes_per_image: int):
+    """(runs, parallel): the batch cut into chunks of about CONV_CHUNK_BYTES, as equal as they
+    can be, in runs of consecutive chunks, one run per core when ``parallel``, else one run."""
+    cores = os.cpu_count() or 1
+    count = min(N, max(1, -(-N * bytes_per_image // CONV_CHUNK_BYTES)))
+    parallel = cores > 1 and N >= cores and N * bytes_per_image >= CONV_PARALLEL_BYTES
+    if parallel:
+        count = min(N, -(-count // cores) * cores)  # a whole number of chunks per core, where N allows
+    step = -(-N // count)
+    chunks = [slice(n, min(N, n + step)) for n in range(0, N, step)]
+    if not parallel:
+        return [chunks], False
+    per_core = -(-len(chunks) // cores)
+    return [chunks[i:i + per_core] for i in range(0, len(chunks), per_core)], True
+
+
+def _over_the_batch(work, N: int, bytes_per_image: int) -> list:
+    """[work(run of chunks)] over the batch: on all cores, the BLAS held to one thread, where
+    the batch gives every core a chunk; otherwise one run on this thread, where the BLAS
+    threads each product itself. ``work`` keeps its own buffers, so runs share nothing."""
+    runs, parallel = _chunk_runs(N, bytes_per_image)
+    if not parallel:
+        return [work(runs[0])]
+    with _blas_on_one_thread():
+        return _on_all_cores(work, runs)
+
+
+_blas_threads = None
+
+
+def _blas_on_one_thread():
+    """A context in which NumPy's BLAS computes every product on the calling thread (threadpoolctl)."""
+    global _blas_threads
+    if _blas_threads is None:
+        from threadpoolctl import ThreadpoolController
+
+        _blas_threads = ThreadpoolController()
+    return _blas_threads.limit(limits=1, user_api="blas")
+
+
+def _add_up(parts):
+    """The elementwise sums of the runs' partial results (dW, db), in run order: the same
+    numbers whatever order the cores finished in."""
+    return [sum(terms[1:], terms[0]) for terms in zip(*parts)]
 
 
 def conv2d_forward(x, w, b, stride: int, padding: int):
@@ -162,20 +208,24 @@ def _shifted_rows_forward(x, w, b, padding: int):
     P, Q, I = _out_size(x.shape[2], R, 1, padding), _out_size(x.shape[3], S, 1, padding), x.shape[2] + 2 * padding
     W = w.transpose(2, 0, 1, 3).reshape(R * K, C * S)  # the stacked W_r
     y = np.empty((N, K, P, Q), dtype=x.dtype)
-    xs = z = None  # buffers, made for the first chunk and refilled for the others
-    for chunk in _chunks(N, (C * S + R * K) * I * Q * x.itemsize):
-        xs = unroll(x[chunk], S, padding, out=xs)
-        yc = y[chunk]
-        n = yc.shape[0]
-        z = np.empty(R * K * n * I * Q, dtype=x.dtype) if z is None else z
-        Z = np.matmul(W, xs.reshape(C * S, -1), out=z[:R * K * n * I * Q].reshape(R * K, -1))
-        Z = Z.reshape(R, K, n, I, Q)
-        for r in range(R):  # kernel row r reads r rows further down
-            term = Z[r, :, :, r:r + P].transpose(1, 0, 2, 3)
-            if r == 0:
-                np.copyto(yc, term) if b is None else np.add(term, b.reshape(K, 1, 1), out=yc)
-            else:
-                yc += term
+
+    def work(chunks):
+        xs = z = None  # buffers, made for the first chunk and refilled for the others
+        for chunk in chunks:
+            xs = unroll(x[chunk], S, padding, out=xs)
+            yc = y[chunk]
+            n = yc.shape[0]
+            z = np.empty(R * K * n * I * Q, dtype=x.dtype) if z is None else z
+            Z = np.matmul(W, xs.reshape(C * S, -1), out=z[:R * K * n * I * Q].reshape(R * K, -1))
+            Z = Z.reshape(R, K, n, I, Q)
+            for r in range(R):  # kernel row r reads r rows further down
+                term = Z[r, :, :, r:r + P].transpose(1, 0, 2, 3)
+                if r == 0:
+                    np.copyto(yc, term) if b is None else np.add(term, b.reshape(K, 1, 1), out=yc)
+                else:
+                    yc += term
+
+    _over_the_batch(work, N, (C * S + R * K) * I * Q * x.itemsize)
     return y
 
 
@@ -198,17 +248,23 @@ def _shifted_rows_backward(dy, x, w, padding: int, need_dw: bool, need_db: bool)
     N, C = x.shape[:2]
     K, _, R, S = w.shape
     I, Q = x.shape[2] + 2 * padding, dy.shape[3]
-    dw = np.zeros((R * K, C * S), dtype=w.dtype)  # the stacked dW_r: w's layout is made at the end
-    db = np.zeros(K, dtype=dy.dtype)
-    if need_dw or need_db:
+
+    def work(chunks):
+        dw = np.zeros((R * K, C * S), dtype=w.dtype)  # the stacked dW_r: w's layout is made at the end
+        db = np.zeros(K, dtype=dy.dtype)
         Ds = xs = None  # buffers, reused from chunk to chunk
-        for chunk in _chunks(N, (C * S + R * K) * I * Q * x.itemsize):
+        for chunk in chunks:
             Ds = _shifted_dy(dy[chunk], R, I, out=Ds)
             M = len(dy[chunk]) * I * Q
             db += Ds[0, :, :M].sum(axis=1)
             if need_dw:
                 xs = unroll(x[chunk], S, padding, out=xs)
                 dw += Ds[:, :, :M].reshape(R * K, M) @ xs.reshape(C * S, M).T
+        return dw, db
+
+    if not (need_dw or need_db):
+        return None, None, None
+    dw, db = _add_up(_over_the_batch(work, N, (C * S + R * K) * I * Q * x.itemsize))
     return None, dw.reshape(R, K, C, S).transpose(1, 2, 0, 3), db
 
 
@@ -277,14 +333,18 @@ def _channels_last_forward(x, w, b, stride: int, padding: int):
     P, Q, chunk_bytes = _channels_last_sizes(x, w, stride, padding)
     Wm = _weight_rows(w)
     y = np.empty((N, K, P, Q), dtype=x.dtype)
-    xcl = cols = None  # buffers, made for the first chunk and refilled for the others
-    for chunk in _chunks(N, chunk_bytes):
-        xcl = _channels_last(x[chunk], padding, out=xcl)
-        cols = im2col(xcl, R, S, stride, P, Q, out=cols)
-        n = cols.shape[0]
-        # y in channels-last order, (n*P*Q, K): this product runs ~20% faster than W @ cols^T
-        ycl = (cols.reshape(n * P * Q, -1) @ Wm.T).reshape(n, P, Q, K).transpose(0, 3, 1, 2)
-        np.copyto(y[chunk], ycl) if b is None else np.add(ycl, b.reshape(K, 1, 1), out=y[chunk])
+
+    def work(chunks):
+        xcl = cols = None  # buffers, made for the first chunk and refilled for the others
+        for chunk in chunks:
+            xcl = _channels_last(x[chunk], padding, out=xcl)
+            cols = im2col(xcl, R, S, stride, P, Q, out=cols)
+            n = cols.shape[0]
+            # y in channels-last order, (n*P*Q, K): this product runs ~20% faster than W @ cols^T
+            ycl = (cols.reshape(n * P * Q, -1) @ Wm.T).reshape(n, P, Q, K).transpose(0, 3, 1, 2)
+            np.copyto(y[chunk], ycl) if b is None else np.add(ycl, b.reshape(K, 1, 1), out=y[chunk])
+
+    _over_the_batch(work, N, chunk_bytes)
     return y
 
 
@@ -293,26 +353,31 @@ def _channels_last_backward(dy, x, w, stride: int, padding: int, need_dx: bool, 
     K, _, R, S = w.shape
     P, Q, chunk_bytes = _channels_last_sizes(x, w, stride, padding)
     Wm = _weight_rows(w) if need_dx else None
-    dWm = np.zeros((K, R * S * C), dtype=w.dtype)
-    db = np.zeros(K, dtype=dy.dtype)
     dx = np.empty(x.shape, dtype=dy.dtype) if need_dx else None
-    xcl = cols = dxcl = None  # buffers, reused from chunk to chunk
-    for chunk in _chunks(N, chunk_bytes):
-        n = len(dy[chunk])
-        D = np.ascontiguousarray(dy[chunk].transpose(1, 0, 2, 3)).reshape(K, n * P * Q)
-        if need_db:
-            db += D.sum(axis=1)
-        if need_dw:
-            xcl = _channels_last(x[chunk], padding, out=xcl)
-            cols = im2col(xcl, R, S, stride, P, Q, out=cols)
-            dWm += D @ cols.reshape(n * P * Q, -1)
-        if need_dx:
-            dcols = (D.T @ Wm).reshape(n, P, Q, R, S, C)
-            if dxcl is None:
-                dxcl = np.empty((n, H + 2 * padding, W + 2 * padding, C), dtype=dy.dtype)
-            col2im(dcols, dxcl[:n], stride)
-            for cs in _channel_blocks(C, H, W):
-                dx[chunk, cs] = dxcl[:n, padding:padding + H, padding:padding + W, cs].transpose(0, 3, 1, 2)
+
+    def work(chunks):
+        dWm = np.zeros((K, R * S * C), dtype=w.dtype)
+        db = np.zeros(K, dtype=dy.dtype)
+        xcl = cols = dxcl = None  # buffers, reused from chunk to chunk
+        for chunk in chunks:
+            n = len(dy[chunk])
+            D = np.ascontiguousarray(dy[chunk].transpose(1, 0, 2, 3)).reshape(K, n * P * Q)
+            if need_db:
+                db += D.sum(axis=1)
+            if need_dw:
+                xcl = _channels_last(x[chunk], padding, out=xcl)
+                cols = im2col(xcl, R, S, stride, P, Q, out=cols)
+                dWm += D @ cols.reshape(n * P * Q, -1)
+            if need_dx:
+                dcols = (D.T @ Wm).reshape(n, P, Q, R, S, C)
+                if dxcl is None:
+                    dxcl = np.empty((n, H + 2 * padding, W + 2 * padding, C), dtype=dy.dtype)
+                col2im(dcols, dxcl[:n], stride)
+                for cs in _channel_blocks(C, H, W):
+                    dx[chunk, cs] = dxcl[:n, padding:padding + H, padding:padding + W, cs].transpose(0, 3, 1, 2)
+        return dWm, db
+
+    dWm, db = _add_up(_over_the_batch(work, N, chunk_bytes))
     return dx, dWm.reshape(K, R, S, C).transpose(0, 3, 1, 2), db
 
 

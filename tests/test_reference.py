@@ -135,9 +135,13 @@ def test_conv2d_backward_returns_only_what_is_asked(layout):
                 np.testing.assert_allclose(g, f, rtol=1e-12, atol=1e-12)
 
 
+@pytest.mark.parametrize("cores", [1, 3])
 @pytest.mark.parametrize("stride", [1, 2])
-def test_conv2d_in_chunks_and_on_strided_inputs(monkeypatch, stride, layout):
-    """A batch cut into several chunks (the last one shorter), and inputs that are views."""
+def test_conv2d_in_chunks_and_on_strided_inputs(monkeypatch, stride, layout, cores):
+    """A batch cut into several chunks (the last one shorter), and inputs that are views; the
+    chunks worked through on one thread, or shared out in runs among (here) three cores."""
+    monkeypatch.setattr(reference.os, "cpu_count", lambda: cores)
+    monkeypatch.setattr(reference, "CONV_PARALLEL_BYTES", 0)  # small as it is, share the batch out
     monkeypatch.setattr(reference, "CONV_CHUNK_BYTES", 1)  # one image per chunk
     x = rand(5, 3, 6, 7).swapaxes(2, 3)  # (5, 3, 7, 6), a transposed view
     w, b = rand(4, 3, 3, 3, seed=1)[:, :, ::-1], rand(4, seed=2)  # a view with a negative stride
@@ -149,6 +153,38 @@ def test_conv2d_in_chunks_and_on_strided_inputs(monkeypatch, stride, layout):
     monkeypatch.setattr(reference, "CONV_CHUNK_BYTES", 3 * 1000 * 8)  # a couple of images per chunk
     for g, e in zip(reference.conv2d_backward(dy, x, w, stride, 1), whole):
         np.testing.assert_allclose(g, e, rtol=1e-12, atol=1e-12)
+
+
+def test_conv2d_runs_of_chunks_one_per_core(monkeypatch):
+    """Chunks as equal as they can be, a whole number per core, in runs of consecutive
+    chunks that cover the batch once; small calls, single images and one core stay on one run."""
+    monkeypatch.setattr(reference.os, "cpu_count", lambda: 2)
+    monkeypatch.setattr(reference, "CONV_CHUNK_BYTES", 1000)
+    monkeypatch.setattr(reference, "CONV_PARALLEL_BYTES", 4000)
+    runs, parallel = reference._chunk_runs(N=7, bytes_per_image=700)  # 4,900 bytes: 5 chunks, 6 with the cores
+    assert parallel and len(runs) == 2
+    chunks = [c for run in runs for c in run]
+    assert [(c.start, c.stop) for c in chunks] == [(0, 2), (2, 4), (4, 6), (6, 7)]  # 6 asked for: 2 images each, 4 cover the batch
+    assert [len(run) for run in runs] == [2, 2]
+    assert reference._chunk_runs(N=7, bytes_per_image=500) == ([[slice(n, n + 2) for n in range(0, 6, 2)] + [slice(6, 7)]], False)
+    assert reference._chunk_runs(N=1, bytes_per_image=10 ** 6)[1] is False
+    monkeypatch.setattr(reference.os, "cpu_count", lambda: 1)
+    assert reference._chunk_runs(N=7, bytes_per_image=700)[1] is False
+
+
+def test_blas_is_held_to_one_thread_while_the_cores_share_a_batch():
+    threadpoolctl = pytest.importorskip("threadpoolctl")
+
+    def blas_threads():  # NumPy's own BLAS (other packages may bring BLAS libraries of their own)
+        return [lib["num_threads"] for lib in threadpoolctl.threadpool_info()
+                if lib["user_api"] == "blas" and "numpy" in lib["filepath"]]
+
+    before = blas_threads()
+    if not before:
+        pytest.skip("NumPy's BLAS is not one that threadpoolctl can see here")
+    with reference._blas_on_one_thread():
+        assert set(blas_threads()) == {1}
+    assert blas_threads() == before
 
 
 # ------------------------------------------------------------------------------------
