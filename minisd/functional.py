@@ -700,10 +700,9 @@ class GEGLU(Function):
         np.multiply(h, gelu_g, out=out)
 
     def backward(self, grad):
-        gelu_g, cdf = self.gelu_g.reshape(self.g.shape), self.cdf.reshape(self.g.shape)
         if _xp(grad) is not np:
             pdf = _xp(grad).exp(-0.5 * self.g * self.g) * grad.dtype.type(1 / math.sqrt(2 * math.pi))
-            return _xp(grad).concatenate([grad * gelu_g, grad * self.h * (cdf + self.g * pdf)], axis=-1)
+            return _xp(grad).concatenate([grad * self.gelu_g, grad * self.h * (self.cdf + self.g * pdf)], axis=-1)
         d = self.g.shape[-1]
         dx = np.empty(self.x.shape, dtype=grad.dtype)
         _blockwise(self._backward_block, _rows(grad, d), _rows(self.h, d), _rows(self.g, d), self.gelu_g,
