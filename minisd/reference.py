@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import concurrent.futures
 import itertools
+import math
 import os
 from typing import NamedTuple
 
@@ -405,26 +406,47 @@ def _row_dots(a, b):
     return np.einsum("...i,...i->...", a, b)
 
 
+GROUP_NORM_SHARED = 1 << 18  # from this many values on, group norm shares the batch among the cores
+
+
+def _samples_per_core(x):
+    """Slices of the batch, one per core, where x is big enough that sharing it out pays;
+    else the whole batch as one slice. (Every NumPy pass hands Python's lock between the
+    threads; below GROUP_NORM_SHARED values that costs more than the cores save.)"""
+    N, cores = x.shape[0], os.cpu_count() or 1
+    if cores == 1 or N == 1 or x.size < GROUP_NORM_SHARED:
+        return [slice(0, N)]
+    step = -(-N // min(cores, N))
+    return [slice(n, min(N, n + step)) for n in range(0, N, step)]
+
+
 def group_norm_forward(x, num_groups: int, weight, bias, eps: float):
-    """(y, mean, rstd); mean and rstd have shape (N, G)."""
+    """(y, mean, rstd); mean and rstd have shape (N, G). Samples are independent: big
+    batches are shared out among the cores, a slice of samples each."""
     N, C = x.shape[:2]
     G = num_groups
-    xg = x.reshape(N, G, -1)
-    M = xg.shape[2]
-    mean = _row_sums(xg) / M
-    centred = xg - mean[:, :, None]
-    var = _row_dots(centred, centred) / M  # two passes (mean first): no cancellation
-    rstd = 1.0 / np.sqrt(var + np.asarray(eps, dtype=var.dtype))
-    # y = centred * (rstd * gamma) + beta, with one factor per (n, c): viewed as
-    # (N, G, C/G, H*W), the per-group and per-channel factors broadcast
-    scale = np.broadcast_to(rstd[:, :, None], (N, G, C // G)).copy()
-    if weight is not None:
-        scale *= weight.reshape(G, C // G)
-    y = centred.reshape(N, G, C // G, -1)
-    y *= scale[..., None]
-    if bias is not None:
-        y += bias.reshape(G, C // G, 1)
-    return y.reshape(x.shape), mean, rstd
+    y = np.empty(x.shape, dtype=x.dtype)
+    mean, rstd = np.empty((N, G), dtype=x.dtype), np.empty((N, G), dtype=x.dtype)
+
+    def normalise(sl):
+        xg = x[sl].reshape(-1, G, C // G * math.prod(x.shape[2:]))
+        n, M = xg.shape[0], xg.shape[2]
+        mean[sl] = _row_sums(xg) / M
+        centred = np.subtract(xg, mean[sl, :, None], out=y[sl].reshape(n, G, M))
+        var = _row_dots(centred, centred) / M  # two passes (mean first): no cancellation
+        rstd[sl] = 1.0 / np.sqrt(var + np.asarray(eps, dtype=var.dtype))
+        # y = centred * (rstd * gamma) + beta, with one factor per (n, c): viewed as
+        # (n, G, C/G, H*W), the per-group and per-channel factors broadcast
+        scale = np.broadcast_to(rstd[sl, :, None], (n, G, C // G)).copy()
+        if weight is not None:
+            scale *= weight.reshape(G, C // G)
+        y4 = centred.reshape(n, G, C // G, -1)
+        y4 *= scale[..., None]
+        if bias is not None:
+            y4 += bias.reshape(G, C // G, 1)
+
+    _on_all_cores(normalise, _samples_per_core(x))
+    return y, mean, rstd
 
 
 def group_norm_backward(dy, x, num_groups: int, weight, mean, rstd):
@@ -435,26 +457,35 @@ def group_norm_backward(dy, x, num_groups: int, weight, mean, rstd):
     (N, G, C/G, H*W); per-group ones take the (N, G, M) view, whose rows are longer
     (NumPy runs a loop per row: at 4x4 images, H*W rows are only 16 numbers long):
         dx = (rstd gamma) dy - (rstd mean(g xhat)) xhat - rstd mean(g).
+    As in the forward pass, big batches are shared out among the cores.
     """
     N, C = x.shape[:2]
     G = num_groups
-    xhat = x.reshape(N, G, -1) - mean[:, :, None]
-    xhat *= rstd[:, :, None]
-    M = xhat.shape[2]
-    dy4, xhat4 = dy.reshape(N, G, C // G, -1), xhat.reshape(N, G, C // G, -1)
-    sum_dy = _row_sums(dy4)  # (N, G, C/G): per channel
-    sum_dy_xhat = _row_dots(dy4, xhat4)
     gamma = np.ones((G, C // G), dtype=x.dtype) if weight is None else weight.reshape(G, C // G)
-    mean_g = _row_sums(sum_dy * gamma) / M  # (N, G)
-    mean_gx = _row_sums(sum_dy_xhat * gamma) / M
-    dx = np.empty(xhat.shape, dtype=np.result_type(dy, xhat))  # (N, G, M), C order whatever dy's layout
-    np.multiply(dy4, (gamma * rstd[:, :, None])[..., None], out=dx.reshape(dy4.shape))
-    xhat *= (rstd * mean_gx)[:, :, None]
-    xhat += (rstd * mean_g)[:, :, None]
-    dx -= xhat
+    dx = np.empty(x.shape, dtype=np.result_type(dy, x))  # C order, whatever dy's layout
+    sum_dy = np.empty((N, G, C // G), dtype=dx.dtype)  # per sample and channel
+    sum_dy_xhat = np.empty((N, G, C // G), dtype=dx.dtype)
+
+    def backward(sl):
+        r = rstd[sl, :, None]
+        xhat = x[sl].reshape(-1, G, C // G * math.prod(x.shape[2:])) - mean[sl, :, None]
+        xhat *= r
+        n, M = xhat.shape[0], xhat.shape[2]
+        dy4, xhat4 = dy[sl].reshape(n, G, C // G, -1), xhat.reshape(n, G, C // G, -1)
+        sum_dy[sl] = _row_sums(dy4)
+        sum_dy_xhat[sl] = _row_dots(dy4, xhat4)
+        mean_g = _row_sums(sum_dy[sl] * gamma) / M  # (n, G)
+        mean_gx = _row_sums(sum_dy_xhat[sl] * gamma) / M
+        dxg = dx[sl].reshape(n, G, M)
+        np.multiply(dy4, (gamma * r)[..., None], out=dxg.reshape(dy4.shape))
+        xhat *= r * mean_gx[:, :, None]
+        xhat += r * mean_g[:, :, None]
+        dxg -= xhat
+
+    _on_all_cores(backward, _samples_per_core(x))
     dweight = sum_dy_xhat.sum(axis=0).reshape(C) if weight is not None else None
     dbias = sum_dy.sum(axis=0).reshape(C) if weight is not None else None
-    return dx.reshape(x.shape), dweight, dbias
+    return dx, dweight, dbias
 
 
 # ------------------------------------------------------------------------------------

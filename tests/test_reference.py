@@ -212,8 +212,12 @@ NORM_CASES = [((2, 6, 3, 3), 3, True), ((2, 6, 3, 3), 1, True), ((2, 6, 3, 3), 6
               ((1, 4, 5, 3), 2, False), ((3, 4, 1, 1), 2, True), ((2, 4, 5), 2, True)]
 
 
+@pytest.mark.parametrize("cores", [1, 3])
 @pytest.mark.parametrize("shape, G, affine", NORM_CASES)
-def test_group_norm_matches_its_definition(shape, G, affine):
+def test_group_norm_matches_its_definition(monkeypatch, shape, G, affine, cores):
+    """On one thread, and (cores=3) with the batch shared out a sample or two per core."""
+    monkeypatch.setattr(reference.os, "cpu_count", lambda: cores)
+    monkeypatch.setattr(reference, "GROUP_NORM_SHARED", 0)  # small as they are, share the samples out
     C = shape[1]
     x = rand(*shape) * 3 + 1.5
     weight, bias = (rand(C, seed=1), rand(C, seed=2)) if affine else (None, None)
