@@ -149,9 +149,9 @@ def _blas_on_one_thread():
 
 
 def _add_up(parts):
-    """The elementwise sums of the runs' partial results (dW, db), in run order: the same
-    numbers whatever order the cores finished in."""
-    return [sum(terms[1:], terms[0]) for terms in zip(*parts)]
+    """The elementwise sums of the runs' partial results (dW, db; None where not asked for),
+    in run order: the same numbers whatever order the cores finished in."""
+    return [None if terms[0] is None else sum(terms[1:], terms[0]) for terms in zip(*parts)]
 
 
 def conv2d_forward(x, w, b, stride: int, padding: int):
@@ -173,14 +173,18 @@ def conv2d_forward(x, w, b, stride: int, padding: int):
 
 def conv2d_backward(dy, x, w, stride: int, padding: int, need_dx=True, need_dw=True, need_db=True):
     """(dx, dw, db) from dy (N, K, P, Q); None for the gradients not asked for."""
-    dx_is_a_conv = _dx_is_a_conv(w.shape, stride, padding)
+    dx_by_flipped_conv = need_dx and _dx_is_a_conv(w.shape, stride, padding)
+    if dx_by_flipped_conv:  # the flipped convolution, by whichever route suits dy
+        w_flipped = w[:, :, ::-1, ::-1].transpose(1, 0, 2, 3)  # (C, K, R, S)
+        flipped_padding = w.shape[2] - 1 - padding
+        if not _row_shifts(dy.shape, w_flipped.shape, 1, flipped_padding):  # route 2: its columns give dW too
+            return _flipped_columns_backward(dy, x, w_flipped, flipped_padding, need_dw, need_db)
     if _row_shifts(x.shape, w.shape, stride, padding):
         dx, dw, db = _shifted_rows_backward(dy, x, w, padding, need_dw, need_db)
     else:
-        dx, dw, db = _channels_last_backward(dy, x, w, stride, padding, need_dx and not dx_is_a_conv, need_dw, need_db)
-    if need_dx and dx_is_a_conv:  # the flipped convolution, by whichever route suits dy
-        w_flipped = w[:, :, ::-1, ::-1].transpose(1, 0, 2, 3)  # (C, K, R, S)
-        dx = conv2d_forward(dy, w_flipped, None, 1, w.shape[2] - 1 - padding)
+        dx, dw, db = _channels_last_backward(dy, x, w, stride, padding, need_dx and not dx_by_flipped_conv, need_dw, need_db)
+    if dx_by_flipped_conv:
+        dx = conv2d_forward(dy, w_flipped, None, 1, flipped_padding)
     return dx, (dw if need_dw else None), (db if need_db else None)
 
 
@@ -380,6 +384,45 @@ def _channels_last_backward(dy, x, w, stride: int, padding: int, need_dx: bool, 
 
     dWm, db = _add_up(_over_the_batch(work, N, chunk_bytes))
     return dx, dWm.reshape(K, R, S, C).transpose(0, 3, 1, 2), db
+
+
+def _flipped_columns_backward(dy, x, w_flipped, padding: int, need_dw: bool, need_db: bool):
+    """(dx, dw, db) at stride 1 when dx, the flipped convolution of dy, takes route 2.
+
+    Its columns, cols[(n,h,w), (r,s,k)] = dypad[n, h + r, w + s, k] (dy padded by
+    ``padding`` = R - 1 - pd), hold every product of dy that dW needs as well:
+        dx  = cols @ Wf^T,      Wf[c, (r,s,k)] = w[k, c, R-1-r, S-1-s]   (w_flipped's rows)
+        dWf = X @ cols,         X[c, (n,h,w)] = x[n, c, h, w]
+        dW[k, c, r, s] = dWf[c, (R-1-r, S-1-s, k)]
+    (output (h, w) of the flipped convolution reads dy at p = h - r + pd for kernel row
+    R-1-r, exactly the p that x[h] meets in the forward pass through kernel row r). So x
+    needs one transposing copy instead of columns of its own: a tenth of the copying.
+    """
+    N, C, H, W = x.shape
+    _, K, R, S = w_flipped.shape
+    Wf = _weight_rows(w_flipped)  # (C, R*S*K)
+    _, _, chunk_bytes = _channels_last_sizes(dy, w_flipped, 1, padding)
+    dx = np.empty(x.shape, dtype=dy.dtype)
+
+    def work(chunks):
+        dWf = np.zeros((C, R * S * K), dtype=x.dtype) if need_dw else None
+        db = np.zeros(K, dtype=dy.dtype) if need_db else None
+        dycl = cols = None  # buffers, reused from chunk to chunk
+        for chunk in chunks:
+            dycl = _channels_last(dy[chunk], padding, out=dycl)
+            cols = im2col(dycl, R, S, 1, H, W, out=cols)
+            n = cols.shape[0]
+            rows = cols.reshape(n * H * W, R * S * K)
+            np.copyto(dx[chunk], (rows @ Wf.T).reshape(n, H, W, C).transpose(0, 3, 1, 2))
+            if need_dw:
+                dWf += np.ascontiguousarray(x[chunk].transpose(1, 0, 2, 3)).reshape(C, n * H * W) @ rows
+            if need_db:
+                db += dy[chunk].sum(axis=(0, 2, 3))
+        return dWf, db
+
+    dWf, db = _add_up(_over_the_batch(work, N, chunk_bytes + C * H * W * x.itemsize))
+    dw = dWf.reshape(C, R, S, K)[:, ::-1, ::-1].transpose(3, 0, 1, 2) if need_dw else None
+    return dx, dw, db
 
 
 # ------------------------------------------------------------------------------------

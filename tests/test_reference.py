@@ -123,9 +123,14 @@ def test_conv2d_backward_matches_finite_differences(case, layout):
         np.testing.assert_allclose(g, e, rtol=1e-4, atol=1e-4, err_msg=name)
 
 
-def test_conv2d_backward_returns_only_what_is_asked(layout):
-    x, w = rand(2, 3, 5, 5), rand(4, 3, 3, 3, seed=1)
-    dy = rand(2, 4, 5, 5, seed=2)
+@pytest.mark.parametrize("cores", [1, 3])
+def test_conv2d_backward_returns_only_what_is_asked(monkeypatch, layout, cores):
+    """Every combination of gradients asked for, on one thread and with the batch shared out."""
+    monkeypatch.setattr(reference.os, "cpu_count", lambda: cores)
+    monkeypatch.setattr(reference, "CONV_PARALLEL_BYTES", 0)
+    monkeypatch.setattr(reference, "CONV_CHUNK_BYTES", 1)  # one image per chunk, so several runs
+    x, w = rand(4, 3, 5, 5), rand(4, 3, 3, 3, seed=1)
+    dy = rand(4, 4, 5, 5, seed=2)
     full = reference.conv2d_backward(dy, x, w, 1, 1)
     for need in itertools.product([False, True], repeat=3):
         got = reference.conv2d_backward(dy, x, w, 1, 1, *need)
