@@ -44,13 +44,7 @@ import numpy as np
 #    y is then the sum of R slices of Z, each shifted by r rows:
 #        y[n,k,p,q] = sum_r Z[r, k, n, p + r, q].
 #    Rows i >= P of Z are computed and never read: 2 of 34 rows at 32x32, 2 of 18 at
-#    16x16. The backward pass reuses both pieces:
-#      dW_r = sum over (n, p, q) of dy[n, :, p, q] xs[:, (n, p + r, q)]: a product of xs
-#          with dy laid out like xs's columns and moved r rows down; stacking the R
-#          moved copies of dy makes it one product, as in the forward pass;
-#      dX: the gradient of a stride-1 convolution is itself a convolution, of dy with
-#          the kernel flipped in (r, s) and C and K swapped (padding R - 1 - pd), so the
-#          forward code computes it (by either route: at stride 1 route 2 does the same).
+#    16x16.
 #
 # 2. Channels last (strides > 1, small outputs, and what route 1 cannot do). Plain
 #    im2col, made cheap by moving the channels innermost first:
@@ -64,6 +58,14 @@ import numpy as np
 #    adds back onto the input's positions. At 8x8 outputs
 #    route 1 would throw away 2 of every 10 rows it computes, and a stride would split
 #    its rows by phase; here nothing is computed twice.
+#
+# The backward pass at stride 1. The gradient of a stride-1 convolution is itself a
+# convolution: dX is dy convolved with the kernel flipped in (r, s) and C and K swapped,
+# padded by R - 1 - pd (``_dx_is_a_conv``), so either route computes it as a forward
+# pass. And the copies of dy that this takes (route 1's unrolled dy, route 2's columns
+# of dy) are all the copies dW needs as well: the same products of dy with x, only with
+# x moved into place once (R row-shifted copies, or one transposing copy) instead of
+# unrolled itself. See _flipped_shifted_rows_backward and _flipped_columns_backward.
 #
 # Everything runs over a few images at a time (a chunk): the copies of one chunk stay
 # in the CPU's cache, where the copies and the sums of Z's slices are several times
@@ -156,10 +158,9 @@ def _add_up(parts):
 
 def conv2d_forward(x, w, b, stride: int, padding: int):
     """y (N, K, P, Q) = conv(x (N, C, H, W), w (K, C, R, S)) + b."""
-    if w.shape[2:] == (1, 1) and stride == 1 and padding == 0:
+    if _pointwise(w.shape, stride, padding):
         # A 1x1 convolution mixes channels pixel by pixel: y[n] = W (K, C) @ x[n] (C, H*W),
-        # one product per image straight on the NCHW arrays, with no copies at all. (Its
-        # dx, W^T @ dy[n], comes here too, as the flipped convolution of conv2d_backward.)
+        # one product per image straight on the NCHW arrays, with no copies at all.
         N, C, H, W = x.shape
         K = w.shape[0]
         y = np.matmul(w.reshape(K, C), x.reshape(N, C, H * W))
@@ -172,20 +173,39 @@ def conv2d_forward(x, w, b, stride: int, padding: int):
 
 
 def conv2d_backward(dy, x, w, stride: int, padding: int, need_dx=True, need_dw=True, need_db=True):
-    """(dx, dw, db) from dy (N, K, P, Q); None for the gradients not asked for."""
-    dx_by_flipped_conv = need_dx and _dx_is_a_conv(w.shape, stride, padding)
-    if dx_by_flipped_conv:  # the flipped convolution, by whichever route suits dy
-        w_flipped = w[:, :, ::-1, ::-1].transpose(1, 0, 2, 3)  # (C, K, R, S)
-        flipped_padding = w.shape[2] - 1 - padding
-        if not _row_shifts(dy.shape, w_flipped.shape, 1, flipped_padding):  # route 2: its columns give dW too
-            return _flipped_columns_backward(dy, x, w_flipped, flipped_padding, need_dw, need_db)
-    if _row_shifts(x.shape, w.shape, stride, padding):
-        dx, dw, db = _shifted_rows_backward(dy, x, w, padding, need_dw, need_db)
-    else:
-        dx, dw, db = _channels_last_backward(dy, x, w, stride, padding, need_dx and not dx_by_flipped_conv, need_dw, need_db)
-    if dx_by_flipped_conv:
-        dx = conv2d_forward(dy, w_flipped, None, 1, flipped_padding)
-    return dx, (dw if need_dw else None), (db if need_db else None)
+    """(dx, dw, db) from dy (N, K, P, Q); None for the gradients not asked for.
+
+    At stride 1, dx is the flipped convolution of dy (``_dx_is_a_conv``), and whichever
+    route computes it makes copies of dy from which dW follows too, with x moved into
+    place by one copy instead of copies of its own. Strides take route 2's col2im.
+    """
+    if not (need_dx or need_dw):
+        return None, None, (dy.sum(axis=(0, 2, 3)) if need_db else None)
+    if _pointwise(w.shape, stride, padding):
+        return _pointwise_backward(dy, x, w, need_dx, need_dw, need_db)
+    if not _dx_is_a_conv(w.shape, stride, padding):
+        return _channels_last_backward(dy, x, w, stride, padding, need_dx, need_dw, need_db)
+    w_flipped = w[:, :, ::-1, ::-1].transpose(1, 0, 2, 3)  # (C, K, R, S)
+    flipped_padding = w.shape[2] - 1 - padding
+    route = _flipped_shifted_rows_backward if _row_shifts(dy.shape, w_flipped.shape, 1, flipped_padding) \
+        else _flipped_columns_backward
+    return route(dy, x, w_flipped, flipped_padding, need_dx, need_dw, need_db)
+
+
+def _pointwise(w_shape, stride: int, padding: int) -> bool:
+    return tuple(w_shape[2:]) == (1, 1) and stride == 1 and padding == 0
+
+
+def _pointwise_backward(dy, x, w, need_dx: bool, need_dw: bool, need_db: bool):
+    """The 1x1 convolution's gradients, products on the NCHW arrays as in its forward pass:
+    dx[n] = W^T @ dy[n],  dW = sum_n dy[n] @ x[n]^T,  db = sum dy."""
+    N, C = x.shape[:2]
+    K = w.shape[0]
+    dy3, x3 = dy.reshape(N, K, -1), x.reshape(N, C, -1)
+    dx = np.matmul(w.reshape(K, C).T, dy3).reshape(x.shape) if need_dx else None
+    dw = np.matmul(dy3, x3.transpose(0, 2, 1)).sum(axis=0).reshape(w.shape) if need_dw else None
+    db = dy3.sum(axis=(0, 2)) if need_db else None
+    return dx, dw, db
 
 
 # --- route 1: shifted rows -------------------------------------------------------------
@@ -207,6 +227,17 @@ def unroll(x, S: int, padding: int, out=None):
     return xs
 
 
+def _add_shifted_slices(Z, out, b=None):
+    """out[n, k, p, q] = b[k] + sum_r Z[r, k, n, p + r, q]: kernel row r reads r rows further down."""
+    R, P = Z.shape[0], out.shape[2]
+    for r in range(R):
+        term = Z[r, :, :, r:r + P].transpose(1, 0, 2, 3)
+        if r == 0:
+            np.copyto(out, term) if b is None else np.add(term, b.reshape(-1, 1, 1), out=out)
+        else:
+            out += term
+
+
 def _shifted_rows_forward(x, w, b, padding: int):
     N = x.shape[0]
     K, C, R, S = w.shape
@@ -218,59 +249,68 @@ def _shifted_rows_forward(x, w, b, padding: int):
         xs = z = None  # buffers, made for the first chunk and refilled for the others
         for chunk in chunks:
             xs = unroll(x[chunk], S, padding, out=xs)
-            yc = y[chunk]
-            n = yc.shape[0]
+            n = xs.shape[2]
             z = np.empty(R * K * n * I * Q, dtype=x.dtype) if z is None else z
             Z = np.matmul(W, xs.reshape(C * S, -1), out=z[:R * K * n * I * Q].reshape(R * K, -1))
-            Z = Z.reshape(R, K, n, I, Q)
-            for r in range(R):  # kernel row r reads r rows further down
-                term = Z[r, :, :, r:r + P].transpose(1, 0, 2, 3)
-                if r == 0:
-                    np.copyto(yc, term) if b is None else np.add(term, b.reshape(K, 1, 1), out=yc)
-                else:
-                    yc += term
+            _add_shifted_slices(Z.reshape(R, K, n, I, Q), y[chunk], b)
 
     _over_the_batch(work, N, (C * S + R * K) * I * Q * x.itemsize)
     return y
 
 
-def _shifted_dy(dy, R: int, I: int, out=None):
-    """Ds (R, K, n*I*Q): Ds[r] is dy laid out like xs's columns (n, i, q), moved r rows down:
-    Ds[r, k, (n, i, q)] = dy[n, k, i - r, q], zero where i - r is not an output row. Then
-    Ds[r] @ xs^T = dW_r, and all R of them are one product. (``out``: an earlier Ds to refill;
-    what is never written, stays zero.)"""
-    n, K, P, Q = dy.shape
-    M = n * I * Q
-    Ds = np.zeros((R, K, M), dtype=dy.dtype) if out is None else out
-    Ds[0, :, :M].reshape(K, n, I, Q)[:, :, :P] = dy.transpose(1, 0, 2, 3)
-    for r in range(1, R):  # r rows down is r*Q columns on; rows P..I-1 of each image are zero
-        Ds[r, :, r * Q:M] = Ds[0, :, :M - r * Q]
-    return Ds
+def _shifted_rows(a, R: int, I: int, out=None):
+    """As (R, C, n*I*W) for a (n, C, H, W): As[r] is a laid out like xs's columns (n, i, w),
+    moved r rows down: As[r, c, (n, i, w)] = a[n, c, i - r, w], zero where i - r is not a row
+    of a (I >= H + R - 1). (``out``: an earlier As to refill; what is never written stays zero.)"""
+    n, C, H, W = a.shape
+    M = n * I * W
+    As = np.zeros((R, C, M), dtype=a.dtype) if out is None else out
+    As[0, :, :M].reshape(C, n, I, W)[:, :, :H] = a.transpose(1, 0, 2, 3)
+    for r in range(1, R):  # r rows down is r*W columns on; rows H..I-1 of each image are zero
+        As[r, :, r * W:M] = As[0, :, :M - r * W]
+    return As
 
 
-def _shifted_rows_backward(dy, x, w, padding: int, need_dw: bool, need_db: bool):
-    """(None, dw, db): dx is a convolution of its own (see conv2d_backward)."""
-    N, C = x.shape[:2]
-    K, _, R, S = w.shape
-    I, Q = x.shape[2] + 2 * padding, dy.shape[3]
+def _flipped_shifted_rows_backward(dy, x, w_flipped, padding: int, need_dx: bool, need_dw: bool, need_db: bool):
+    """(dx, dw, db) at stride 1 when dx, the flipped convolution of dy, takes route 1.
+
+    dy unrolled, dys[(k,s), (n,i,w)] = dypad[n, k, i, w + s] over the I = H + R - 1 rows
+    of dy padded by ``padding`` = R - 1 - pd, feeds both products:
+        dx[n, c, h, w] = sum_r Z[r, c, n, h + r, w],   Z = Wf @ dys   (route 1 itself)
+        dWf_r = Xs_r @ dys^T,   Xs_r[c, (n, i, w)] = x[n, c, i - r, w]   (x moved r rows
+            down, all R of them one product as in the forward pass),
+        dW[k, c, R-1-r, S-1-s] = dWf_r[c, (k, s)]
+    since kernel row r of the flipped kernel meets x[h] at dy row h + r - padding, the row
+    that x[h] meets through kernel row R-1-r in the forward pass.
+    """
+    N, C, H, W = x.shape
+    _, K, R, S = w_flipped.shape
+    I = dy.shape[2] + 2 * padding  # = H + R - 1
+    Wf = w_flipped.transpose(2, 0, 1, 3).reshape(R * C, K * S)  # the stacked Wf_r
+    dx = np.empty(x.shape, dtype=dy.dtype) if need_dx else None
 
     def work(chunks):
-        dw = np.zeros((R * K, C * S), dtype=w.dtype)  # the stacked dW_r: w's layout is made at the end
-        db = np.zeros(K, dtype=dy.dtype)
-        Ds = xs = None  # buffers, reused from chunk to chunk
+        dWf = np.zeros((R * C, K * S), dtype=x.dtype) if need_dw else None
+        db = np.zeros(K, dtype=dy.dtype) if need_db else None
+        dys = z = Xs = None  # buffers, reused from chunk to chunk
         for chunk in chunks:
-            Ds = _shifted_dy(dy[chunk], R, I, out=Ds)
-            M = len(dy[chunk]) * I * Q
-            db += Ds[0, :, :M].sum(axis=1)
+            dys = unroll(dy[chunk], S, padding, out=dys)
+            n = dys.shape[2]
+            D = dys.reshape(K * S, n * I * W)
+            if need_dx:
+                z = np.empty(R * C * n * I * W, dtype=dy.dtype) if z is None else z
+                Z = np.matmul(Wf, D, out=z[:R * C * n * I * W].reshape(R * C, -1))
+                _add_shifted_slices(Z.reshape(R, C, n, I, W), dx[chunk])
             if need_dw:
-                xs = unroll(x[chunk], S, padding, out=xs)
-                dw += Ds[:, :, :M].reshape(R * K, M) @ xs.reshape(C * S, M).T
-        return dw, db
+                Xs = _shifted_rows(x[chunk], R, I, out=Xs)
+                dWf += Xs[:, :, :n * I * W].reshape(R * C, -1) @ D.T
+            if need_db:
+                db += dy[chunk].sum(axis=(0, 2, 3))
+        return dWf, db
 
-    if not (need_dw or need_db):
-        return None, None, None
-    dw, db = _add_up(_over_the_batch(work, N, (C * S + R * K) * I * Q * x.itemsize))
-    return None, dw.reshape(R, K, C, S).transpose(1, 2, 0, 3), db
+    dWf, db = _add_up(_over_the_batch(work, N, (K * S + 2 * R * C) * I * W * x.itemsize))
+    dw = dWf.reshape(R, C, K, S).transpose(2, 1, 0, 3)[:, :, ::-1, ::-1] if need_dw else None
+    return dx, dw, db
 
 
 # --- route 2: channels last ------------------------------------------------------------
@@ -386,7 +426,7 @@ def _channels_last_backward(dy, x, w, stride: int, padding: int, need_dx: bool, 
     return dx, dWm.reshape(K, R, S, C).transpose(0, 3, 1, 2), db
 
 
-def _flipped_columns_backward(dy, x, w_flipped, padding: int, need_dw: bool, need_db: bool):
+def _flipped_columns_backward(dy, x, w_flipped, padding: int, need_dx: bool, need_dw: bool, need_db: bool):
     """(dx, dw, db) at stride 1 when dx, the flipped convolution of dy, takes route 2.
 
     Its columns, cols[(n,h,w), (r,s,k)] = dypad[n, h + r, w + s, k] (dy padded by
@@ -402,7 +442,7 @@ def _flipped_columns_backward(dy, x, w_flipped, padding: int, need_dw: bool, nee
     _, K, R, S = w_flipped.shape
     Wf = _weight_rows(w_flipped)  # (C, R*S*K)
     _, _, chunk_bytes = _channels_last_sizes(dy, w_flipped, 1, padding)
-    dx = np.empty(x.shape, dtype=dy.dtype)
+    dx = np.empty(x.shape, dtype=dy.dtype) if need_dx else None
 
     def work(chunks):
         dWf = np.zeros((C, R * S * K), dtype=x.dtype) if need_dw else None
@@ -413,7 +453,8 @@ def _flipped_columns_backward(dy, x, w_flipped, padding: int, need_dw: bool, nee
             cols = im2col(dycl, R, S, 1, H, W, out=cols)
             n = cols.shape[0]
             rows = cols.reshape(n * H * W, R * S * K)
-            np.copyto(dx[chunk], (rows @ Wf.T).reshape(n, H, W, C).transpose(0, 3, 1, 2))
+            if need_dx:
+                np.copyto(dx[chunk], (rows @ Wf.T).reshape(n, H, W, C).transpose(0, 3, 1, 2))
             if need_dw:
                 dWf += np.ascontiguousarray(x[chunk].transpose(1, 0, 2, 3)).reshape(C, n * H * W) @ rows
             if need_db:
