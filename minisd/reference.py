@@ -137,17 +137,28 @@ def _over_the_batch(work, N: int, bytes_per_image: int) -> list:
         return _on_all_cores(work, runs)
 
 
-_blas_threads = None
+class _blas_on_one_thread:
+    """A context in which NumPy's BLAS computes every product on the calling thread.
 
+    threadpoolctl finds the BLAS libraries once; entering and leaving then cost a call to
+    each one's set_num_threads (a couple of microseconds, where threadpoolctl's own
+    limit() looks them all up again, ten times longer).
+    """
 
-def _blas_on_one_thread():
-    """A context in which NumPy's BLAS computes every product on the calling thread (threadpoolctl)."""
-    global _blas_threads
-    if _blas_threads is None:
-        from threadpoolctl import ThreadpoolController
+    libraries = None
 
-        _blas_threads = ThreadpoolController()
-    return _blas_threads.limit(limits=1, user_api="blas")
+    def __enter__(self):
+        if _blas_on_one_thread.libraries is None:
+            from threadpoolctl import ThreadpoolController
+
+            _blas_on_one_thread.libraries = ThreadpoolController().select(user_api="blas").lib_controllers
+        self.threads = [lib.get_num_threads() for lib in self.libraries]
+        for lib in self.libraries:
+            lib.set_num_threads(1)
+
+    def __exit__(self, *exception):
+        for lib, threads in zip(self.libraries, self.threads):
+            lib.set_num_threads(threads)
 
 
 def _add_up(parts):
