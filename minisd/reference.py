@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import concurrent.futures
 import itertools
-import math
 import os
 from typing import NamedTuple
 
@@ -519,13 +518,13 @@ def group_norm_forward(x, num_groups: int, weight, bias, eps: float):
     """(y, mean, rstd); mean and rstd have shape (N, G). Samples are independent: big
     batches are shared out among the cores, a slice of samples each."""
     N, C = x.shape[:2]
-    G = num_groups
+    G, M = num_groups, x.size // (N * num_groups)
     y = np.empty(x.shape, dtype=x.dtype)
     mean, rstd = np.empty((N, G), dtype=x.dtype), np.empty((N, G), dtype=x.dtype)
 
     def normalise(sl):
-        xg = x[sl].reshape(-1, G, C // G * math.prod(x.shape[2:]))
-        n, M = xg.shape[0], xg.shape[2]
+        xg = x[sl].reshape(-1, G, M)
+        n = xg.shape[0]
         mean[sl] = _row_sums(xg) / M
         centred = np.subtract(xg, mean[sl, :, None], out=y[sl].reshape(n, G, M))
         var = _row_dots(centred, centred) / M  # two passes (mean first): no cancellation
@@ -555,7 +554,7 @@ def group_norm_backward(dy, x, num_groups: int, weight, mean, rstd):
     As in the forward pass, big batches are shared out among the cores.
     """
     N, C = x.shape[:2]
-    G = num_groups
+    G, M = num_groups, x.size // (N * num_groups)
     gamma = np.ones((G, C // G), dtype=x.dtype) if weight is None else weight.reshape(G, C // G)
     dx = np.empty(x.shape, dtype=np.result_type(dy, x))  # C order, whatever dy's layout
     sum_dy = np.empty((N, G, C // G), dtype=dx.dtype)  # per sample and channel
@@ -563,9 +562,9 @@ def group_norm_backward(dy, x, num_groups: int, weight, mean, rstd):
 
     def backward(sl):
         r = rstd[sl, :, None]
-        xhat = x[sl].reshape(-1, G, C // G * math.prod(x.shape[2:])) - mean[sl, :, None]
+        xhat = x[sl].reshape(-1, G, M) - mean[sl, :, None]
         xhat *= r
-        n, M = xhat.shape[0], xhat.shape[2]
+        n = xhat.shape[0]
         dy4, xhat4 = dy[sl].reshape(n, G, C // G, -1), xhat.reshape(n, G, C // G, -1)
         sum_dy[sl] = _row_sums(dy4)
         sum_dy_xhat[sl] = _row_dots(dy4, xhat4)
