@@ -649,7 +649,7 @@ class GELU(Function):
             self.t = xp.tanh(c * (a + a.dtype.type(0.044715) * a ** 3))
             return 0.5 * a * (1 + self.t)
         if xp is not np:
-            self.cdf = 0.5 * (1 + _erf(a * a.dtype.type(1 / math.sqrt(2))))
+            self.cdf = _normal_cdf(a)
             return a * self.cdf
         n = _row_size(a)
         out, self.cdf = _empty_rows(a, n), _empty_rows(a, n)
@@ -664,8 +664,7 @@ class GELU(Function):
             dinner = c * (1 + 3 * a.dtype.type(0.044715) * a * a)
             return g * (0.5 * (1 + self.t) + 0.5 * a * (1 - self.t * self.t) * dinner)
         if _xp(a) is not np:
-            pdf = _xp(a).exp(-0.5 * a * a) * a.dtype.type(1 / math.sqrt(2 * math.pi))
-            return g * (self.cdf + a * pdf)
+            return g * (self.cdf + a * _normal_pdf(a))
         n = _row_size(a)
         da = _empty_rows(a, n)
         _blockwise(_gelu_backward_block, _rows(g, n), _rows(a, n), _rows(self.cdf, n), da)
@@ -687,7 +686,7 @@ class GEGLU(Function):
         d = x.shape[-1] // 2
         self.x, self.h, self.g = x, x[..., :d], x[..., d:]
         if _xp(x) is not np:
-            self.cdf = 0.5 * (1 + _erf(self.g * x.dtype.type(1 / math.sqrt(2))))
+            self.cdf = _normal_cdf(self.g)
             self.gelu_g = self.g * self.cdf
             return self.h * self.gelu_g
         self.gelu_g, self.cdf, out = (_empty_rows(self.g, d) for _ in range(3))
@@ -701,8 +700,8 @@ class GEGLU(Function):
 
     def backward(self, grad):
         if _xp(grad) is not np:
-            pdf = _xp(grad).exp(-0.5 * self.g * self.g) * grad.dtype.type(1 / math.sqrt(2 * math.pi))
-            return _xp(grad).concatenate([grad * self.gelu_g, grad * self.h * (self.cdf + self.g * pdf)], axis=-1)
+            dg = grad * self.h * (self.cdf + self.g * _normal_pdf(self.g))
+            return _xp(grad).concatenate([grad * self.gelu_g, dg], axis=-1)
         d = self.g.shape[-1]
         dx = np.empty(self.x.shape, dtype=grad.dtype)
         _blockwise(self._backward_block, _rows(grad, d), _rows(self.h, d), _rows(self.g, d), self.gelu_g,
@@ -714,6 +713,16 @@ class GEGLU(Function):
         np.multiply(grad, h, out=dh)  # dh is scratch for grad * h, the gate's upstream gradient
         _gelu_backward_block(dh, g, cdf, dg)
         np.multiply(grad, gelu_g, out=dh)
+
+
+def _normal_cdf(a):
+    """Phi(a) = (1 + erf(a / sqrt 2)) / 2, whole-array (the CuPy path; NumPy's goes block by block)."""
+    return 0.5 * (1 + _erf(a * a.dtype.type(1 / math.sqrt(2))))
+
+
+def _normal_pdf(a):
+    """exp(-a^2 / 2) / sqrt(2 pi), whole-array (the CuPy path)."""
+    return _xp(a).exp(-0.5 * a * a) * a.dtype.type(1 / math.sqrt(2 * math.pi))
 
 
 def _gelu_block(a, out, cdf):
