@@ -408,7 +408,8 @@ def _channels_last_forward(x, w, b, stride: int, padding: int):
 
 
 def _channels_last_backward(dy, x, w, stride: int, padding: int, need_dx: bool, need_dw: bool):
-    """(dx, dw) by route 2's columns of x, for strides: dW = D @ cols, dx = col2im(D^T @ W)."""
+    """(dx, dw) by route 2's columns of x where dx is no convolution of its own (strides, padding
+    beyond R - 1, non-square kernels): dW = D @ cols, dx = col2im(D^T @ W)."""
     N, C, H, W = x.shape
     K, _, R, S = w.shape
     P, Q, chunk_bytes = _channels_last_sizes(x, w, stride, padding)
