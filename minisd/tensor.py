@@ -280,11 +280,13 @@ class Function:
     Subclasses write ``forward(self, *arrays, **params) -> array`` on raw arrays and
     ``backward(self, grad_out) -> grad or tuple of grads`` (one per tensor input, None
     where not needed). ``self.needs_input_grad`` tells backward which gradients anybody
-    wants, so it can skip the rest.
+    wants, so it can skip the rest; ``self.recording`` tells forward whether a backward can
+    follow at all (not under no_grad), so it can skip saving what only backward would use.
     """
 
     parents: tuple[Tensor, ...]
     needs_input_grad: tuple[bool, ...]
+    recording: bool
 
     def forward(self, *arrays, **params):
         raise NotImplementedError
@@ -297,9 +299,9 @@ class Function:
         tensors = tuple(_as_input(x, inputs) for x in inputs)
         ctx = cls()
         ctx.needs_input_grad = tuple(t.requires_grad for t in tensors)
-        record = _grad_enabled and any(ctx.needs_input_grad)
+        ctx.recording = _grad_enabled and any(ctx.needs_input_grad)
         out = ctx.forward(*(t.data for t in tensors), **params)
-        if not record:
+        if not ctx.recording:
             return Tensor._wrap(out)
         ctx.parents = tensors
         return Tensor._wrap(out, ctx)
