@@ -477,8 +477,14 @@ class Linear(Function):
         g2 = g.reshape(-1, g.shape[-1])
         dx = (g2 @ self.w).reshape(self.x_shape) if self.needs_input_grad[0] else None
         dw = g2.T @ self.x2 if self.needs_input_grad[1] else None
-        db = g2.sum(axis=0) if len(self.needs_input_grad) > 2 and self.needs_input_grad[2] else None
+        db = _column_sums(g2) if len(self.needs_input_grad) > 2 and self.needs_input_grad[2] else None
         return dx, dw, db
+
+
+def _column_sums(a):
+    """The sum over the rows of a 2-D array, as one BLAS product with a vector of ones: on NumPy
+    3-6x faster than a.sum(axis=0) at the UNet's sizes (2,048 rows of 64 to 512 numbers)."""
+    return _xp(a).ones(len(a), dtype=a.dtype) @ a
 
 
 def matmul(a, b):
@@ -862,10 +868,9 @@ class LayerNorm(Function):
         n = math.prod(dy.shape[dy.ndim - len(self.axes):])
         dy2, xhat = _rows(dy, n), _rows(self.xhat, n)
         w = self.weight.reshape(n) if self.weight is not None else None
-        column_sums = np.ones(len(dy2), dtype=dy.dtype)  # sums over rows, as one BLAS product each
-        dweight = (column_sums @ (dy2 * xhat)).reshape(self.weight.shape) \
+        dweight = _column_sums(dy2 * xhat).reshape(self.weight.shape) \
             if self.weight is not None and self.needs_input_grad[1] else None
-        dbias = (column_sums @ dy2).reshape(self.weight.shape) \
+        dbias = _column_sums(dy2).reshape(self.weight.shape) \
             if len(self.needs_input_grad) > 2 and self.needs_input_grad[2] else None
         if not self.needs_input_grad[0]:
             return None, dweight, dbias
