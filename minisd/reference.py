@@ -632,18 +632,27 @@ def _causal_bias(Lq: int, Lk: int, dtype):
     return np.triu(np.full((Lq, Lk), -np.inf, dtype=dtype), k=1)
 
 
-def _tiles(rows: int, Lq: int, Lk: int, d: int):
-    """(slices of the (batch, head) rows, slices of the query rows, whether the tiles' products
-    are small enough to run on the calling thread, so that the tiles can share out the cores)."""
+def _tiles(B: int, H: int, Lq: int, Lk: int, d: int):
+    """(tiles of (batch, head) pairs, slices of the query rows, whether the tiles' products
+    are small enough to run on the calling thread, so that the tiles can share out the cores).
+
+    A tile is a (batch slice, head slice) pair, which indexes (B, H, L, d) arrays of any
+    layout: a few samples with all their heads, or, where fewer pairs fit in a tile than
+    a sample has heads, a run of one sample's heads.
+    """
     block = BLAS_SMALL // (Lk * d)
     small = block >= MIN_QUERY_BLOCK
     scores = min(SCORES_IN_CACHE, MAX_SCORES_IN_MEMORY) if small else MAX_SCORES_IN_MEMORY
     if not small:  # long keys (64x64 latents): big products, which the BLAS shares out itself
         block = max(1, scores // Lk)
     block = min(Lq, block)
-    step = max(1, scores // (block * Lk))
-    return ([slice(i, min(rows, i + step)) for i in range(0, rows, step)],
-            [slice(i, min(Lq, i + block)) for i in range(0, Lq, block)], small)
+    pairs = max(1, scores // (block * Lk))
+    if pairs >= H:
+        step = pairs // H
+        tiles = [(slice(b, min(B, b + step)), slice(0, H)) for b in range(0, B, step)]
+    else:
+        tiles = [(slice(b, b + 1), slice(h, min(H, h + pairs))) for b in range(B) for h in range(0, H, pairs)]
+    return tiles, [slice(i, min(Lq, i + block)) for i in range(0, Lq, block)], small
 
 
 _pool, _pool_pid = None, None
@@ -660,31 +669,38 @@ def _on_all_cores(fn, items, parallel=True):
     return [f.result() for f in [_pool.submit(fn, item) for item in items]]
 
 
-def _as_rows(*arrays):
-    """(B, H, L, d) arrays as (B*H, L, d): one row per (batch, head)."""
-    return [a.reshape((-1,) + a.shape[2:]) for a in arrays]
+def _heads_last(B: int, H: int, L: int, d: int, dtype, zeros=False):
+    """A (B, H, L, d) view of a new (B, L, H, d) array: the layout of tokens (B, L, H*d) split
+    into heads, so that joining the heads back (a transpose and a reshape) copies nothing."""
+    return (np.zeros if zeros else np.empty)((B, L, H, d), dtype=dtype).transpose(0, 2, 1, 3)
 
 
 def attention_forward(q, k, v, scale: float, is_causal: bool):
-    """(o, lse): o (B, H, Lq, d), lse (B, H, Lq)."""
+    """(o, lse): o (B, H, Lq, dv), lse (B, H, Lq).
+
+    q, k and v may be views of any layout, such as heads split out of tokens (B, L, H*d):
+    the products read them where they lie (the BLAS takes a row stride), and o is a view of
+    a (B, Lq, H, dv) array (``_heads_last``).
+    """
     B, H, Lq, d = q.shape
-    Lk = k.shape[2]
+    Lk, dv = k.shape[2], v.shape[3]
     bias = _causal_bias(Lq, Lk, q.dtype) if is_causal else None
-    q, k, v = _as_rows(q * np.asarray(scale, dtype=q.dtype), k, v)
+    q = q * np.asarray(scale, dtype=q.dtype)  # (an elementwise result keeps q's layout)
     kT = k.swapaxes(-1, -2)
-    o = np.empty((B * H, Lq, v.shape[-1]), dtype=q.dtype)
-    lse = np.empty((B * H, Lq), dtype=q.dtype)
-    slices, blocks, small = _tiles(B * H, Lq, Lk, max(d, v.shape[-1]))
+    o = _heads_last(B, H, Lq, dv, q.dtype)
+    lse = np.empty((B, H, Lq), dtype=q.dtype)
+    tiles, blocks, small = _tiles(B, H, Lq, Lk, max(d, dv))
     floor = _exp_floor(q.dtype)
     # The second pass runs only if a row underflowed. A causal mask takes each row's own
     # maximum at once: a shared shift would let later keys change earlier rows' rounding.
     shifts = (True,) if is_causal else (False, True)
 
-    def slice_of_rows(sl):
-        buffer = np.empty((len(o[sl]), blocks[0].stop, Lk), dtype=q.dtype)  # refilled by every block
+    def tile(pairs):
+        b, h = pairs
+        buffer = np.empty(q[b, h].shape[:2] + (blocks[0].stop, Lk), dtype=q.dtype)  # refilled by every block
         for qb in blocks:
             for shift_by_rows in shifts:
-                p = np.matmul(q[sl, qb], kT[sl], out=buffer[:, :qb.stop - qb.start])  # S for this tile
+                p = np.matmul(q[b, h, qb], kT[b, h], out=buffer[:, :, :qb.stop - qb.start])  # S for this tile
                 if bias is not None:
                     p += bias[qb]
                 m = p.max(axis=-1 if shift_by_rows else (-2, -1), keepdims=True)
@@ -693,44 +709,46 @@ def attention_forward(q, k, v, scale: float, is_causal: bool):
                 total = _row_sums(p)[..., None]
                 if shift_by_rows or total.min() >= floor:
                     break
-            np.matmul(p, v[sl], out=o[sl, qb])
-            o[sl, qb] /= total
-            lse[sl, qb] = (m + np.log(total))[..., 0]
+            out = o[b, h, qb]
+            np.matmul(p, v[b, h], out=out)
+            out /= total
+            lse[b, h, qb] = (m + np.log(total))[..., 0]
 
-    _on_all_cores(slice_of_rows, slices, parallel=small)
-    return o.reshape(B, H, Lq, -1), lse.reshape(B, H, Lq)
+    _on_all_cores(tile, tiles, parallel=small)
+    return o, lse
 
 
 def attention_backward(do, q, k, v, o, lse, scale: float, is_causal: bool):
-    """(dq, dk, dv), recomputing P from lse rather than keeping it from the forward pass."""
+    """(dq, dk, dv), recomputing P from lse rather than keeping it from the forward pass.
+    Inputs of any layout, as in the forward pass; the gradients are ``_heads_last`` views."""
     B, H, Lq, d = q.shape
-    Lk = k.shape[2]
+    Lk, dv_width = k.shape[2], v.shape[3]
     scale = np.asarray(scale, dtype=q.dtype)
     bias = _causal_bias(Lq, Lk, q.dtype) if is_causal else None
-    do, q, k, v, o = _as_rows(do, q, k, v, o)
     q_scaled, k_scaled = q * scale, k * scale
     kT, vT = k.swapaxes(-1, -2), v.swapaxes(-1, -2)
-    lse = lse.reshape(B * H, Lq, 1)
-    D = np.einsum("nid,nid->ni", do, o)[..., None]  # D_i = sum_j dO_ij O_ij  (= sum_j P_ij dP_ij)
-    dq = np.empty_like(q)
-    dk, dv = np.zeros_like(k), np.zeros((B * H, Lk, v.shape[-1]), dtype=v.dtype)
-    slices, blocks, small = _tiles(B * H, Lq, Lk, max(d, v.shape[-1]))
+    lse = lse[..., None]
+    D = np.einsum("bhid,bhid->bhi", do, o)[..., None]  # D_i = sum_j dO_ij O_ij  (= sum_j P_ij dP_ij)
+    dq = _heads_last(B, H, Lq, d, q.dtype)
+    dk, dv = _heads_last(B, H, Lk, d, k.dtype, zeros=True), _heads_last(B, H, Lk, dv_width, v.dtype, zeros=True)
+    tiles, blocks, small = _tiles(B, H, Lq, Lk, max(d, dv_width))
 
-    def slice_of_rows(sl):
-        p_buffer, ds_buffer = (np.empty((len(dq[sl]), blocks[0].stop, Lk), dtype=q.dtype) for _ in range(2))
+    def tile(pairs):
+        b, h = pairs
+        p_buffer, ds_buffer = (np.empty(q[b, h].shape[:2] + (blocks[0].stop, Lk), dtype=q.dtype) for _ in range(2))
         for qb in blocks:
             rows = qb.stop - qb.start
-            p = np.matmul(q_scaled[sl, qb], kT[sl], out=p_buffer[:, :rows])
+            p = np.matmul(q_scaled[b, h, qb], kT[b, h], out=p_buffer[:, :, :rows])
             if bias is not None:
                 p += bias[qb]
-            p -= lse[sl, qb]
+            p -= lse[b, h, qb]
             np.exp(p, out=p)  # P
-            dv[sl] += p.swapaxes(-1, -2) @ do[sl, qb]
-            ds = np.matmul(do[sl, qb], vT[sl], out=ds_buffer[:, :rows])  # dP
-            ds -= D[sl, qb]
+            dv[b, h] += p.swapaxes(-1, -2) @ do[b, h, qb]
+            ds = np.matmul(do[b, h, qb], vT[b, h], out=ds_buffer[:, :, :rows])  # dP
+            ds -= D[b, h, qb]
             ds *= p  # dS = P * (dP - D)
-            np.matmul(ds, k_scaled[sl], out=dq[sl, qb])
-            dk[sl] += ds.swapaxes(-1, -2) @ q_scaled[sl, qb]
+            np.matmul(ds, k_scaled[b, h], out=dq[b, h, qb])
+            dk[b, h] += ds.swapaxes(-1, -2) @ q_scaled[b, h, qb]
 
-    _on_all_cores(slice_of_rows, slices, parallel=small)
-    return dq.reshape(B, H, Lq, -1), dk.reshape(B, H, Lk, -1), dv.reshape(B, H, Lk, -1)
+    _on_all_cores(tile, tiles, parallel=small)
+    return dq, dk, dv

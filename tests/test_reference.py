@@ -306,30 +306,66 @@ def test_attention_matches_its_definition(case, is_causal):
         np.testing.assert_allclose(g, e, rtol=1e-3, atol=1e-4, err_msg=name)
 
 
-@pytest.mark.parametrize("tiles", ["slices", "small products", "long keys"])
+@pytest.mark.parametrize("tiles", ["runs of heads", "samples", "two samples", "small products", "long keys"])
 def test_attention_in_tiles(monkeypatch, tiles):
-    """Rows of (batch, head) cut into slices, and query rows into blocks, give the same numbers
-    as all at once: on the thread pool (small products) and one slice after another."""
-    B, H, Lq, Lk, d = 3, 2, 5, 4, 3
+    """(batch, head) pairs cut into tiles (runs of one sample's heads, or whole samples), and
+    query rows into blocks, give the same numbers as all at once: on the thread pool (small
+    products) and one tile after another."""
+    B, H, Lq, Lk, d = 3, 3, 5, 4, 3
     q, k, v = rand(B, H, Lq, d), rand(B, H, Lk, d, seed=1), rand(B, H, Lk, d, seed=2)
     do = rand(B, H, Lq, d, seed=3)
     whole = reference.attention_forward(q, k, v, 0.5, True)
     whole_grads = reference.attention_backward(do, q, k, v, *whole, 0.5, True)
-    if tiles == "slices":  # two (batch, head) rows a slice: 3 slices, all query rows at once
+    if tiles == "runs of heads":  # 2 pairs a tile, fewer than a sample's 3 heads: heads 0-1, then head 2
         monkeypatch.setattr(reference, "SCORES_IN_CACHE", 2 * Lq * Lk)
-    elif tiles == "small products":  # 2 query rows a block, 3 (batch, head) rows a slice
+        expected = [(slice(b, b + 1), slice(0, 2)) for b in range(B)] + [(slice(b, b + 1), slice(2, 3)) for b in range(B)]
+    elif tiles == "samples":  # 4 pairs a tile: one whole sample
+        monkeypatch.setattr(reference, "SCORES_IN_CACHE", 4 * Lq * Lk)
+        expected = [(slice(b, b + 1), slice(0, H)) for b in range(B)]
+    elif tiles == "two samples":  # 7 pairs a tile: two whole samples, then the last one
+        monkeypatch.setattr(reference, "SCORES_IN_CACHE", 7 * Lq * Lk)
+        expected = [(slice(0, 2), slice(0, H)), (slice(2, 3), slice(0, H))]
+    elif tiles == "small products":  # 2 query rows a block, one sample a tile
         monkeypatch.setattr(reference, "MIN_QUERY_BLOCK", 1)
         monkeypatch.setattr(reference, "BLAS_SMALL", 2 * Lk * d)
         monkeypatch.setattr(reference, "SCORES_IN_CACHE", 3 * 2 * Lk)
-    else:  # products too big for the pool: 2 query rows a block, one (batch, head) row a slice
+        expected = [(slice(b, b + 1), slice(0, H)) for b in range(B)]
+    else:  # products too big for the pool: 2 query rows a block, one (batch, head) pair a tile
         monkeypatch.setattr(reference, "BLAS_SMALL", 1)
         monkeypatch.setattr(reference, "MAX_SCORES_IN_MEMORY", 2 * Lk)
-    slices, blocks, small = reference._tiles(B * H, Lq, Lk, d)
-    assert len(slices) > 1 and (len(blocks) > 1 or tiles == "slices") and small == (tiles != "long keys")
+        expected = [(slice(b, b + 1), slice(h, h + 1)) for b in range(B) for h in range(H)]
+    got_tiles, blocks, small = reference._tiles(B, H, Lq, Lk, d)
+    assert sorted(got_tiles, key=str) == sorted(expected, key=str)
+    assert (len(blocks) > 1) == (tiles in ("small products", "long keys")) and small == (tiles != "long keys")
     for got, want in zip(reference.attention_forward(q, k, v, 0.5, True), whole):
         np.testing.assert_allclose(got, want, rtol=1e-12)
     for got, want in zip(reference.attention_backward(do, q, k, v, *whole, 0.5, True), whole_grads):
         np.testing.assert_allclose(got, want, rtol=1e-12, atol=1e-14)
+
+
+@pytest.mark.parametrize("is_causal", [False, True])
+def test_attention_reads_heads_in_place_and_writes_them_heads_last(is_causal):
+    """Heads split out of tokens (B, L, H*d) are (B, H, L, d) views with a row stride; attention
+    reads them as they lie and returns o, dq, dk, dv as views of (B, L, H, d) arrays, so that
+    joining the heads back into tokens copies nothing. The numbers are those of contiguous
+    inputs, and of inputs strided in every axis."""
+    B, H, Lq, Lk, d = 2, 3, 5, 4, 2
+    tokens = [rand(B, L, H * d, seed=i) for i, L in enumerate((Lq, Lk, Lk, Lq))]
+    q, k, v, do = (t.reshape(B, t.shape[1], H, d).transpose(0, 2, 1, 3) for t in tokens)
+    assert not q.flags.c_contiguous
+    o, lse = reference.attention_forward(q, k, v, 0.7, is_causal)
+    grads = reference.attention_backward(do, q, k, v, o, lse, 0.7, is_causal)
+    for a in (o,) + grads:
+        assert a.transpose(0, 2, 1, 3).flags.c_contiguous
+    contiguous = [np.ascontiguousarray(a) for a in (q, k, v, do)]
+    o_c, lse_c = reference.attention_forward(*contiguous[:3], 0.7, is_causal)
+    np.testing.assert_allclose(o, o_c, rtol=1e-12)
+    np.testing.assert_allclose(lse, lse_c, rtol=1e-12)
+    for got, want in zip(grads, reference.attention_backward(contiguous[3], *contiguous[:3], o_c, lse_c, 0.7, is_causal)):
+        np.testing.assert_allclose(got, want, rtol=1e-12, atol=1e-15)
+    strided = [np.repeat(np.repeat(a, 2, axis=1), 2, axis=3)[:, ::2, :, ::2] for a in contiguous]  # no unit stride
+    for got, want in zip(reference.attention_forward(*strided[:3], 0.7, is_causal), (o_c, lse_c)):
+        np.testing.assert_allclose(got, want, rtol=1e-12)
 
 
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
