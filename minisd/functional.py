@@ -993,7 +993,17 @@ class UpsampleNearest(Function):
     def backward(self, g):
         N, C, H, W = g.shape
         f = self.factor
-        return g.reshape(N, C, H // f, f, W // f, f).sum(axis=(3, 5))
+        # The sum of each f x f block: f neighbours along W, then f along H, as adds of strided
+        # slices (a .sum over the two short axes runs element by element: 7-10x slower).
+        pairs = g.reshape(N, C, H, W // f, f)
+        across = pairs[..., 0].copy()
+        for j in range(1, f):
+            across += pairs[..., j]
+        pairs = across.reshape(N, C, H // f, f, W // f)
+        dx = pairs[:, :, :, 0].copy()
+        for i in range(1, f):
+            dx += pairs[:, :, :, i]
+        return dx
 
 
 def interpolate(x, scale_factor=2, mode="nearest"):

@@ -315,6 +315,8 @@ case("layer_norm_batch1", lambda x, w, b: F.layer_norm(x, 4, w, b), lambda x, w,
 # ---- resampling
 case("interpolate_nearest_x2", lambda x: F.interpolate(x, scale_factor=2, mode="nearest"),
      lambda x: TF.interpolate(x, scale_factor=2, mode="nearest"), lambda: [randn(1, 2, 3, 4)])
+case("interpolate_nearest_x3", lambda x: F.interpolate(x, scale_factor=3, mode="nearest"),
+     lambda x: TF.interpolate(x, scale_factor=3, mode="nearest"), lambda: [randn(2, 2, 3, 2)])
 
 # ---- attention: self, cross (Lq != Lk), causal, masks, 3-D and 4-D
 _sdpa = F.scaled_dot_product_attention
