@@ -486,7 +486,7 @@ def _flipped_columns_backward(dy, x, w_flipped, padding: int, need_dx: bool, nee
 # Sums over the M values of a row take one pass each (einsum, for sums and for sums of
 # products), and every elementwise step writes in place.
 # Per-channel factors are folded together first, so that y is one multiply and one add
-# over the data, and dx one affine map per (n, c) of dy and x - mu.
+# over the data, and dx an affine map of dy and x.
 
 
 def _row_sums(a):
@@ -546,12 +546,14 @@ def group_norm_forward(x, num_groups: int, weight, bias, eps: float):
 def group_norm_backward(dy, x, num_groups: int, weight, mean, rstd):
     """(dx, dweight, dbias). With g = dy * gamma:  dx = rstd * (g - mean(g) - xhat * mean(g * xhat)).
 
-    Both means are over a group; they come from per-channel sums of dy and dy * xhat
-    (which also give dbias and dweight). Per-channel factors need the arrays viewed as
-    (N, G, C/G, H*W); per-group ones take the (N, G, M) view, whose rows are longer
-    (NumPy runs a loop per row: at 4x4 images, H*W rows are only 16 numbers long):
-        dx = (rstd gamma) dy - (rstd mean(g xhat)) xhat - rstd mean(g).
-    As in the forward pass, big batches are shared out among the cores.
+    Both means are over a group, and both come from two per-channel sums over H*W,
+    s1 = sum dy and s2 = sum dy * x (which also give dbias and dweight), since
+    sum dy * xhat = rstd * (s2 - mu * s1). Written out in x rather than xhat, dx is
+    an affine map of dy and x, as in PyTorch's CPU kernel:
+        dx = c1 dy + c2 x + c3,   c1 = rstd gamma[c],   c2 = -rstd^2 mean(g xhat),
+                                  c3 = -c2 mu - rstd mean(g),
+    with c1 per (n, c) and c2, c3 per (n, g): two passes for the sums and four for dx,
+    xhat never made. As in the forward pass, big batches are shared out among the cores.
     """
     N, C = x.shape[:2]
     G, M = num_groups, x.size // (N * num_groups)
@@ -561,20 +563,19 @@ def group_norm_backward(dy, x, num_groups: int, weight, mean, rstd):
     sum_dy_xhat = np.empty((N, G, C // G), dtype=dx.dtype)
 
     def backward(sl):
-        r = rstd[sl, :, None]
-        xhat = x[sl].reshape(-1, G, M) - mean[sl, :, None]
-        xhat *= r
-        n = xhat.shape[0]
-        dy4, xhat4 = dy[sl].reshape(n, G, C // G, -1), xhat.reshape(n, G, C // G, -1)
+        n, mu, r = len(dx[sl]), mean[sl, :, None], rstd[sl, :, None]
+        dy4, x4 = dy[sl].reshape(n, G, C // G, -1), x[sl].reshape(n, G, C // G, -1)
         sum_dy[sl] = _row_sums(dy4)
-        sum_dy_xhat[sl] = _row_dots(dy4, xhat4)
+        sum_dy_xhat[sl] = (_row_dots(dy4, x4) - mu * sum_dy[sl]) * r
         mean_g = _row_sums(sum_dy[sl] * gamma) / M  # (n, G)
         mean_gx = _row_sums(sum_dy_xhat[sl] * gamma) / M
+        c2 = -(r[..., 0] * r[..., 0]) * mean_gx
+        c3 = -c2 * mu[..., 0] - r[..., 0] * mean_g
         dxg = dx[sl].reshape(n, G, M)
         np.multiply(dy4, (gamma * r)[..., None], out=dxg.reshape(dy4.shape))
-        xhat *= r * mean_gx[:, :, None]
-        xhat += r * mean_g[:, :, None]
-        dxg -= xhat
+        affine_x = np.multiply(x[sl].reshape(n, G, M), c2[..., None])
+        affine_x += c3[..., None]
+        dxg += affine_x
 
     _on_all_cores(backward, _samples_per_core(x))
     dweight = sum_dy_xhat.sum(axis=0).reshape(C) if weight is not None else None

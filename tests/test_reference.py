@@ -251,10 +251,19 @@ def test_group_norm_matches_its_definition(monkeypatch, shape, G, affine, cores)
 
 
 def test_group_norm_with_a_large_mean():
-    """The variance is computed around the mean (two passes), so an offset costs no accuracy."""
+    """The variance is computed around the mean (two passes), so an offset costs no accuracy
+    beyond float32's own spacing at the offset; the backward pass's sums of dy * x (rather
+    than dy * xhat) lose no more than that either: float32 against float64."""
     x = rand(2, 4, 8, 8) + 1e4
     y = reference.group_norm_forward(x.astype(np.float32), 2, None, None, 1e-5)[0]
     np.testing.assert_allclose(y, naive_group_norm(x, 2, None, None, 1e-5), atol=2e-3)
+    for offset, rtol in ((30, 1e-5), (1e3, 1e-3)):
+        x, w, dy = rand(3, 8, 6, 6) + offset, rand(8, seed=1), rand(3, 8, 6, 6, seed=2)
+        want = reference.group_norm_backward(dy, x, 4, w, *reference.group_norm_forward(x, 4, w, w, 1e-5)[1:])
+        x32, w32, dy32 = f32(x, w, dy)
+        got = reference.group_norm_backward(dy32, x32, 4, w32, *reference.group_norm_forward(x32, 4, w32, w32, 1e-5)[1:])
+        for name, g, e in zip(("dx", "dweight", "dbias"), got, want):
+            assert np.abs(g - e).max() <= rtol * np.abs(e).max(), (offset, name)
 
 
 # ------------------------------------------------------------------------------------
