@@ -670,25 +670,30 @@ def _on_all_cores(fn, items, parallel=True):
     return [f.result() for f in [_pool.submit(fn, item) for item in items]]
 
 
-def _heads_last(B: int, H: int, L: int, d: int, dtype, zeros=False):
-    """A (B, H, L, d) view of a new (B, L, H, d) array: the layout of tokens (B, L, H*d) split
-    into heads, so that joining the heads back (a transpose and a reshape) copies nothing."""
-    return (np.zeros if zeros else np.empty)((B, L, H, d), dtype=dtype).transpose(0, 2, 1, 3)
+def _laid_out_as(a, L: int, d: int, zeros=False):
+    """A new (B, H, L, d) array in a's layout: where a is heads split out of tokens (a view
+    of a (B, L', H, d') array), a view of a new (B, L, H, d) array, so that joining its heads
+    back into tokens (a transpose and a reshape) copies nothing; else plain (B, H, L, d)."""
+    B, H = a.shape[:2]
+    make = np.zeros if zeros else np.empty
+    if a.transpose(0, 2, 1, 3).flags.c_contiguous and not a.flags.c_contiguous:
+        return make((B, L, H, d), dtype=a.dtype).transpose(0, 2, 1, 3)
+    return make((B, H, L, d), dtype=a.dtype)
 
 
 def attention_forward(q, k, v, scale: float, is_causal: bool):
     """(o, lse): o (B, H, Lq, dv), lse (B, H, Lq).
 
     q, k and v may be views of any layout, such as heads split out of tokens (B, L, H*d):
-    the products read them where they lie (the BLAS takes a row stride), and o is a view of
-    a (B, Lq, H, dv) array (``_heads_last``).
+    the products read them where they lie (the BLAS takes a row stride), and o is laid out
+    as q is (``_laid_out_as``).
     """
     B, H, Lq, d = q.shape
     Lk, dv = k.shape[2], v.shape[3]
     bias = _causal_bias(Lq, Lk, q.dtype) if is_causal else None
     q = q * np.asarray(scale, dtype=q.dtype)  # (an elementwise result keeps q's layout)
     kT = k.swapaxes(-1, -2)
-    o = _heads_last(B, H, Lq, dv, q.dtype)
+    o = _laid_out_as(q, Lq, dv)
     lse = np.empty((B, H, Lq), dtype=q.dtype)
     tiles, blocks, small = _tiles(B, H, Lq, Lk, max(d, dv))
     floor = _exp_floor(q.dtype)
@@ -721,7 +726,7 @@ def attention_forward(q, k, v, scale: float, is_causal: bool):
 
 def attention_backward(do, q, k, v, o, lse, scale: float, is_causal: bool):
     """(dq, dk, dv), recomputing P from lse rather than keeping it from the forward pass.
-    Inputs of any layout, as in the forward pass; the gradients are ``_heads_last`` views."""
+    Inputs of any layout, as in the forward pass; each gradient is laid out as its input."""
     B, H, Lq, d = q.shape
     Lk, dv_width = k.shape[2], v.shape[3]
     scale = np.asarray(scale, dtype=q.dtype)
@@ -730,8 +735,8 @@ def attention_backward(do, q, k, v, o, lse, scale: float, is_causal: bool):
     kT, vT = k.swapaxes(-1, -2), v.swapaxes(-1, -2)
     lse = lse[..., None]
     D = np.einsum("bhid,bhid->bhi", do, o)[..., None]  # D_i = sum_j dO_ij O_ij  (= sum_j P_ij dP_ij)
-    dq = _heads_last(B, H, Lq, d, q.dtype)
-    dk, dv = _heads_last(B, H, Lk, d, k.dtype, zeros=True), _heads_last(B, H, Lk, dv_width, v.dtype, zeros=True)
+    dq = _laid_out_as(q, Lq, d)
+    dk, dv = _laid_out_as(k, Lk, d, zeros=True), _laid_out_as(v, Lk, dv_width, zeros=True)
     tiles, blocks, small = _tiles(B, H, Lq, Lk, max(d, dv_width))
 
     def tile(pairs):

@@ -356,8 +356,8 @@ def test_attention_in_tiles(monkeypatch, tiles):
 def test_attention_reads_heads_in_place_and_writes_them_heads_last(is_causal):
     """Heads split out of tokens (B, L, H*d) are (B, H, L, d) views with a row stride; attention
     reads them as they lie and returns o, dq, dk, dv as views of (B, L, H, d) arrays, so that
-    joining the heads back into tokens copies nothing. The numbers are those of contiguous
-    inputs, and of inputs strided in every axis."""
+    joining the heads back into tokens copies nothing (contiguous inputs get contiguous
+    outputs). The numbers are those of contiguous inputs, and of inputs strided in every axis."""
     B, H, Lq, Lk, d = 2, 3, 5, 4, 2
     tokens = [rand(B, L, H * d, seed=i) for i, L in enumerate((Lq, Lk, Lk, Lq))]
     q, k, v, do = (t.reshape(B, t.shape[1], H, d).transpose(0, 2, 1, 3) for t in tokens)
@@ -368,9 +368,11 @@ def test_attention_reads_heads_in_place_and_writes_them_heads_last(is_causal):
         assert a.transpose(0, 2, 1, 3).flags.c_contiguous
     contiguous = [np.ascontiguousarray(a) for a in (q, k, v, do)]
     o_c, lse_c = reference.attention_forward(*contiguous[:3], 0.7, is_causal)
+    grads_c = reference.attention_backward(contiguous[3], *contiguous[:3], o_c, lse_c, 0.7, is_causal)
+    assert all(a.flags.c_contiguous for a in (o_c,) + grads_c)  # inputs (B, H, L, d): outputs too
     np.testing.assert_allclose(o, o_c, rtol=1e-12)
     np.testing.assert_allclose(lse, lse_c, rtol=1e-12)
-    for got, want in zip(grads, reference.attention_backward(contiguous[3], *contiguous[:3], o_c, lse_c, 0.7, is_causal)):
+    for got, want in zip(grads, grads_c):
         np.testing.assert_allclose(got, want, rtol=1e-12, atol=1e-15)
     strided = [np.repeat(np.repeat(a, 2, axis=1), 2, axis=3)[:, ::2, :, ::2] for a in contiguous]  # no unit stride
     for got, want in zip(reference.attention_forward(*strided[:3], 0.7, is_causal), (o_c, lse_c)):
