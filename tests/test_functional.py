@@ -757,6 +757,34 @@ else:
         assert gradcheck(lambda t: t.permute(*perm).reshape(-1)[::2] * 1.5, [x])
 
 
+def test_gelu_and_geglu_whole_array_paths_match_the_blocks(monkeypatch):
+    """The branches GELU and GEGLU take on CuPy arrays (whole-array expressions, the slope
+    kept for backward), run here on NumPy arrays through a stand-in array module: the same
+    values and gradients as the NumPy path's blocks."""
+    if get_backend().name != "numpy":
+        pytest.skip("the stand-in wraps NumPy")
+
+    class NotNumPy:  # every attribute NumPy's, but not NumPy itself
+        def __getattr__(self, name):
+            return getattr(np, name)
+
+    x = randn(4, 6, 10) * 2
+    g = randn(4, 6, 10, seed=1)
+    cases = [lambda t: F.gelu(t), lambda t: F.geglu(t)]
+    wanted = [_run(fn, [x], np.float64, g[..., :fn(Tensor(x)).shape[-1]]) for fn in cases]
+    def phi(a):  # the NumPy fit, where cupyx's erf would run
+        cdf = np.empty_like(a)
+        F._phi_block(a, cdf, np.empty_like(a))
+        return cdf
+
+    monkeypatch.setattr(F, "_xp", lambda *arrays: NotNumPy())
+    monkeypatch.setattr(F, "_normal_cdf", phi)
+    for fn, (out, grads) in zip(cases, wanted):
+        got_out, got_grads = _run(fn, [x], np.float64, g[..., :out.shape[-1]])
+        np.testing.assert_allclose(got_out, out, rtol=1e-12, atol=1e-15)
+        np.testing.assert_allclose(got_grads[0], grads[0], rtol=1e-12, atol=1e-15)
+
+
 def test_normal_cdf_fit_accuracy_tails_and_signs():
     """Phi as GELU and GEGLU compute it (on NumPy arrays the A&S 7.1.26 fit, block by block or
     whole), against math.erfc: within the fit's bound (float32: plus rounding), the left tail
