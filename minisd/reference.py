@@ -413,12 +413,14 @@ def _channels_last_backward(dy, x, w, stride: int, padding: int, need_dx: bool, 
     N, C, H, W = x.shape
     K, _, R, S = w.shape
     P, Q, chunk_bytes = _channels_last_sizes(x, w, stride, padding)
+    if need_dx:  # and dxcl, as big as xcl
+        chunk_bytes += (H + 2 * padding) * (W + 2 * padding) * C * dy.itemsize
     Wm = _weight_rows(w) if need_dx else None
     dx = np.empty(x.shape, dtype=dy.dtype) if need_dx else None
 
     def work(chunks):
         dWm = np.zeros((K, R * S * C), dtype=w.dtype) if need_dw else None
-        xcl = cols = dxcl = None  # buffers, reused from chunk to chunk
+        xcl = cols = dcols = dxcl = None  # buffers, reused from chunk to chunk
         for chunk in chunks:
             n = len(dy[chunk])
             D = np.ascontiguousarray(dy[chunk].transpose(1, 0, 2, 3)).reshape(K, n * P * Q)
@@ -427,10 +429,16 @@ def _channels_last_backward(dy, x, w, stride: int, padding: int, need_dx: bool, 
                 cols = im2col(xcl, R, S, stride, P, Q, out=cols)
                 dWm += D @ cols.reshape(n * P * Q, -1)
             if need_dx:
-                dcols = (D.T @ Wm).reshape(n, P, Q, R, S, C)
+                # dcols goes into cols' buffer, which dW is done with: two buffers of that size
+                # overflow a core's L2 cache (32x64x16x16, stride 2: 10-12 ms for dx and dW
+                # together, where each alone took 3)
+                if dcols is None:
+                    same = cols is not None and cols.dtype == np.result_type(dy, Wm)
+                    dcols = cols if same else np.empty((n, P, Q, R, S, C), dtype=np.result_type(dy, Wm))
+                np.matmul(D.T, Wm, out=dcols[:n].reshape(n * P * Q, -1))
                 if dxcl is None:
                     dxcl = np.empty((n, H + 2 * padding, W + 2 * padding, C), dtype=dy.dtype)
-                col2im(dcols, dxcl[:n], stride)
+                col2im(dcols[:n], dxcl[:n], stride)
                 for cs in _channel_blocks(C, H, W):
                     dx[chunk, cs] = dxcl[:n, padding:padding + H, padding:padding + W, cs].transpose(0, 3, 1, 2)
         return dWm
