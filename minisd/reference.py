@@ -430,9 +430,9 @@ def _channels_last_backward(dy, x, w, stride: int, padding: int, need_dx: bool, 
                 cols = im2col(xcl, R, S, stride, P, Q, out=cols)
                 dWm += D @ cols.reshape(n * P * Q, -1)
             if need_dx:
-                # dcols goes into cols' buffer, which dW is done with: two buffers of that size
-                # overflow a core's L2 cache (32x64x16x16, stride 2: 10-12 ms for dx and dW
-                # together, where each alone took 3)
+                # dcols goes into cols' buffer, which dW is done with. A fresh dcols per chunk,
+                # made on a pool thread, came back from the system as new pages every call
+                # (32x64x16x16, stride 2: 1,832 page faults, 10 ms for what takes 5.3)
                 if dcols is None:
                     same = cols is not None and cols.dtype == np.result_type(dy, Wm)
                     dcols = cols if same else np.empty((n, P, Q, R, S, C), dtype=np.result_type(dy, Wm))
@@ -673,8 +673,11 @@ _pool, _pool_pid = None, None
 # takes page faults to get its temporaries back on every call: attention at 64 keys and
 # d = 32, 1,436 faults a call and 10.0 ms where 6.1 ms without them; group norm at 32x32,
 # 994 faults, 8.9 ms against 4.7. Keeping KEEP_FREED bytes at the top of each arena stops
-# that; a whole UNet or VAE training step measured the same either way, in time and in
-# peak memory. (A MALLOC_TOP_PAD_ of the user's own is left alone.)
+# that. Setting it freezes glibc's adaptive mmap threshold where it stands (128 KB at
+# first, which would send every bigger temporary to mmap and its page faults), so the
+# threshold is set too, to 32 MB, the ceiling glibc's adaptation would reach. A whole UNet
+# or VAE training step measured the same either way, in time and in peak memory. (A
+# MALLOC_TOP_PAD_ of the user's own is left alone.)
 KEEP_FREED = 64 << 20
 _M_TOP_PAD, _M_MMAP_THRESHOLD = -2, -3  # mallopt's parameter numbers in glibc's malloc.h
 
