@@ -23,7 +23,7 @@ from typing import Sequence
 import numpy as np
 
 from minisd.backend import get_array_module, get_backend
-from minisd.reference import _on_all_cores
+from minisd.reference import _added, _on_all_cores
 from minisd.tensor import Function, Tensor, _as_input
 
 
@@ -552,7 +552,8 @@ def _blockwise(fn, *arrays):
     """fn(*blocks) for consecutive blocks of rows (axis 0) of NumPy arrays with the same number of rows.
 
     fn reads its inputs' blocks and writes its results into the blocks of the output
-    arrays, which the caller allocates and passes among ``arrays``.
+    arrays, which the caller allocates and passes among ``arrays``. An array given as None
+    (an output not wanted this time) reaches fn as None.
     """
     rows, size = len(arrays[0]), arrays[0].size
     if size <= _BLOCK and size < _THREADED:  # one block: skip the bookkeeping (small arrays are common)
@@ -567,7 +568,7 @@ def _blockwise(fn, *arrays):
 
     def run(span):
         for block in span:
-            fn(*(a[block] for a in arrays))
+            fn(*(None if a is None else a[block] for a in arrays))
 
     if not threaded or len(blocks) == 1:
         return run(blocks)
@@ -652,9 +653,9 @@ class GELU(Function):
             return a * cdf
         n = _row_size(a)
         out, cdf = _empty_rows(a, n), _empty_rows(a, n)
-        self.slope = _empty_rows(a, n) if self.recording else None
-        _blockwise(_gelu_block, _rows(a, n), out, cdf, *([self.slope] if self.recording else []))
-        self.slope = None if self.slope is None else self.slope.reshape(a.shape)
+        slope = _empty_rows(a, n) if self.recording else None
+        _blockwise(_gelu_block, _rows(a, n), out, cdf, slope)
+        self.slope = None if slope is None else slope.reshape(a.shape)
         return out.reshape(a.shape)
 
     def backward(self, g):
@@ -687,12 +688,11 @@ class GEGLU(Function):
             return self.h * self.gelu_g
         self.gelu_g, cdf, out = (_empty_rows(g, d) for _ in range(3))
         self.slope = _empty_rows(g, d) if self.recording else None
-        _blockwise(self._forward_block, _rows(self.h, d), _rows(g, d), self.gelu_g, cdf, out,
-                   *([self.slope] if self.recording else []))
+        _blockwise(self._forward_block, _rows(self.h, d), _rows(g, d), self.gelu_g, cdf, out, self.slope)
         return out.reshape(self.h.shape)
 
     @staticmethod
-    def _forward_block(h, g, gelu_g, cdf, out, slope=None):
+    def _forward_block(h, g, gelu_g, cdf, out, slope):
         _gelu_block(g, gelu_g, cdf, slope)
         np.multiply(h, gelu_g, out=out)
 
@@ -995,15 +995,10 @@ class UpsampleNearest(Function):
         f = self.factor
         # The sum of each f x f block: f neighbours along W, then f along H, as adds of strided
         # slices (a .sum over the two short axes runs element by element: 7-10x slower).
-        pairs = g.reshape(N, C, H, W // f, f)
-        across = pairs[..., 0].copy()
-        for j in range(1, f):
-            across += pairs[..., j]
-        pairs = across.reshape(N, C, H // f, f, W // f)
-        dx = pairs[:, :, :, 0].copy()
-        for i in range(1, f):
-            dx += pairs[:, :, :, i]
-        return dx
+        columns = g.reshape(N, C, H, W // f, f)
+        across = _added([columns[..., j] for j in range(f)])
+        rows = across.reshape(N, C, H // f, f, W // f)
+        return _added([rows[:, :, :, i] for i in range(f)])
 
 
 def interpolate(x, scale_factor=2, mode="nearest"):
