@@ -244,7 +244,8 @@ def unroll(x, S: int, padding: int, out=None):
     xt = x.transpose(1, 0, 2, 3)
     for s in range(S):  # output column q reads input column q + s - padding, where that is inside
         lo, hi = max(0, padding - s), min(Q, W + padding - s)
-        xs[:, s, :, padding:padding + H, lo:hi] = xt[:, :, :, lo + s - padding:hi + s - padding]
+        if lo < hi:  # (a kernel wider than the image leaves some s with no columns inside)
+            xs[:, s, :, padding:padding + H, lo:hi] = xt[:, :, :, lo + s - padding:hi + s - padding]
     return xs
 
 
