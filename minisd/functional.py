@@ -446,17 +446,43 @@ def pad(a, pad, value=0.0):
 
 
 class MatMul(Function):
-    """C = A @ B (batched, broadcasting):  dA = dC B^T,  dB = A^T dC."""
+    """C = A @ B (batched, broadcasting):  dA = dC B^T,  dB = A^T dC.
+
+    As in torch, a vector A is a row (1, k) and a vector B a column (k, 1), and C, dA and dB
+    lose that axis again; the engine sums dA and dB over broadcast batch axes.
+    """
 
     def forward(self, a, b):
-        if a.ndim < 2 or b.ndim < 2 or a.shape[-1] != b.shape[-2]:
-            raise ValueError(f"matmul: shapes {tuple(a.shape)} and {tuple(b.shape)} cannot be multiplied")
-        self.a, self.b = a, b
-        return a @ b
+        try:
+            if a.ndim == 0 or b.ndim == 0 or a.shape[-1] != b.shape[-2 if b.ndim > 1 else 0]:
+                raise ValueError
+            np.broadcast_shapes(a.shape[:-2], b.shape[:-2])  # the batch axes
+        except ValueError:
+            raise ValueError(f"matmul: shapes {tuple(a.shape)} and {tuple(b.shape)} cannot be multiplied") from None
+        self.a_is_vector, self.b_is_vector = a.ndim == 1, b.ndim == 1
+        self.a = a[None, :] if self.a_is_vector else a
+        self.b = b[:, None] if self.b_is_vector else b
+        return self._squeezed(self.a @ self.b)
+
+    def _squeezed(self, c):
+        """C without the axes that vector inputs added (torch's result shape)."""
+        if self.b_is_vector:
+            c = c[..., 0]
+        if self.a_is_vector:
+            c = c[..., 0, :] if not self.b_is_vector else c[..., 0]
+        return c
 
     def backward(self, g):
+        if self.a_is_vector:  # put the added axes back: g as (..., 1 or n, 1 or m)
+            g = g[..., None, :] if not self.b_is_vector else g[..., None]
+        if self.b_is_vector:
+            g = g[..., None]
         da = g @ self.b.swapaxes(-1, -2) if self.needs_input_grad[0] else None
         db = self.a.swapaxes(-1, -2) @ g if self.needs_input_grad[1] else None
+        if da is not None and self.a_is_vector:
+            da = da[..., 0, :]
+        if db is not None and self.b_is_vector:
+            db = db[..., 0]
         return da, db
 
 

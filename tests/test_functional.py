@@ -155,6 +155,12 @@ case("matmul_broadcast_2d_right", F.matmul, torch.matmul if torch else None,
      lambda: [randn(2, 3, 4), randn(4, 1, seed=1)], atol=REDUCE_ATOL)
 case("matmul_broadcast_2d_left", F.matmul, torch.matmul if torch else None,
      lambda: [randn(3, 4), randn(2, 4, 5, seed=1)], atol=REDUCE_ATOL)
+case("matmul_vector_left", F.matmul, torch.matmul if torch else None,
+     lambda: [randn(4), randn(2, 4, 5, seed=1)], atol=REDUCE_ATOL)
+case("matmul_vector_right", F.matmul, torch.matmul if torch else None,
+     lambda: [randn(2, 1, 3, 4), randn(4, seed=1)], atol=REDUCE_ATOL)
+case("matmul_vector_dot", F.matmul, torch.matmul if torch else None, lambda: [randn(4), randn(4, seed=1)],
+     atol=REDUCE_ATOL)
 
 # ---- reductions
 for axis, keep in [(None, False), (None, True), (1, False), (-1, True), ((0, 2), False), ((0, 2), True)]:

@@ -263,6 +263,8 @@ def _t(*shape):
     ("div", [(5,), (2,)], lambda: _t(5) / _t(2)),
     ("matmul", [(2, 3), (4, 2)], lambda: _t(2, 3) @ _t(4, 2)),
     ("matmul", [(2, 3, 4), (2, 5, 1)], lambda: F.matmul(_t(2, 3, 4), _t(2, 5, 1))),
+    ("matmul", [(3, 2, 4), (2, 4, 1)], lambda: F.matmul(_t(3, 2, 4), _t(2, 4, 1))),  # batch axes 3 and 2
+    ("matmul", [(3,), (4,)], lambda: F.matmul(_t(3), _t(4))),
     ("linear", [(2, 5), (3, 4)], lambda: F.linear(_t(2, 5), _t(3, 4))),
     ("linear", [(2, 5), (4,)], lambda: F.linear(_t(2, 5), _t(3, 5), _t(4))),
     ("conv2d", [(2, 6, 5, 5), (4, 5, 3, 3)], lambda: F.conv2d(_t(2, 6, 5, 5), _t(4, 5, 3, 3))),
