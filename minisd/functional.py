@@ -1050,10 +1050,55 @@ class UpsampleNearest(Function):
         return _added([rows[:, :, :, i] for i in range(f)])
 
 
-def interpolate(x, scale_factor=2, mode="nearest"):
-    if mode != "nearest" or int(scale_factor) != scale_factor or scale_factor < 1:
-        raise ValueError(f"interpolate: only mode='nearest' with a whole scale_factor is supported, "
-                         f"got mode={mode!r}, scale_factor={scale_factor}")
+class ResizeNearest(Function):
+    """Nearest-neighbour resizing to any (Ho, Wo), by PyTorch's rule for each axis:
+        y[..., i, j] = x[..., rows[i], cols[j]],   rows[i] = min(floor(i * (H / Ho)), H - 1)
+    with H / Ho rounded to float32 and the product taken in float32, as ATen computes it (so
+    the same pixels are picked where i * H / Ho falls on a whole number). The backward adds each
+    gradient onto the pixel it was copied from: dx = Sr^T dy Sc, with Sr[i, rows[i]] = 1 (and
+    Sc likewise), two products with 0/1 matrices that run on NumPy and CuPy alike.
+    """
+
+    def forward(self, x, size=(1, 1)):
+        xp = _xp(x)
+        self.rows, self.cols = (self.nearest(n_in, n_out, xp) for n_in, n_out in zip(x.shape[2:], size))
+        self.shape = x.shape
+        return x[:, :, self.rows][:, :, :, self.cols]
+
+    @staticmethod
+    def nearest(n_in: int, n_out: int, xp):
+        scale = np.float32(n_in) / np.float32(n_out)
+        index = np.floor(np.arange(n_out, dtype=np.float32) * scale).astype(np.int64)
+        return xp.asarray(np.minimum(index, n_in - 1))
+
+    def backward(self, g):
+        xp = _xp(g)
+        H, W = self.shape[2:]
+        picks_row = (self.rows[:, None] == xp.arange(H)).astype(g.dtype)  # Sr (Ho, H)
+        picks_col = (self.cols[:, None] == xp.arange(W)).astype(g.dtype)  # Sc (Wo, W)
+        return picks_row.T @ g @ picks_col
+
+
+def interpolate(x, scale_factor=None, mode="nearest", size=None):
+    """Nearest-neighbour upsampling by a whole ``scale_factor`` (2 when neither it nor ``size``
+    is given), or resizing to ``size`` = (Ho, Wo) by PyTorch's rule (see ResizeNearest)."""
+    if mode != "nearest":
+        raise ValueError(f"interpolate: only mode='nearest' is supported, got mode={mode!r}")
+    if size is not None:
+        if scale_factor is not None:
+            raise ValueError("interpolate: give size or scale_factor, not both")
+        size = (size, size) if isinstance(size, (int, np.integer)) else tuple(int(n) for n in size)
+        if len(size) != 2 or min(size) < 1 or x.ndim != 4:
+            raise ValueError(f"interpolate: size must be one or two positive integers for an input (N, C, H, W), "
+                             f"got size={size} for input {tuple(x.shape)}")
+        H, W = x.shape[2:]
+        if size[0] % H == 0 and size[0] // H == size[1] // W and size[1] % W == 0:
+            scale_factor = size[0] // H  # the whole-factor case, where the rule picks floor(i / factor)
+        else:
+            return ResizeNearest.apply(x, size=size)
+    scale_factor = 2 if scale_factor is None else scale_factor
+    if int(scale_factor) != scale_factor or scale_factor < 1:
+        raise ValueError(f"interpolate: scale_factor must be a whole number >= 1, got {scale_factor}")
     return UpsampleNearest.apply(x, factor=int(scale_factor))
 
 

@@ -340,6 +340,10 @@ case("interpolate_nearest_x2", lambda x: F.interpolate(x, scale_factor=2, mode="
      lambda x: TF.interpolate(x, scale_factor=2, mode="nearest"), lambda: [randn(1, 2, 3, 4)])
 case("interpolate_nearest_x3", lambda x: F.interpolate(x, scale_factor=3, mode="nearest"),
      lambda x: TF.interpolate(x, scale_factor=3, mode="nearest"), lambda: [randn(2, 2, 3, 2)])
+case("interpolate_nearest_size", lambda x: F.interpolate(x, size=(5, 9)),
+     lambda x: TF.interpolate(x, size=(5, 9), mode="nearest"), lambda: [randn(2, 2, 3, 5)])
+case("interpolate_nearest_size_down", lambda x: F.interpolate(x, size=(2, 3)),
+     lambda x: TF.interpolate(x, size=(2, 3), mode="nearest"), lambda: [randn(1, 2, 5, 7)])
 
 # ---- attention: self, cross (Lq != Lk), causal, masks, 3-D and 4-D
 _sdpa = F.scaled_dot_product_attention
@@ -812,3 +816,14 @@ def test_normal_cdf_fit_accuracy_tails_and_signs():
         assert (got[-2], got[-1]) == (1, 0)
     x = np.linspace(-6, 6, 241)
     np.testing.assert_allclose(F._normal_pdf(x), np.exp(-x * x / 2) / math.sqrt(2 * math.pi), rtol=1e-12)
+
+
+def test_resize_nearest_picks_the_pixels_torch_picks():
+    """Every input size 1..40 to every output size 1..90, one axis at a time: ATen rounds
+    H / Ho to float32, so an exact floor(i * H / Ho) would differ where that is a whole number."""
+    if torch is None:
+        pytest.skip("needs torch")
+    for n_in in range(1, 41):
+        for n_out in range(1, 91):
+            ref = TF.interpolate(torch.arange(n_in, dtype=torch.float32).reshape(1, 1, n_in), size=n_out)
+            np.testing.assert_array_equal(F.ResizeNearest.nearest(n_in, n_out, np), ref.numpy().ravel())

@@ -199,8 +199,7 @@ def test_unet_rejects_bad_inputs():
         unet(rand(2, 3, 4, 4), 1, c)
     with pytest.raises(ValueError, match=r"encoder_hidden_states must be \(2, L, 6\), got shape \(2, 3, 5\)"):
         unet(x, 1, rand(2, 3, 5))
-    with pytest.raises(ValueError, match="multiples of 2"):
-        unet(rand(2, 4, 5, 4), 1, c)
+    assert unet(rand(2, 4, 5, 3), 1, c).shape == (2, 4, 5, 3)  # odd sizes are fine: up to each skip's size
     with pytest.raises(ValueError, match=r"timestep must be a number or an array of shape \(2,\)"):
         unet(x, np.array([1, 2, 3]), c)
 

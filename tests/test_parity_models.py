@@ -102,7 +102,9 @@ def test_unet_matches_diffusers(name):
     config = UNET_CONFIGS[name]
     ours, theirs = make_unets(config)
     rng = np.random.default_rng(1)
-    B, H, W = 2, 8, 16 if name == "linear_projection" else 8  # one non-square latent
+    # one non-square latent, and one whose sizes do not halve evenly (9 -> 5 -> 3 on the way
+    # down): the up path then resizes to each skip's size, as diffusers does
+    B, (H, W) = 2, {"two_levels": (8, 8), "three_levels": (9, 6), "linear_projection": (8, 16)}[name]
     x = rng.standard_normal((B, 4, H, W)).astype(np.float32)
     c = rng.standard_normal((B, 5, config["cross_attention_dim"])).astype(np.float32)
     t = np.array([3, 781]) if name != "two_levels" else 999

@@ -301,6 +301,10 @@ def test_other_bad_inputs_say_what_is_wrong():
         _t(2, 3).sum(3)
     with pytest.raises(ValueError, match="interpolate"):
         F.interpolate(_t(1, 1, 2, 2), scale_factor=1.5)
+    with pytest.raises(ValueError, match="interpolate: give size or scale_factor"):
+        F.interpolate(_t(1, 1, 2, 2), scale_factor=2, size=(4, 4))
+    with pytest.raises(ValueError, match="interpolate: size"):
+        F.interpolate(_t(1, 1, 2, 2), size=(0, 4))
     with pytest.raises(ValueError, match="gelu"):
         F.gelu(_t(2), approximate="fast")
 

@@ -104,13 +104,14 @@ class Downsample2D(nn.Module):
 
 
 class Upsample2D(nn.Module):
-    """Double H and W: nearest-neighbour upsampling (each pixel copied 2x2), then a 3x3 convolution."""
+    """Double H and W: nearest-neighbour upsampling (each pixel copied 2x2), then a 3x3 convolution.
+    ``size``: resize to (H, W) instead, where the UNet's skip at this level is not twice as big."""
 
     def __init__(self, channels: int):
         self.conv = nn.Conv2d(channels, channels, 3, padding=1)
 
-    def forward(self, x: Tensor) -> Tensor:
-        return self.conv(F.interpolate(x, scale_factor=2, mode="nearest"))
+    def forward(self, x: Tensor, size=None) -> Tensor:
+        return self.conv(F.interpolate(x, mode="nearest", size=size))
 
 
 # =====================================================================================

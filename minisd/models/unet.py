@@ -238,7 +238,10 @@ class UpBlock2D(nn.Module):
             if self.attentions is not None:
                 x = self.attentions[i](x, context)
         if self.upsamplers is not None:
-            x = self.upsamplers[0](x)
+            # up to the size of the skip the next level starts with: twice this size, unless a
+            # stride-2 convolution on the way down rounded an odd size up (9 -> 5 -> 9). (A
+            # block run on its own, with no skips left, just doubles.)
+            x = self.upsamplers[0](x, size=tuple(skips[-1].shape[2:]) if skips else None)
         return x
 
 
@@ -360,10 +363,6 @@ class UNet2DConditionModel(Pretrained, nn.Module):
         if x.ndim != 4 or x.shape[1] != cfg["in_channels"]:
             raise ValueError(f"UNet2DConditionModel: sample must be (B, {cfg['in_channels']}, H, W), "
                              f"got shape {tuple(x.shape)}")
-        f = 2 ** (len(cfg["block_out_channels"]) - 1)
-        if x.shape[2] % f or x.shape[3] % f:
-            raise ValueError(f"UNet2DConditionModel: sample height and width must be multiples of {f}, "
-                             f"got {tuple(x.shape[2:])}")
         if c.ndim != 3 or c.shape[0] != x.shape[0] or c.shape[2] != cfg["cross_attention_dim"]:
             raise ValueError(f"UNet2DConditionModel: encoder_hidden_states must be ({x.shape[0]}, L, "
                              f"{cfg['cross_attention_dim']}), got shape {tuple(c.shape)}")
