@@ -23,7 +23,7 @@ from typing import Sequence
 import numpy as np
 
 from minisd.backend import get_array_module, get_backend
-from minisd.reference import _added, _on_all_cores
+from minisd.reference import _added, _on_all_cores, matmul as _shared_matmul
 from minisd.tensor import Function, Tensor, _as_input
 
 
@@ -445,6 +445,11 @@ def pad(a, pad, value=0.0):
 # =====================================================================================
 
 
+def _product(a, b):
+    """a @ b; on NumPy arrays the big products are shared among the cores (reference.matmul)."""
+    return _shared_matmul(a, b) if _xp(a) is np else a @ b
+
+
 class MatMul(Function):
     """C = A @ B (batched, broadcasting):  dA = dC B^T,  dB = A^T dC.
 
@@ -462,7 +467,7 @@ class MatMul(Function):
         self.a_is_vector, self.b_is_vector = a.ndim == 1, b.ndim == 1
         self.a = a[None, :] if self.a_is_vector else a
         self.b = b[:, None] if self.b_is_vector else b
-        return self._squeezed(self.a @ self.b)
+        return self._squeezed(_product(self.a, self.b))
 
     def _squeezed(self, c):
         """C without the axes that vector inputs added (torch's result shape)."""
@@ -477,8 +482,8 @@ class MatMul(Function):
             g = g[..., None, :] if not self.b_is_vector else g[..., None]
         if self.b_is_vector:
             g = g[..., None]
-        da = g @ self.b.swapaxes(-1, -2) if self.needs_input_grad[0] else None
-        db = self.a.swapaxes(-1, -2) @ g if self.needs_input_grad[1] else None
+        da = _product(g, self.b.swapaxes(-1, -2)) if self.needs_input_grad[0] else None
+        db = _product(self.a.swapaxes(-1, -2), g) if self.needs_input_grad[1] else None
         if da is not None and self.a_is_vector:
             da = da[..., 0, :]
         if db is not None and self.b_is_vector:
@@ -494,15 +499,15 @@ class Linear(Function):
             raise ValueError(f"linear: input of shape {tuple(x.shape)} has {x.shape[-1]} features, "
                              f"the weight {tuple(w.shape)} expects {w.shape[1]}")
         self.x2, self.w, self.x_shape = x.reshape(-1, x.shape[-1]), w, x.shape
-        y = self.x2 @ w.T
+        y = _product(self.x2, w.T)
         if b is not None:
             y += b
         return y.reshape(x.shape[:-1] + (w.shape[0],))
 
     def backward(self, g):
         g2 = g.reshape(-1, g.shape[-1])
-        dx = (g2 @ self.w).reshape(self.x_shape) if self.needs_input_grad[0] else None
-        dw = g2.T @ self.x2 if self.needs_input_grad[1] else None
+        dx = _product(g2, self.w).reshape(self.x_shape) if self.needs_input_grad[0] else None
+        dw = _product(g2.T, self.x2) if self.needs_input_grad[1] else None
         db = _column_sums(g2) if len(self.needs_input_grad) > 2 and self.needs_input_grad[2] else None
         return dx, dw, db
 

@@ -14,6 +14,7 @@ from __future__ import annotations
 import concurrent.futures
 import ctypes
 import itertools
+import math
 import os
 from typing import NamedTuple
 
@@ -129,16 +130,22 @@ def _chunk_runs(N: int, bytes_per_image: int):
 def _over_the_batch(work, N: int, bytes_per_image: int) -> list:
     """[work(run of chunks)] over the batch: on all cores, the BLAS held to one thread, where
     the batch gives every core a chunk; otherwise one run on this thread, where the BLAS
-    threads each product itself. ``work`` keeps its own buffers, so runs share nothing."""
+    threads each product itself if the work is big. ``work`` keeps its own buffers, so runs
+    share nothing."""
     runs, parallel = _chunk_runs(N, bytes_per_image)
     if not parallel:
-        return [work(runs[0])]
+        if N * bytes_per_image < CONV_PARALLEL_BYTES:
+            return [work(runs[0])]
+        with _blas_on_all_cores():  # fewer images than cores: the BLAS shares each product out
+            return [work(runs[0])]
     with _blas_on_one_thread():
         return _on_all_cores(work, runs)
 
 
-class _blas_on_one_thread:
-    """A context in which NumPy's BLAS computes every product on the calling thread.
+class _blas_threads:
+    """A context in which NumPy's BLAS runs its products on ``threads`` threads (None: on as
+    many as it had before minisd held it to one, see ``_hold_blas_to_one_thread``; a no-op
+    where minisd never held it).
 
     threadpoolctl finds the BLAS libraries once; entering and leaving then cost a call to
     each one's set_num_threads (a couple of microseconds, where threadpoolctl's own
@@ -146,19 +153,91 @@ class _blas_on_one_thread:
     """
 
     libraries = None
+    held_from = None  # the BLAS's thread counts before minisd held it to one thread
 
-    def __enter__(self):
-        if _blas_on_one_thread.libraries is None:
+    def __init__(self, threads=None):
+        self.wanted = threads
+
+    @classmethod
+    def controllers(cls):
+        if cls.libraries is None:
             from threadpoolctl import ThreadpoolController
 
-            _blas_on_one_thread.libraries = ThreadpoolController().select(user_api="blas").lib_controllers
-        self.threads = [lib.get_num_threads() for lib in self.libraries]
-        for lib in self.libraries:
-            lib.set_num_threads(1)
+            cls.libraries = ThreadpoolController().select(user_api="blas").lib_controllers
+        return cls.libraries
+
+    def __enter__(self):
+        _hold_blas_to_one_thread()  # first, so that it sees the BLAS's own thread counts
+        libraries = self.controllers()
+        self.threads = [lib.get_num_threads() for lib in libraries]
+        wanted = [self.wanted] * len(libraries) if self.wanted is not None else _blas_threads.held_from
+        for lib, n in zip(libraries, wanted or self.threads):
+            lib.set_num_threads(n)
 
     def __exit__(self, *exception):
         for lib, threads in zip(self.libraries, self.threads):
             lib.set_num_threads(threads)
+
+
+def _blas_on_one_thread():
+    return _blas_threads(1)
+
+
+def _blas_on_all_cores():
+    """For the few products big enough to be worth the BLAS's own threads, and that minisd
+    cannot share among its pool's threads itself (one image's convolution, long-key attention)."""
+    return _blas_threads(None)
+
+
+def _hold_blas_to_one_thread() -> None:
+    """NumPy's BLAS computes on the calling thread from now on; minisd shares the cores out itself.
+
+    A BLAS thread that has just finished its part of a product keeps spinning for a while
+    (OPENBLAS_THREAD_TIMEOUT) before it sleeps, on a core that minisd's pool wants for the
+    next op: in a UNet step almost every op follows a product. Held to one thread, with the
+    big products shared among the pool's threads instead (``matmul``), the UNet of
+    ``minisd bench unet`` took 0.75-0.81x the time for a training step and 0.72-0.82x for a
+    forward pass (interleaved A/B in one process, 2 cores). A thread count set for the BLAS
+    in the environment (OPENBLAS_NUM_THREADS, OMP_NUM_THREADS) is left alone.
+    """
+    if _blas_threads.held_from is not None or any(
+            name in os.environ for name in ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS")):
+        return
+    try:
+        libraries = _blas_threads.controllers()
+    except ImportError:  # no threadpoolctl: the BLAS keeps its threads
+        return
+    _blas_threads.held_from = [lib.get_num_threads() for lib in libraries]
+    for lib in libraries:
+        lib.set_num_threads(1)
+
+
+# Products of at least this many multiply-adds (x2: FLOPs) are cut in two, or in as many parts
+# as there are cores, one per pool thread. Measured on the UNet of `minisd bench unet`: cutting
+# its 67 and 134 MFLOP products (the GEGLU feed-forward's) saved 5-9% of a step on top of
+# holding the BLAS to one thread; cutting the 17 MFLOP ones (attention's projections) too cost
+# 4-6%, more in passing the parts to the pool than the halves saved.
+SHARED_PRODUCT_FLOPS = 50e6
+
+
+def matmul(a, b):
+    """a @ b (np.matmul's broadcasting), the big products shared among the cores by rows of the
+    result (or by columns, where there are more of those): each core runs one part's product."""
+    M, K, N = a.shape[-2] if a.ndim > 1 else 1, a.shape[-1], b.shape[-1] if b.ndim > 1 else 1
+    cores = os.cpu_count() or 1
+    batch = np.broadcast_shapes(a.shape[:-2], b.shape[:-2])
+    if a.ndim < 2 or b.ndim < 2 or cores == 1 or 2 * M * K * N * math.prod(batch) < SHARED_PRODUCT_FLOPS:
+        return np.matmul(a, b)
+    out = np.empty(batch + (M, N), dtype=np.result_type(a, b))
+    by_rows = M >= N
+    size = M if by_rows else N
+    step = -(-size // cores)
+    parts = [slice(i, min(size, i + step)) for i in range(0, size, step)]
+    if by_rows:
+        _on_all_cores(lambda rows: np.matmul(a[..., rows, :], b, out=out[..., rows, :]), parts)
+    else:
+        _on_all_cores(lambda cols: np.matmul(a, b[..., cols], out=out[..., cols]), parts)
+    return out
 
 
 def _added(parts):
@@ -182,7 +261,7 @@ def conv2d_forward(x, w, b, stride: int, padding: int):
         # one product per image straight on the NCHW arrays, with no copies at all.
         N, C, H, W = x.shape
         K = w.shape[0]
-        y = np.matmul(w.reshape(K, C), x.reshape(N, C, H * W))
+        y = matmul(w.reshape(K, C), x.reshape(N, C, H * W))
         if b is not None:
             y += b.reshape(K, 1)
         return y.reshape(N, K, H, W)
@@ -224,8 +303,8 @@ def _pointwise_backward(dy, x, w, need_dx: bool, need_dw: bool):
     N, C = x.shape[:2]
     K = w.shape[0]
     dy3, x3 = dy.reshape(N, K, -1), x.reshape(N, C, -1)
-    dx = np.matmul(w.reshape(K, C).T, dy3).reshape(x.shape) if need_dx else None
-    dw = np.matmul(dy3, x3.transpose(0, 2, 1)).sum(axis=0).reshape(w.shape) if need_dw else None
+    dx = matmul(w.reshape(K, C).T, dy3).reshape(x.shape) if need_dx else None
+    dw = matmul(dy3, x3.transpose(0, 2, 1)).sum(axis=0).reshape(w.shape) if need_dw else None
     return dx, dw
 
 
@@ -709,6 +788,7 @@ def _on_all_cores(fn, items, parallel=True):
         return [fn(item) for item in items]
     if _pool_pid != os.getpid():  # first use, or a forked child, which has none of the parent's threads
         _keep_freed_memory()
+        _hold_blas_to_one_thread()
         _pool = concurrent.futures.ThreadPoolExecutor(os.cpu_count(), thread_name_prefix="minisd-reference")
         _pool_pid = os.getpid()
     return [f.result() for f in [_pool.submit(fn, item) for item in items]]
@@ -764,7 +844,11 @@ def attention_forward(q, k, v, scale: float, is_causal: bool):
             out /= total
             lse[b, h, qb] = (m + np.log(total))[..., 0]
 
-    _on_all_cores(tile, tiles, parallel=small)
+    if small:
+        _on_all_cores(tile, tiles)
+    else:
+        with _blas_on_all_cores():  # long keys: big products, which the BLAS shares out itself
+            _on_all_cores(tile, tiles, parallel=False)
     return o, lse
 
 
@@ -800,5 +884,9 @@ def attention_backward(do, q, k, v, o, lse, scale: float, is_causal: bool):
             np.matmul(ds, k_scaled[b, h], out=dq[b, h, qb])
             dk[b, h] += ds.swapaxes(-1, -2) @ q_scaled[b, h, qb]
 
-    _on_all_cores(tile, tiles, parallel=small)
+    if small:
+        _on_all_cores(tile, tiles)
+    else:
+        with _blas_on_all_cores():  # long keys: big products, which the BLAS shares out itself
+            _on_all_cores(tile, tiles, parallel=False)
     return dq, dk, dv

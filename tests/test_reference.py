@@ -14,6 +14,7 @@ compared with central finite differences of the naive forward pass in float64 (o
 from __future__ import annotations
 
 import itertools
+import os
 
 import numpy as np
 import pytest
@@ -175,6 +176,75 @@ def test_conv2d_runs_of_chunks_one_per_core(monkeypatch):
     assert reference._chunk_runs(N=1, bytes_per_image=10 ** 6)[1] is False
     monkeypatch.setattr(reference.os, "cpu_count", lambda: 1)
     assert reference._chunk_runs(N=7, bytes_per_image=700)[1] is False
+
+
+_BLAS_THREADS = """
+import sys
+import numpy as np
+import threadpoolctl
+from minisd import reference
+
+def threads():  # NumPy's own BLAS (other packages may bring BLAS libraries of their own)
+    return [lib["num_threads"] for lib in threadpoolctl.threadpool_info()
+            if lib["user_api"] == "blas" and "numpy" in lib["filepath"]]
+
+before = threads()
+x = np.random.default_rng(0).standard_normal((4, 32, 32, 32)).astype(np.float32)
+w = np.ones((32, 32, 3, 3), np.float32)
+reference.conv2d_forward(x, w, None, 1, 1)  # a convolution over the batch starts the pool
+held = threads()
+with reference._blas_on_all_cores():
+    lent = threads()
+print(before, held, lent, threads())
+"""
+
+
+@pytest.mark.parametrize("env", [None, "OPENBLAS_NUM_THREADS"])
+def test_blas_is_held_to_one_thread_once_the_pool_starts(monkeypatch, env):
+    """From the pool's start NumPy's BLAS runs on one thread; _blas_on_all_cores lends it its
+    own thread count back for a while. A thread count set in the environment is left alone."""
+    import ast
+    import subprocess
+    import sys
+
+    pytest.importorskip("threadpoolctl")
+    if (os.cpu_count() or 1) < 2:
+        pytest.skip("needs two cores")
+    for name in ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS"):
+        monkeypatch.delenv(name, raising=False)
+    if env:
+        monkeypatch.setenv(env, "2")
+    done = subprocess.run([sys.executable, "-c", _BLAS_THREADS], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]
+    before, held, lent, after = ast.literal_eval(done.stdout.strip().replace("] [", "], ["))
+    if not before:
+        pytest.skip("NumPy's BLAS is not one that threadpoolctl can see here")
+    assert min(before) > 1
+    if env:
+        assert held == lent == after == before
+    else:
+        assert set(held) == set(after) == {1} and lent == before
+
+
+@pytest.mark.parametrize("a_shape, b_shape, transposed", [
+    ((300, 40), (40, 70), False),       # more rows: cut by rows
+    ((30, 40), (40, 700), False),       # more columns: cut by columns
+    ((3, 1, 50, 20), (4, 20, 30), False),  # batch axes broadcast
+    ((64, 257), (257, 33), True),       # transposed views, as Linear's backward passes them
+    ((7, 5), (5, 3), False),            # tiny: cut all the same (the threshold is 0 here)
+])
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_matmul_shared_among_the_cores_equals_numpy(monkeypatch, a_shape, b_shape, transposed, dtype):
+    monkeypatch.setattr(reference, "SHARED_PRODUCT_FLOPS", 0)
+    rng = np.random.default_rng(3)
+    a, b = rng.standard_normal(a_shape).astype(dtype), rng.standard_normal(b_shape).astype(dtype)
+    if transposed:
+        a, b = np.ascontiguousarray(a.T).T, np.ascontiguousarray(b.T).T
+    got = reference.matmul(a, b)
+    want = a.astype(np.float64) @ b.astype(np.float64)
+    assert got.dtype == dtype and got.shape == want.shape
+    np.testing.assert_allclose(got, want, rtol=1e-5 if dtype == np.float32 else 1e-12,
+                               atol=1e-4 if dtype == np.float32 else 1e-12)
 
 
 def test_blas_is_held_to_one_thread_while_the_cores_share_a_batch():
