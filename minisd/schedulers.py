@@ -307,8 +307,14 @@ class Scheduler:
         self._check_steps(num_inference_steps)
         self.num_inference_steps = int(num_inference_steps)
         c = self.config
-        self.timesteps = spaced_timesteps(self.num_inference_steps, self.num_train_timesteps,
-                                          c["timestep_spacing"], int(c["steps_offset"])).round().astype(np.int64)
+        timesteps = spaced_timesteps(self.num_inference_steps, self.num_train_timesteps,
+                                     c["timestep_spacing"], int(c["steps_offset"])).round().astype(np.int64)
+        if timesteps.max() >= self.num_train_timesteps:  # (diffusers fails here with an IndexError at the first step)
+            raise ValueError(f"{type(self).__name__}: {num_inference_steps} steps with steps_offset="
+                             f"{c['steps_offset']} and {c['timestep_spacing']!r} spacing would start at timestep "
+                             f"{timesteps.max()}, past the last of {self.num_train_timesteps} training timesteps; "
+                             f"take fewer steps or steps_offset=0")
+        self.timesteps = timesteps
 
 
 _SHARED = dict(num_train_timesteps=1000, beta_start=0.0001, beta_end=0.02, beta_schedule="linear",

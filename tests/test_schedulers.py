@@ -243,6 +243,9 @@ def test_seeded_noise_and_bad_input():
         S.DDPMScheduler.from_config({"thresholding": True})
     with pytest.raises(ValueError, match="timesteps must lie"):
         s.add_noise(x, x, np.array([1000, 0]))
+    for cls in (S.DDPMScheduler, S.DDIMScheduler):  # leading spacing, offset 1, every step: timestep T
+        with pytest.raises(ValueError, match="would start at timestep 37, past the last of 37"):
+            cls(num_train_timesteps=37, steps_offset=1).set_timesteps(37)
 
 
 @pytest.mark.gpu
