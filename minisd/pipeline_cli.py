@@ -53,6 +53,9 @@ def run(args) -> int:
     start = time.perf_counter()
     pipe = load_pipeline(args.model)
     load_seconds = time.perf_counter() - start
+    if args.steps > pipe.scheduler.num_train_timesteps:  # known only once the model's schedule is
+        raise UsageError(f"minisd generate: --steps {args.steps} is more than the model's "
+                         f"{pipe.scheduler.num_train_timesteps} training timesteps")
     start = time.perf_counter()
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")

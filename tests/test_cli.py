@@ -67,6 +67,7 @@ def test_generate_too_long_prompt_warns_in_one_line(tiny_path, tmp_path, capsys)
     (["--scheduler", "pndm"], "unknown --scheduler"),
     (["--n", "0"], "--n must be a positive integer"),
     (["--steps", "many"], "invalid int value"),
+    (["--steps", "100000"], "is more than the model's"),
 ])
 def test_generate_usage_errors_exit_2(tiny_path, tmp_path, capsys, args, message):
     code, _, err = run_cli(capsys, "generate", "a red circle", "--model", tiny_path, "--out", str(tmp_path), *args)
