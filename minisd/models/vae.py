@@ -205,14 +205,13 @@ class AutoencoderKL(Pretrained, nn.Module):
         return 2 ** (len(self.config["block_out_channels"]) - 1)
 
     def encode(self, x) -> DiagonalGaussianDistribution:
-        """x (B, in_channels, H, W), values in [-1, 1], H and W divisible by 2^(levels-1)."""
+        """x (B, in_channels, H, W), values in [-1, 1]. H and W divisible by the downsample factor
+        2^(levels-1) decode back to the same size; other sizes are taken as diffusers takes them,
+        each downsample padding a row and a column at the bottom right and halving, rounding down."""
         x = as_input(x, self.dtype, "AutoencoderKL.encode: x")
-        c, f = self.config["in_channels"], self.downsample_factor
+        c = self.config["in_channels"]
         if x.ndim != 4 or x.shape[1] != c:
             raise ValueError(f"AutoencoderKL.encode: expected images (B, {c}, H, W), got shape {tuple(x.shape)}")
-        if x.shape[2] % f or x.shape[3] % f:
-            raise ValueError(f"AutoencoderKL.encode: height and width must be multiples of {f}, "
-                             f"got {tuple(x.shape[2:])}")
         moments = self.encoder(x)
         if self.quant_conv is not None:
             moments = self.quant_conv(moments)
