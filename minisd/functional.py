@@ -415,6 +415,16 @@ def getitem(a, index):
         index = index.data
     elif isinstance(index, tuple):
         index = tuple(i.data if isinstance(i, Tensor) else i for i in index)
+        whole_numbers = [isinstance(i, (int, np.integer)) and not isinstance(i, (bool, np.bool_)) for i in index]
+        if any(whole_numbers) and not _is_basic_index(index):
+            # torch picks with whole numbers first and then indexes with the arrays, where
+            # NumPy counts a whole number among the arrays (x[0, :, [1, 2]] is (2, n) there and
+            # (n, 2) in torch); so pick first, with the arrays' axes kept whole, then index
+            picked = GetItem.apply(a, index=tuple(i if w or _is_basic_index(i) else slice(None)
+                                                  for i, w in zip(index, whole_numbers)))
+            rest = tuple(i if not _is_basic_index(i) or i is Ellipsis else slice(None)
+                         for i, w in zip(index, whole_numbers) if not w)
+            return GetItem.apply(picked, index=rest)
     return GetItem.apply(a, index=index)
 
 

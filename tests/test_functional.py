@@ -218,6 +218,14 @@ case("getitem_bool_mask", lambda a: a[_mask], lambda a: a[torch.tensor(_mask)], 
 case("getitem_bool_tensor_mask", lambda a: a[a > 0.3], lambda a: a[a > 0.3], lambda: [randn(3, 4)])
 case("getitem_bool_rows", lambda a: a[np.array([True, False, True])],
      lambda a: a[torch.tensor([True, False, True])], lambda: [randn(3, 4)])
+# a whole number and an array apart: torch picks with the number first ((4, 2) here, where
+# NumPy would give (2, 4)); next to each other, and with Ellipsis
+case("getitem_int_slice_array", lambda a: a[1, :, [0, 2, 2]], lambda a: a[1, :, [0, 2, 2]],
+     lambda: [randn(2, 4, 3)])
+case("getitem_int_array_adjacent", lambda a: a[:, 1, np.array([2, 0])], lambda a: a[:, 1, torch.tensor([2, 0])],
+     lambda: [randn(2, 4, 3)])
+case("getitem_int_ellipsis_array", lambda a: a[0, ..., [1, 1]], lambda a: a[0, ..., [1, 1]],
+     lambda: [randn(2, 3, 4, 3)])
 
 # ---- joining, splitting, padding
 case("cat_axis0", lambda a, b: F.cat([a, b]), lambda a, b: torch.cat([a, b]),
