@@ -437,13 +437,14 @@ def stack(tensors: Sequence, axis=0):
 
 
 def chunk(a, n: int, axis=0):
-    """Split into n equal pieces along axis (as torch.chunk for sizes divisible by n)."""
+    """Split into pieces of ceil(size / n) along axis, the last one smaller where n does not
+    divide the size (so there may be fewer than n pieces), as torch.chunk does."""
+    if not isinstance(n, (int, np.integer)) or n < 1:
+        raise ValueError(f"chunk: the number of pieces must be a positive integer, got {n!r}")
     size = a.shape[axis]
-    if size % n:
-        raise ValueError(f"chunk: axis {axis} of size {size} does not split into {n} equal pieces")
-    step = size // n
+    step = -(-size // n) or 1  # (this module's max is the reduction)
     lead = (slice(None),) * (axis % a.ndim)
-    return [a[lead + (slice(i * step, (i + 1) * step),)] for i in range(n)]
+    return [a[lead + (slice(i, i + step),)] for i in range(0, size, step)]
 
 
 def pad(a, pad, value=0.0):

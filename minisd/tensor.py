@@ -190,6 +190,7 @@ class Tensor:
     def __rtruediv__(self, o): return F.div(o, self)
     def __pow__(self, p): return F.pow(self, p)
     def __neg__(self): return F.neg(self)
+    def __abs__(self): return F.abs(self)
     def __matmul__(self, o): return F.matmul(self, o)
     def __rmatmul__(self, o): return F.matmul(o, self)
     def __getitem__(self, index): return F.getitem(self, index)

@@ -239,6 +239,9 @@ case("stack_axis1", lambda a, b: F.stack([a, b], axis=1), lambda a, b: torch.sta
 case("chunk", lambda a: (lambda c: c[0] * c[1] + c[2])(F.chunk(a, 3, axis=1)),
      lambda a: (lambda c: c[0] * c[1] + c[2])(torch.chunk(a, 3, 1)), lambda: [randn(2, 6, 2)])
 case("chunk_method_last_axis", lambda a: a.chunk(2, axis=-1)[1], lambda a: a.chunk(2, -1)[1], lambda: [randn(3, 4)])
+case("chunk_uneven", lambda a: (lambda c: c[0].sum() * c[-1].sum() + len(c))(F.chunk(a, 4, axis=1)),
+     lambda a: (lambda c: c[0].sum() * c[-1].sum() + len(c))(torch.chunk(a, 4, 1)), lambda: [randn(2, 6, 2)])
+case("abs_operator", lambda a: abs(a) * 2, lambda a: abs(a) * 2, lambda: [away_from_zero(3, 4)])
 case("pad_last", lambda a: F.pad(a, (1, 2)), lambda a: TF.pad(a, (1, 2)), lambda: [randn(2, 3)])
 case("pad_2d_value", lambda a: F.pad(a, (1, 0, 2, 1), value=0.5), lambda a: TF.pad(a, (1, 0, 2, 1), value=0.5),
      lambda: [randn(1, 2, 3, 3)])
