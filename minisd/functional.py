@@ -478,21 +478,12 @@ class MatMul(Function):
         self.a_is_vector, self.b_is_vector = a.ndim == 1, b.ndim == 1
         self.a = a[None, :] if self.a_is_vector else a
         self.b = b[:, None] if self.b_is_vector else b
-        return self._squeezed(_product(self.a, self.b))
-
-    def _squeezed(self, c):
-        """C without the axes that vector inputs added (torch's result shape)."""
-        if self.b_is_vector:
-            c = c[..., 0]
-        if self.a_is_vector:
-            c = c[..., 0, :] if not self.b_is_vector else c[..., 0]
-        return c
+        c = _product(self.a, self.b)
+        self.c_shape = c.shape  # (..., n or 1, m or 1), before the vectors' axes are dropped
+        return c.reshape(c.shape[:-2] + c.shape[-2:-1] * (not self.a_is_vector) + c.shape[-1:] * (not self.b_is_vector))
 
     def backward(self, g):
-        if self.a_is_vector:  # put the added axes back: g as (..., 1 or n, 1 or m)
-            g = g[..., None, :] if not self.b_is_vector else g[..., None]
-        if self.b_is_vector:
-            g = g[..., None]
+        g = g.reshape(self.c_shape)  # the vectors' axes back
         da = _product(g, self.b.swapaxes(-1, -2)) if self.needs_input_grad[0] else None
         db = _product(self.a.swapaxes(-1, -2), g) if self.needs_input_grad[1] else None
         if da is not None and self.a_is_vector:

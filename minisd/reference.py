@@ -12,6 +12,7 @@ contiguous matrix products, which is where a CPU's floating-point throughput liv
 from __future__ import annotations
 
 import concurrent.futures
+import contextlib
 import ctypes
 import itertools
 import math
@@ -134,9 +135,9 @@ def _over_the_batch(work, N: int, bytes_per_image: int) -> list:
     share nothing."""
     runs, parallel = _chunk_runs(N, bytes_per_image)
     if not parallel:
-        if N * bytes_per_image < CONV_PARALLEL_BYTES:
-            return [work(runs[0])]
-        with _blas_on_all_cores():  # fewer images than cores: the BLAS shares each product out
+        # fewer images than cores, or little work: where the work is big, the BLAS shares each product out
+        big = N * bytes_per_image >= CONV_PARALLEL_BYTES
+        with _blas_on_all_cores() if big else contextlib.nullcontext():
             return [work(runs[0])]
     with _blas_on_one_thread():
         return _on_all_cores(work, runs)
@@ -196,8 +197,8 @@ def _hold_blas_to_one_thread() -> None:
     (OPENBLAS_THREAD_TIMEOUT) before it sleeps, on a core that minisd's pool wants for the
     next op: in a UNet step almost every op follows a product. Held to one thread, with the
     big products shared among the pool's threads instead (``matmul``), the UNet of
-    ``minisd bench unet`` took 0.75-0.81x the time for a training step and 0.72-0.82x for a
-    forward pass (interleaved A/B in one process, 2 cores). A thread count set for the BLAS
+    ``minisd bench unet`` took 0.77-0.81x the time for a training step and 0.74-0.78x for a
+    forward pass (interleaved A/B in one process, 2 cores, 5 runs). A thread count set for the BLAS
     in the environment (OPENBLAS_NUM_THREADS, OMP_NUM_THREADS) is left alone.
     """
     if _blas_threads.held_from is not None or any(
@@ -216,17 +217,19 @@ def _hold_blas_to_one_thread() -> None:
 # as there are cores, one per pool thread. Measured on the UNet of `minisd bench unet`: cutting
 # its 67 and 134 MFLOP products (the GEGLU feed-forward's) saved 5-9% of a step on top of
 # holding the BLAS to one thread; cutting the 17 MFLOP ones (attention's projections) too cost
-# 4-6%, more in passing the parts to the pool than the halves saved.
+# 5-7%, more in passing the parts to the pool than the halves saved.
 SHARED_PRODUCT_FLOPS = 50e6
 
 
 def matmul(a, b):
     """a @ b (np.matmul's broadcasting), the big products shared among the cores by rows of the
     result (or by columns, where there are more of those): each core runs one part's product."""
-    M, K, N = a.shape[-2] if a.ndim > 1 else 1, a.shape[-1], b.shape[-1] if b.ndim > 1 else 1
     cores = os.cpu_count() or 1
+    if a.ndim < 2 or b.ndim < 2 or cores == 1:
+        return np.matmul(a, b)
+    (M, K), N = a.shape[-2:], b.shape[-1]
     batch = np.broadcast_shapes(a.shape[:-2], b.shape[:-2])
-    if a.ndim < 2 or b.ndim < 2 or cores == 1 or 2 * M * K * N * math.prod(batch) < SHARED_PRODUCT_FLOPS:
+    if 2 * M * K * N * math.prod(batch) < SHARED_PRODUCT_FLOPS:
         return np.matmul(a, b)
     out = np.empty(batch + (M, N), dtype=np.result_type(a, b))
     by_rows = M >= N
@@ -805,6 +808,16 @@ def _laid_out_as(a, L: int, d: int, zeros=False):
     return make((B, H, L, d), dtype=a.dtype)
 
 
+def _run_tiles(tile, tiles, small: bool) -> None:
+    """tile(t) for every tile: shared among the cores where the products are small; else
+    (long keys) one after another, each big product shared out by the BLAS itself."""
+    if small:
+        _on_all_cores(tile, tiles)
+    else:
+        with _blas_on_all_cores():
+            _on_all_cores(tile, tiles, parallel=False)
+
+
 def attention_forward(q, k, v, scale: float, is_causal: bool):
     """(o, lse): o (B, H, Lq, dv), lse (B, H, Lq).
 
@@ -844,11 +857,7 @@ def attention_forward(q, k, v, scale: float, is_causal: bool):
             out /= total
             lse[b, h, qb] = (m + np.log(total))[..., 0]
 
-    if small:
-        _on_all_cores(tile, tiles)
-    else:
-        with _blas_on_all_cores():  # long keys: big products, which the BLAS shares out itself
-            _on_all_cores(tile, tiles, parallel=False)
+    _run_tiles(tile, tiles, small)
     return o, lse
 
 
@@ -884,9 +893,5 @@ def attention_backward(do, q, k, v, o, lse, scale: float, is_causal: bool):
             np.matmul(ds, k_scaled[b, h], out=dq[b, h, qb])
             dk[b, h] += ds.swapaxes(-1, -2) @ q_scaled[b, h, qb]
 
-    if small:
-        _on_all_cores(tile, tiles)
-    else:
-        with _blas_on_all_cores():  # long keys: big products, which the BLAS shares out itself
-            _on_all_cores(tile, tiles, parallel=False)
+    _run_tiles(tile, tiles, small)
     return dq, dk, dv

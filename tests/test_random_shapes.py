@@ -66,21 +66,19 @@ def test_group_norm_and_layer_norm(seed):
     G = int(rng.choice([1, 2, 4]))
     C, H, W = G * int(rng.integers(1, 5)), int(rng.integers(1, 9)), int(rng.integers(1, 9))
     x = rng.standard_normal((int(rng.integers(1, 4)), C, H, W)) * 3 + rng.standard_normal() * 5
-    weight, bias = 1 + 0.3 * rng.standard_normal(C), rng.standard_normal(C)
-    affine = ["both", "weight", "bias", "none"][seed % 4]
-    params = {"both": [weight, bias], "weight": [weight], "bias": [bias], "none": []}[affine]
+    names = [("weight", "bias"), ("weight",), ("bias",), ()][seed % 4]  # the affine parameters given
 
-    def split(t):  # the affine parameters by name, whichever are given
-        return dict(zip({"both": ("weight", "bias"), "weight": ("weight",), "bias": ("bias",), "none": ()}[affine], t))
+    def given(size):
+        return [1 + 0.3 * rng.standard_normal(size) if name == "weight" else rng.standard_normal(size) for name in names]
+
+    def split(p):
+        return dict(zip(names, p))
 
     _matches_torch(lambda x, *p: F.group_norm(x, G, **split(p)),
                    lambda x, *p: TF.group_norm(x, G, **{"weight": torch.ones(C, dtype=torch.float64), **split(p)}),
-                   [x] + params, seed)
-    n = W
-    ln_weight, ln_bias = 1 + 0.3 * rng.standard_normal(n), rng.standard_normal(n)
-    ln_params = {"both": [ln_weight, ln_bias], "weight": [ln_weight], "bias": [ln_bias], "none": []}[affine]
-    _matches_torch(lambda x, *p: F.layer_norm(x, n, **split(p)), lambda x, *p: TF.layer_norm(x, (n,), **split(p)),
-                   [x] + ln_params, seed)
+                   [x] + given(C), seed)
+    _matches_torch(lambda x, *p: F.layer_norm(x, W, **split(p)), lambda x, *p: TF.layer_norm(x, (W,), **split(p)),
+                   [x] + given(W), seed)
 
 
 @pytest.mark.parametrize("seed", range(30))
