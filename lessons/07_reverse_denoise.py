@@ -67,9 +67,11 @@ final = pipe(prompt, steps=steps, guidance_scale=guidance, latents=z_T, callback
 print(f"  {prompt!r}: {steps} DDIM steps (SD: {viz.SD['inference_steps']}), guidance {guidance}, "
       f"in {time.perf_counter() - t0:.1f} s")
 viz.shape_line("z_T, z_t, eps_hat, z0_hat", latent_shape, viz.SD["latents"])
-print(f"  timesteps visited: {[r[0] for r in record[:4]]} ... {[r[0] for r in record[-2:]]}")
+visited = [int(r[0]) for r in record]
+# a short run (--fast) lists every timestep; a long one its first four and last two
+print(f"  timesteps visited: {visited}" if len(visited) <= 6 else f"  timesteps visited: {visited[:4]} ... {visited[-2:]}")
 results["steps"] = len(record)
-results["timesteps"] = [int(r[0]) for r in record]
+results["timesteps"] = visited
 
 # %% [markdown]
 # ## 2. Decode everything

@@ -208,10 +208,12 @@ def test_06_unet_numbers(runs):
 
 
 def test_07_reverse_denoise_numbers(runs):
-    _, r, _ = runs("07_reverse_denoise")
+    _, r, stdout = runs("07_reverse_denoise")
     needs_model(r)
     ts = r["timesteps"]
     assert r["steps"] == len(ts) == 5 and ts == sorted(ts, reverse=True) and ts[-1] == 1
+    # the 5 timesteps are printed once each (the first-four-and-last-two form repeated some)
+    assert f"timesteps visited: {ts}\n" in stdout
     assert r["ddim_repeatable"] is True  # DDIM (eta = 0) from the same z_T: the same image
     # the decoded predictions of x_0 approach the final image
     assert r["x0_distance_last"] < r["x0_distance_first"] and r["x0_distance_last"] < 0.05
