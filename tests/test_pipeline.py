@@ -157,10 +157,176 @@ def test_bad_arguments_are_clear_errors(pipe, kwargs, message):
 
 
 def test_prompt_must_be_text(pipe):
-    with pytest.raises(ValueError, match="prompt must be"):
+    with pytest.raises(TypeError, match="prompt must be a string or a list of strings; prompt 0 is int 3"):
         pipe([3], steps=2)
+    with pytest.raises(TypeError, match="prompt must be a string or a list of strings, got NoneType"):
+        pipe(None, steps=2)  # was "'NoneType' object is not iterable"
     with pytest.raises(ValueError, match="prompt must be"):
         pipe([], steps=2)
+
+
+def test_prompt_that_is_not_valid_text_is_named(pipe):
+    """A byte that is not UTF-8 on the command line reaches Python as a lone surrogate; the
+    tokenizer's own message was "TextEncodeInput must be Union[...]"."""
+    with pytest.raises(ValueError, match=r"prompt 1 'a red\\udcff circle' is not valid text: '\\udcff' at position 5"):
+        pipe(["a red circle", "a red\udcff circle"], steps=1)
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    (dict(steps=True), "steps must be a positive integer, got True"),
+    (dict(num_images_per_prompt=True), "num_images_per_prompt must be a positive integer, got True"),
+    (dict(num_images_per_prompt=0), "num_images_per_prompt must be a positive integer"),
+    (dict(batch_size=True), "batch_size must be a positive integer, got True"),
+    (dict(batch_size=0), "batch_size must be a positive integer"),
+    (dict(guidance_scale=True), "guidance_scale must be a number >= 0, got True"),
+    (dict(guidance_scale="5"), "guidance_scale must be a number >= 0"),
+    (dict(seed=-1), "seed must be an integer >= 0, None or a numpy Generator, got -1"),
+    (dict(seed=True), "seed must be an integer >= 0"),
+    (dict(seed=1.5), "seed must be an integer >= 0"),
+])
+def test_bools_and_bad_numbers_are_refused_alike(pipe, kwargs, message):
+    """True is an int to Python; refused wherever a whole number is asked for, as steps=True already was."""
+    with pytest.raises(ValueError, match=message):
+        pipe(CAPTIONS[:1], **kwargs)
+
+
+def test_numpy_scalars_are_numbers(pipe):
+    want = pipe(CAPTIONS[:1], steps=2, guidance_scale=5.0, num_images_per_prompt=2, seed=1)
+    got = pipe(CAPTIONS[:1], steps=np.int64(2), guidance_scale=np.float32(5), num_images_per_prompt=np.int32(2),
+               seed=np.int64(1))
+    np.testing.assert_array_equal(got, want)
+
+
+def test_non_finite_latents_are_refused(pipe):
+    z = np.zeros((1, 4, 8, 8), np.float32)
+    for bad in (np.nan, np.inf):
+        z[0, 1, 2, 3] = bad
+        with pytest.raises(ValueError, match="latents must be finite; 1 of their 256 values are NaN or inf"):
+            pipe(CAPTIONS[:1], steps=2, latents=z)
+
+
+# ---- batches -----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("scheduler", ["ddim", "euler"])
+def test_batched_images_match_one_batch(pipe, scheduler):
+    """z_T is drawn batch after batch from one generator: the same numbers as one draw for all
+    images, so the batch size changes nothing but float rounding (a product over more rows
+    may round differently: ~1e-6 in the latents). The UNet sees at most batch_size images."""
+    rows = []
+    kwargs = dict(steps=3, seed=4, scheduler=scheduler, num_images_per_prompt=3, output="latent")
+    whole = pipe(CAPTIONS[:2], batch_size=6, **kwargs)
+    for batch in (1, 4):
+        got = pipe(CAPTIONS[:2], batch_size=batch, callback=lambda i, t, z, e, x0: rows.append(len(z)), **kwargs)
+        np.testing.assert_allclose(got, whole, rtol=0, atol=1e-4)
+        assert max(rows) == batch and sum(rows) == 6 * 3
+        rows.clear()
+    images = [pipe(CAPTIONS[:2], steps=3, seed=4, scheduler=scheduler, num_images_per_prompt=3, batch_size=b)
+              for b in (2, 6)]
+    assert np.abs(images[0].astype(int) - images[1]).max() <= 1
+
+
+def test_batches_keep_prompt_order_and_attention(pipe):
+    """Images come prompt by prompt (prompt 0's first) whatever the batches; the attention maps
+    of every batch are joined in the same order."""
+    z = np.random.default_rng(0).standard_normal((4, 4, 8, 8)).astype(np.float32)
+    got = pipe(CAPTIONS[:2], steps=2, num_images_per_prompt=2, latents=z, batch_size=3, collect_attention=True,
+               output="latent")
+    maps = pipe.attention_maps
+    for i, prompt in enumerate([CAPTIONS[0]] * 2 + [CAPTIONS[1]] * 2):
+        alone = pipe(prompt, steps=2, latents=z[i:i + 1], collect_attention=True, output="latent")
+        np.testing.assert_allclose(got[i:i + 1], alone, atol=1e-5)
+        for name, m in maps.items():
+            assert m.shape[:2] == (2, 4)
+            np.testing.assert_allclose(m[:, i:i + 1], pipe.attention_maps[name], atol=1e-5)
+
+
+def test_iter_batches_yields_bounded_batches_of_a_huge_request(pipe):
+    """10^11 images: iter_batches yields 16 at a time; pipe(...) refuses at once, since it would
+    have to return them all (it used to draw all the noise at once and grow until it died)."""
+    batches = pipe.iter_batches(CAPTIONS[:1], steps=1, num_images_per_prompt=10 ** 11)
+    first = next(batches)
+    assert first.shape == (16, 32, 32, 3)
+    np.testing.assert_array_equal(first[:2], pipe(CAPTIONS[:1], steps=1, num_images_per_prompt=2))
+    with pytest.raises(ValueError, match=r"100,000,000,000 images take .* GiB to return, more than this machine"):
+        pipe(CAPTIONS[:1], steps=1, num_images_per_prompt=10 ** 11)
+
+
+def test_iter_batches_checks_before_it_samples(pipe):
+    with pytest.raises(ValueError, match="steps must be a positive integer"):
+        pipe.iter_batches(CAPTIONS[:1], steps=0)  # not at the first next()
+    with pytest.raises(ValueError, match="cannot exceed"):
+        pipe.iter_batches(CAPTIONS[:1], steps=5000)
+
+
+def test_batch_size_from_a_memory_estimate():
+    from minisd.pipeline import MAX_BATCH, estimate_batch_size
+
+    shapes_unet = {"sample_size": 8, "block_out_channels": [32, 64]}
+    shapes_vae = {"sample_size": 32, "block_out_channels": [16, 32, 64]}
+    sd_unet = {"sample_size": 64, "block_out_channels": [320, 640, 1280, 1280]}
+    sd_vae = {"sample_size": 512, "block_out_channels": [128, 256, 512, 512]}
+    assert estimate_batch_size(shapes_unet, shapes_vae) == MAX_BATCH == 16
+    assert estimate_batch_size(sd_unet, sd_vae) == 1  # 128 x 512 x 512 floats, 16 copies: 2.1 GB an image
+    # 128 x 256 x 256 x 4 bytes x 16 = 512 MiB an image: two fit in 1 GiB
+    assert estimate_batch_size(sd_unet, dict(sd_vae, sample_size=256)) == 2
+    assert estimate_batch_size(sd_unet, sd_vae, budget=10 ** 12) == MAX_BATCH
+
+
+# ---- what the model knows ----------------------------------------------------------------
+
+
+def test_too_long_prompt_warns_once_per_prompt(pipe):
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        pipe([" ".join(["red"] * 100), CAPTIONS[0], " ".join(["blue"] * 90)], steps=1, num_images_per_prompt=3)
+    assert [str(w.message)[:9] for w in caught] == ["prompt 0 ", "prompt 2 "]  # was once per image: 6
+
+
+def _trained_on(tiny_path, tmp_path, dataset):
+    """A copy of the tiny model whose logs say what `minisd train` trained it on."""
+    import shutil
+
+    folder = tmp_path / "model"
+    shutil.copytree(tiny_path, folder)
+    os.makedirs(folder / "logs")
+    (folder / "logs" / "train_all.json").write_text(json.dumps({"dataset": dataset, "seed": 0}))
+    return load_pipeline(str(folder))
+
+
+SHAPES_WORDS = {"a", "in", "the", "small", "large", "red", "green", "blue", "yellow", "purple", "cyan",
+                "circle", "square", "triangle", "top", "bottom", "left", "right", "center"}
+
+
+def test_unknown_words_warn_once_per_call(tiny_path, tmp_path):
+    pipe = _trained_on(tiny_path, tmp_path, "shapes")
+    assert pipe.known_words == SHAPES_WORDS
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        pipe(["a dog", "orange circle", "A small RED circle in the top left."], steps=1, num_images_per_prompt=2)
+    assert len(caught) == 1
+    message = str(caught[0].message)
+    assert message.startswith("the model never saw 'dog', 'orange', '.' in its training captions")
+    assert "it knows a, blue, bottom, center, circle, cyan" in message
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        pipe(["a large Cyan triangle in the bottom right", ""], steps=1)  # case does not matter: CLIP lower-cases
+
+
+def test_no_word_warning_where_the_training_captions_are_not_known(pipe, tiny_path, tmp_path):
+    """No logs (an exported or downloaded model), or a dataset whose captions need its files (emoji)."""
+    assert pipe.known_words is None
+    assert _trained_on(tiny_path, tmp_path, "emoji").known_words is None
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        pipe(["a dog"], steps=1)
+
+
+def test_prompt_words_follow_the_tokenizer(pipe):
+    from minisd.pipeline import prompt_words
+
+    assert prompt_words(pipe.tokenizer, "A red  CIRCLE, top-left été 42") == \
+        ["a", "red", "circle", ",", "top", "-", "left", "été", "4", "2"]
 
 
 def test_missing_model_folder(tmp_path):
@@ -193,6 +359,7 @@ def test_shipped_model_loads_and_is_small():
 
     pipe = minisd.load_pipeline()
     assert os.path.abspath(pipe.path) == os.path.abspath(DEFAULT_MODEL)
+    assert pipe.known_words == SHAPES_WORDS  # its logs say shapes; the README lists these words
     assert folder_size(DEFAULT_MODEL) <= 30 * 2 ** 20
     with open(os.path.join(DEFAULT_MODEL, "model_index.json")) as f:
         assert json.load(f)["_class_name"] == "StableDiffusionPipeline"
