@@ -7,6 +7,7 @@ elementwise math, matmuls, the models) written once against an array module ``xp
 
     backend     arrays    conv2d / group_norm / attention
     ---------   -------   -----------------------------------------------------------
+    naive       NumPy     the formulas, plainly: minisd/backends/naive.py (read it first)
     numpy       NumPy     NumPy reference code in minisd/reference.py (the default)
     emulated    NumPy     kernels/*.cu compiled with g++ against the CPU emulator
     cupy        CuPy      kernels/*.cu compiled by NVRTC, launched through cupy.RawModule
@@ -35,7 +36,7 @@ from dataclasses import dataclass
 from types import ModuleType
 from typing import Any
 
-BACKENDS = ("numpy", "emulated", "cupy")
+BACKENDS = ("naive", "numpy", "emulated", "cupy")
 
 
 class BackendUnavailable(RuntimeError):
@@ -85,6 +86,10 @@ def _make(name: str) -> Backend:
 
     if name in ("numpy", "emulated"):
         _keep_freed_blocks_in_the_heap()
+    if name == "naive":
+        from minisd.backends import naive
+
+        return Backend("naive", numpy, naive)
     if name == "numpy":
         from minisd import reference
 
@@ -102,7 +107,7 @@ _current: Backend | None = None
 
 
 def set_backend(name: str) -> Backend:
-    """Switch every later operation to backend ``name`` ("numpy", "emulated" or "cupy").
+    """Switch every later operation to backend ``name`` ("naive", "numpy", "emulated" or "cupy").
 
     Tensors created before the switch keep their arrays; mixing a NumPy-backed and a
     CuPy-backed tensor in one op is an error, so switch before building a model.

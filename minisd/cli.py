@@ -115,7 +115,7 @@ _COMMANDS = {
 
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="minisd", description="Stable Diffusion from scratch on NumPy and hand-written CUDA kernels.")
-    parser.add_argument("--backend", choices=("numpy", "emulated", "cupy"),
+    parser.add_argument("--backend", choices=("naive", "numpy", "emulated", "cupy"),
                         help="array backend (default: $MINISD_BACKEND or numpy)")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
     sub.required = True

@@ -1,14 +1,11 @@
-"""minisd/reference.py against the formulas in its docstrings, computed the slow, obvious way.
+"""The fast CPU path (the numpy backend) against the naive backend, its formulas written plainly.
 
-The reference is fast because of its layout tricks (unrolled kernel widths, row shifts,
-chunks, slices); the naive versions here have none of them:
-- conv2d:     y[n,k,p,q] = b[k] + sum_{c,r,s} w[k,c,r,s] xpad[n, c, p*st + r, q*st + s],
-              one term per kernel position (r, s);
-- group norm: mean and variance of each (sample, group), a loop over both;
-- attention:  softmax(scale * q k^T) v with a Python softmax per row.
-Forward passes are compared in float64 (and float32, looser); every gradient is
-compared with central finite differences of the naive forward pass in float64 (of
-<dy, f(inputs)>, the quantity whose gradient backward returns).
+The fast path is fast because of its layout tricks (unrolled kernel widths, row shifts,
+chunks, tiles, the cores sharing the work); the naive backend (minisd/backends/naive.py,
+itself held to PyTorch in tests/test_naive.py) has none of them. Forward passes are
+compared in float64 (and float32, looser), at the named cases and at seeded random
+shapes; gradients in float64 with the naive backward pass and with central finite
+differences of the naive forward pass (of <dy, f(inputs)>, whose gradient backward returns).
 """
 
 from __future__ import annotations
@@ -18,51 +15,15 @@ import os
 
 import numpy as np
 import pytest
+from conftest import f32, numerical_grads, rand, random_attention_cases, random_conv_cases, random_norm_cases
 
 from minisd import reference
-
-
-def rand(*shape, seed=0):
-    return np.random.default_rng(seed).standard_normal(shape)
-
-
-def numerical_grads(f, arrays, dy, h=1e-5):
-    """d<dy, f(*arrays)>/d(each array), by central differences, one entry at a time."""
-    arrays = [a.copy() for a in arrays]
-    grads = []
-    for a in arrays:
-        g = np.zeros_like(a)
-        for idx in np.ndindex(a.shape):
-            old = a[idx]
-            a[idx] = old + h
-            up = np.vdot(dy, f(*arrays))
-            a[idx] = old - h
-            down = np.vdot(dy, f(*arrays))
-            a[idx] = old
-            g[idx] = (up - down) / (2 * h)
-        grads.append(g)
-    return grads
-
-
-def f32(*arrays):
-    return [None if a is None else a.astype(np.float32) for a in arrays]
+from minisd.backends import naive
 
 
 # ------------------------------------------------------------------------------------
 # conv2d
 # ------------------------------------------------------------------------------------
-
-
-def naive_conv2d(x, w, b, stride, padding):
-    N, C, H, W = x.shape
-    K, _, R, S = w.shape
-    P, Q = (H + 2 * padding - R) // stride + 1, (W + 2 * padding - S) // stride + 1
-    xpad = np.pad(x, ((0, 0), (0, 0), (padding, padding), (padding, padding)))
-    y = np.zeros((N, K, P, Q)) if b is None else np.broadcast_to(b.reshape(1, K, 1, 1), (N, K, P, Q)).copy()
-    for r, s in itertools.product(range(R), range(S)):
-        window = xpad[:, :, r:r + stride * (P - 1) + 1:stride, s:s + stride * (Q - 1) + 1:stride]
-        y += np.einsum("kc,ncpq->nkpq", w[:, :, r, s], window)
-    return y
 
 
 # (N, C, H, W, K, R, S, stride, padding)
@@ -100,7 +61,7 @@ def test_conv2d_forward_matches_the_sum(case, bias, layout):
     N, C, H, W, K, R, S, st, pd = case
     x, w = rand(N, C, H, W), rand(K, C, R, S, seed=1)
     b = rand(K, seed=2) if bias else None
-    expected = naive_conv2d(x, w, b, st, pd)
+    expected = naive.conv2d_forward(x, w, b, st, pd)
     y = reference.conv2d_forward(x, w, b, st, pd)
     assert y.dtype == np.float64 and y.shape == expected.shape
     np.testing.assert_allclose(y, expected, rtol=1e-12, atol=1e-12)
@@ -113,8 +74,8 @@ def test_conv2d_forward_matches_the_sum(case, bias, layout):
 def test_conv2d_backward_matches_finite_differences(case, layout):
     N, C, H, W, K, R, S, st, pd = case
     x, w, b = rand(N, C, H, W), rand(K, C, R, S, seed=1), rand(K, seed=2)
-    dy = rand(*naive_conv2d(x, w, b, st, pd).shape, seed=3)
-    expected = numerical_grads(lambda x, w, b: naive_conv2d(x, w, b, st, pd), [x, w, b], dy)
+    dy = rand(*naive.conv2d_forward(x, w, b, st, pd).shape, seed=3)
+    expected = numerical_grads(lambda x, w, b: naive.conv2d_forward(x, w, b, st, pd), [x, w, b], dy)
     grads = reference.conv2d_backward(dy, x, w, st, pd)
     for name, g, e in zip(("dx", "dw", "db"), grads, expected):
         assert g.dtype == np.float64 and g.shape == e.shape, name
@@ -152,7 +113,7 @@ def test_conv2d_in_chunks_and_on_strided_inputs(monkeypatch, stride, layout, cor
     x = rand(5, 3, 6, 7).swapaxes(2, 3)  # (5, 3, 7, 6), a transposed view
     w, b = rand(4, 3, 3, 3, seed=1)[:, :, ::-1], rand(4, seed=2)  # a view with a negative stride
     y = reference.conv2d_forward(x, w, b, stride, 1)
-    np.testing.assert_allclose(y, naive_conv2d(x, w, b, stride, 1), rtol=1e-12, atol=1e-12)
+    np.testing.assert_allclose(y, naive.conv2d_forward(x, w, b, stride, 1), rtol=1e-12, atol=1e-12)
     dy = rand(*y.shape, seed=3)[:, ::-1]
     monkeypatch.setattr(reference, "CONV_CHUNK_BYTES", 1 << 30)  # the whole batch at once
     whole = reference.conv2d_backward(dy, x, w, stride, 1)
@@ -267,21 +228,6 @@ def test_blas_is_held_to_one_thread_while_the_cores_share_a_batch():
 # ------------------------------------------------------------------------------------
 
 
-def naive_group_norm(x, G, weight, bias, eps):
-    N, C = x.shape[:2]
-    y = np.empty_like(x)
-    for n in range(N):
-        for g in range(G):
-            group = x[n, g * C // G:(g + 1) * C // G]
-            mean = group.sum() / group.size
-            var = ((group - mean) ** 2).sum() / group.size
-            y[n, g * C // G:(g + 1) * C // G] = (group - mean) / np.sqrt(var + eps)
-    if weight is not None:
-        shape = (1, C) + (1,) * (x.ndim - 2)
-        y = y * weight.reshape(shape) + bias.reshape(shape)
-    return y
-
-
 # (shape, groups, affine)
 NORM_CASES = [((2, 6, 3, 3), 3, True), ((2, 6, 3, 3), 1, True), ((2, 6, 3, 3), 6, True),
               ((1, 4, 5, 3), 2, False), ((3, 4, 1, 1), 2, True), ((2, 4, 5), 2, True)]
@@ -298,7 +244,7 @@ def test_group_norm_matches_its_definition(monkeypatch, shape, G, affine, cores)
     weight, bias = (rand(C, seed=1), rand(C, seed=2)) if affine else (None, None)
     eps = 1e-5
     y, mean, rstd = reference.group_norm_forward(x, G, weight, bias, eps)
-    np.testing.assert_allclose(y, naive_group_norm(x, G, weight, bias, eps), rtol=1e-10, atol=1e-10)
+    np.testing.assert_allclose(y, naive.group_norm_forward(x, G, weight, bias, eps)[0], rtol=1e-10, atol=1e-10)
     xg = x.reshape(shape[0], G, -1)
     np.testing.assert_allclose(mean, xg.mean(axis=2), rtol=1e-12)
     np.testing.assert_allclose(rstd, 1 / np.sqrt(xg.var(axis=2) + eps), rtol=1e-10)
@@ -309,7 +255,7 @@ def test_group_norm_matches_its_definition(monkeypatch, shape, G, affine, cores)
 
     dy = rand(*shape, seed=3)
     inputs = [x] + ([weight, bias] if affine else [])
-    expected = numerical_grads(lambda x, *wb: naive_group_norm(x, G, *(wb or (None, None)), eps), inputs, dy)
+    expected = numerical_grads(lambda x, *wb: naive.group_norm_forward(x, G, *(wb or (None, None)), eps)[0], inputs, dy)
     grads = reference.group_norm_backward(dy, x, G, weight, mean, rstd)
     assert (grads[1] is None) == (not affine) and (grads[2] is None) == (not affine)
     for name, g, e in zip(("dx", "dweight", "dbias"), grads, expected):
@@ -326,7 +272,7 @@ def test_group_norm_with_a_large_mean():
     than dy * xhat) lose no more than that either: float32 against float64."""
     x = rand(2, 4, 8, 8) + 1e4
     y = reference.group_norm_forward(x.astype(np.float32), 2, None, None, 1e-5)[0]
-    np.testing.assert_allclose(y, naive_group_norm(x, 2, None, None, 1e-5), atol=2e-3)
+    np.testing.assert_allclose(y, naive.group_norm_forward(x, 2, None, None, 1e-5)[0], atol=2e-3)
     for offset, rtol in ((30, 1e-5), (1e3, 1e-3)):
         x, w, dy = rand(3, 8, 6, 6) + offset, rand(8, seed=1), rand(3, 8, 6, 6, seed=2)
         want = reference.group_norm_backward(dy, x, 4, w, *reference.group_norm_forward(x, 4, w, w, 1e-5)[1:])
@@ -341,18 +287,6 @@ def test_group_norm_with_a_large_mean():
 # ------------------------------------------------------------------------------------
 
 
-def naive_attention(q, k, v, scale, is_causal):
-    B, H, Lq, _ = q.shape
-    o = np.zeros(q.shape[:-1] + v.shape[-1:])
-    for b, h, i in itertools.product(range(B), range(H), range(Lq)):
-        s = np.array([scale * q[b, h, i] @ k[b, h, j] for j in range(k.shape[2])])
-        if is_causal:
-            s[i + 1:] = -np.inf  # query i sees keys 0..i (torch's top-left alignment)
-        p = np.exp(s - s.max())
-        o[b, h, i] = (p / p.sum()) @ v[b, h]
-    return o
-
-
 # (B, heads, Lq, Lk, d, dv)
 ATTN_CASES = [(2, 2, 4, 4, 3, 3), (1, 2, 3, 5, 4, 2), (2, 1, 5, 3, 2, 3), (1, 1, 1, 1, 2, 2), (1, 3, 6, 6, 4, 4)]
 
@@ -364,7 +298,7 @@ def test_attention_matches_its_definition(case, is_causal):
     q, k, v = rand(B, H, Lq, d), rand(B, H, Lk, d, seed=1), rand(B, H, Lk, dv, seed=2)
     scale = 0.7
     o, lse = reference.attention_forward(q, k, v, scale, is_causal)
-    np.testing.assert_allclose(o, naive_attention(q, k, v, scale, is_causal), rtol=1e-10, atol=1e-12)
+    np.testing.assert_allclose(o, naive.attention_forward(q, k, v, scale, is_causal)[0], rtol=1e-10, atol=1e-12)
     s = scale * q @ k.swapaxes(-1, -2)
     if is_causal:
         s = np.where(np.triu(np.ones((Lq, Lk), bool), k=1), -np.inf, s)
@@ -374,7 +308,7 @@ def test_attention_matches_its_definition(case, is_causal):
     np.testing.assert_allclose(o32, o, rtol=1e-4, atol=1e-5)
 
     do = rand(*o.shape, seed=3)
-    expected = numerical_grads(lambda q, k, v: naive_attention(q, k, v, scale, is_causal), [q, k, v], do)
+    expected = numerical_grads(lambda q, k, v: naive.attention_forward(q, k, v, scale, is_causal)[0], [q, k, v], do)
     for name, g, e in zip(("dq", "dk", "dv"), reference.attention_backward(do, q, k, v, o, lse, scale, is_causal),
                           expected):
         assert g.dtype == np.float64 and g.shape == e.shape, name
@@ -465,9 +399,77 @@ def test_attention_rows_far_below_their_tiles_top(dtype):
     o, lse = reference.attention_forward(*(a.astype(dtype) for a in (q, k, v)), scale, False)
     assert np.isfinite(o).all() and np.isfinite(lse).all()
     rtol = 1e-4 if dtype == np.float32 else 1e-10
-    np.testing.assert_allclose(o, naive_attention(q, k, v, scale, False), rtol=rtol, atol=rtol)
+    np.testing.assert_allclose(o, naive.attention_forward(q, k, v, scale, False)[0], rtol=rtol, atol=rtol)
     m = s.max(-1, keepdims=True)
     np.testing.assert_allclose(lse, (m + np.log(np.exp(s - m).sum(-1, keepdims=True)))[..., 0], rtol=rtol)
+
+
+# ------------------------------------------------------------------------------------
+# the fast path against the naive backend at seeded random shapes
+# ------------------------------------------------------------------------------------
+
+
+def _assert_like_naive(got, want, names, dtype):
+    """float64: to rounding; float32: to float32 rounding of sums, relative to the largest value."""
+    for name, g, e in zip(names, got, want):
+        if e is None:
+            assert g is None, name
+            continue
+        assert g.dtype == dtype and g.shape == e.shape, name
+        if dtype == np.float64:
+            np.testing.assert_allclose(g, e, rtol=1e-10, atol=1e-10, err_msg=name)
+        else:
+            assert np.abs(g - e).max() <= 1e-4 * max(1.0, np.abs(e).max()), name
+
+
+@pytest.mark.parametrize("dtype", [np.float64, np.float32])
+@pytest.mark.parametrize("case", random_conv_cases(30, seed=1), ids=lambda c: "N{}C{}H{}W{}K{}k{}x{}s{}p{}".format(*c))
+def test_conv2d_equals_naive_at_random_shapes(case, layout, dtype):
+    N, C, H, W, K, R, S, st, pd = case
+    x, w, b = rand(N, C, H, W), rand(K, C, R, S, seed=1), rand(K, seed=2)
+    y = naive.conv2d_forward(x, w, b, st, pd)
+    dy = rand(*y.shape, seed=3)
+    cast = lambda *arrays: [a.astype(dtype) for a in arrays]  # noqa: E731
+    _assert_like_naive([reference.conv2d_forward(*cast(x, w, b), st, pd)], [y], ["y"], dtype)
+    _assert_like_naive(reference.conv2d_backward(*cast(dy, x, w), st, pd), naive.conv2d_backward(dy, x, w, st, pd),
+                       ("dx", "dw", "db"), dtype)
+
+
+@pytest.mark.parametrize("dtype", [np.float64, np.float32])
+@pytest.mark.parametrize("case", random_norm_cases(24, seed=1), ids=lambda c: "x".join(map(str, c[0])) + f"-g{c[1]}")
+def test_group_norm_equals_naive_at_random_shapes(monkeypatch, case, dtype):
+    monkeypatch.setattr(reference.os, "cpu_count", lambda: 3)
+    monkeypatch.setattr(reference, "GROUP_NORM_SHARED", 0)  # small as they are, share the samples out
+    shape, G, has_weight, has_bias, eps = case
+    x, dy = rand(*shape) * 2 + 1, rand(*shape, seed=3)
+    weight = rand(shape[1], seed=1) if has_weight else None
+    bias = rand(shape[1], seed=2) if has_bias else None
+    want = naive.group_norm_forward(x, G, weight, bias, eps)
+    cast = lambda *arrays: [None if a is None else a.astype(dtype) for a in arrays]  # noqa: E731
+    got = reference.group_norm_forward(*cast(x), G, *cast(weight, bias), eps)
+    _assert_like_naive(got, want, ("y", "mean", "rstd"), dtype)
+    _assert_like_naive(reference.group_norm_backward(*cast(dy, x), G, *cast(weight, *want[1:])),
+                       naive.group_norm_backward(dy, x, G, weight, *want[1:]), ("dx", "dweight", "dbias"), dtype)
+
+
+@pytest.mark.parametrize("dtype", [np.float64, np.float32])
+@pytest.mark.parametrize("case", random_attention_cases(24, seed=1),
+                         ids=lambda c: "B{}H{}Lq{}Lk{}d{}dv{}".format(*c[:6]) + ("-causal" if c[6] else ""))
+def test_attention_equals_naive_at_random_shapes(case, dtype):
+    """Contiguous inputs, and every other case heads split out of tokens (strided views)."""
+    B, H, Lq, Lk, d, dv, causal = case
+    if sum(case[:6]) % 2:
+        q, k, v, do = (rand(B, L, H * e, seed=i).reshape(B, L, H, e).transpose(0, 2, 1, 3)
+                       for i, (L, e) in enumerate(((Lq, d), (Lk, d), (Lk, dv), (Lq, dv))))
+    else:
+        q, k, v, do = rand(B, H, Lq, d), rand(B, H, Lk, d, seed=1), rand(B, H, Lk, dv, seed=2), rand(B, H, Lq, dv, seed=3)
+    scale = d ** -0.5
+    o, lse = naive.attention_forward(q, k, v, scale, causal)
+    cast = lambda *arrays: [a.astype(dtype) for a in arrays]  # noqa: E731
+    got = reference.attention_forward(*cast(q, k, v), scale, causal)
+    _assert_like_naive(got, (o, lse), ("o", "lse"), dtype)
+    _assert_like_naive(reference.attention_backward(*cast(do, q, k, v, o, lse), scale, causal),
+                       naive.attention_backward(do, q, k, v, o, lse, scale, causal), ("dq", "dk", "dv"), dtype)
 
 
 # ------------------------------------------------------------------------------------
