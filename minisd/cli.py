@@ -110,6 +110,7 @@ _COMMANDS = {
     "export": ("minisd.export", "write a model as a diffusers StableDiffusionPipeline folder"),
     "lesson": ("minisd.lessons_cli", "run one chapter script: minisd lesson N"),
     "lessons": ("minisd.lessons_cli", "run every chapter script in order"),
+    "explore": ("minisd.explore", "a live diffusion explorer in the browser (localhost)"),
 }
 
 
