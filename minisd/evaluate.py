@@ -24,16 +24,22 @@ import numpy as np
 
 
 def add_arguments(parser) -> None:
+    from minisd.cli import non_negative_float, non_negative_int, positive_int
+    from minisd.pipeline import DEFAULT_GUIDANCE, DEFAULT_STEPS
+
     parser.add_argument("--model", default=None, help="model folder (default: the shipped shapes model)")
     parser.add_argument("--out", default="eval", help="folder for report.json and the grids (default: eval/)")
-    parser.add_argument("--steps", type=int, default=None, help="sampling steps (default 50)")
-    parser.add_argument("--guidance", type=float, default=None, help="guidance scale (default: the pipeline's)")
+    parser.add_argument("--steps", type=positive_int, default=DEFAULT_STEPS,
+                        help=f"sampling steps (default {DEFAULT_STEPS})")
+    parser.add_argument("--guidance", type=non_negative_float, default=DEFAULT_GUIDANCE,
+                        help=f"guidance scale (default {DEFAULT_GUIDANCE:g})")
     parser.add_argument("--scheduler", default="ddim")
-    parser.add_argument("--seeds", type=int, default=1, help="images per seen combination (default 1: 150 images)")
-    parser.add_argument("--heldout-seeds", type=int, default=3,
+    parser.add_argument("--seeds", type=positive_int, default=1,
+                        help="images per seen combination (default 1: 150 images)")
+    parser.add_argument("--heldout-seeds", type=positive_int, default=3,
                         help="images per held-out combination (default 3: 90 images)")
-    parser.add_argument("--batch", type=int, default=30, help="prompts per sampling batch")
-    parser.add_argument("--seed", type=int, default=1000, help="first seed (unlike the training seeds)")
+    parser.add_argument("--batch", type=positive_int, default=30, help="prompts per sampling batch")
+    parser.add_argument("--seed", type=non_negative_int, default=1000, help="first seed (unlike the training seeds)")
     parser.add_argument("--skip", nargs="*", default=[], choices=("vae", "adherence", "clip"),
                         help="measurements to leave out")
 
@@ -67,17 +73,16 @@ def adherence(pipe, records, seeds: int, first_seed: int, batch: int, steps: int
 
     jobs = [(r, first_seed + s) for s in range(seeds) for r in records]
     images, readings = [], []
-    bar = tqdm(total=len(jobs), desc="generating", disable=not progress, dynamic_ncols=True)
     # Prompts are batched together; each batch gets its own seed, so the result depends only on
     # (batch position, seed) and is reproducible.
-    for i in range(0, len(jobs), batch):
-        chunk = jobs[i:i + batch]
-        out = pipe([r.caption for r, _ in chunk], steps=steps, guidance_scale=guidance, seed=chunk[0][1] * 7919 + i,
-                   scheduler=scheduler)
-        images.append(out)
-        readings.extend(read(im) for im in out)
-        bar.update(len(chunk))
-    bar.close()
+    with tqdm(total=len(jobs), desc="generating", disable=not progress, dynamic_ncols=True) as bar:
+        for i in range(0, len(jobs), batch):
+            chunk = jobs[i:i + batch]
+            out = pipe([r.caption for r, _ in chunk], steps=steps, guidance_scale=guidance,
+                       seed=chunk[0][1] * 7919 + i, scheduler=scheduler, batch_size=batch)
+            images.append(out)
+            readings.extend(read(im) for im in out)
+            bar.update(len(chunk))
     images = np.concatenate(images)
     targets = [r for r, _ in jobs]
     per_attribute = {k: float(np.mean([rd.agrees_with(t)[k] for rd, t in zip(readings, targets)]))
@@ -143,25 +148,18 @@ def short_caption(c: str) -> str:
 def run(args) -> int:
     from minisd.cli import UsageError
     from minisd.data import shapes
-    from minisd.pipeline import DEFAULT_GUIDANCE, DEFAULT_STEPS, SCHEDULER_NAMES, load_pipeline
+    from minisd.pipeline import SCHEDULER_NAMES, load_pipeline, prepare_out_dir
 
-    steps = DEFAULT_STEPS if args.steps is None else args.steps
-    guidance = DEFAULT_GUIDANCE if args.guidance is None else args.guidance
-    if steps <= 0:
-        raise UsageError(f"minisd eval: --steps must be a positive integer, got {steps}")
-    if not np.isfinite(guidance) or guidance < 0:
-        raise UsageError(f"minisd eval: --guidance must be a number >= 0, got {guidance:g}")
-    if args.scheduler.lower() not in SCHEDULER_NAMES:
+    steps, guidance, scheduler = args.steps, args.guidance, args.scheduler.lower()
+    if scheduler not in SCHEDULER_NAMES:
         raise UsageError(f"minisd eval: unknown --scheduler {args.scheduler!r}; choose one of {', '.join(SCHEDULER_NAMES)}")
-    for name in ("seeds", "heldout_seeds", "batch"):
-        if getattr(args, name) <= 0:
-            raise UsageError(f"minisd eval: --{name.replace('_', '-')} must be a positive integer")
-    from minisd.pipeline_cli import prepare_out_dir
-
     prepare_out_dir(args.out)
     pipe = load_pipeline(args.model)
-    report = {"model": os.path.abspath(pipe.path), "steps": steps, "guidance_scale": guidance,
-              "scheduler": args.scheduler.lower()}
+    try:  # the model's schedule decides how many steps it can take: said before any work starts
+        pipe.make_scheduler(scheduler).set_timesteps(steps)
+    except ValueError as e:
+        raise UsageError(f"minisd eval: --steps {steps}: {e}") from None
+    report = {"model": os.path.abspath(pipe.path), "steps": steps, "guidance_scale": guidance, "scheduler": scheduler}
     start = time.perf_counter()
 
     if "vae" not in args.skip:
@@ -175,7 +173,7 @@ def run(args) -> int:
         for split, seeds in (("seen", args.seeds), ("heldout", args.heldout_seeds)):
             records = [shapes.ShapeRecord(*c) for c in shapes.combinations("train" if split == "seen" else "heldout")]
             summary, images, readings, targets, ok = adherence(pipe, records, seeds, args.seed, args.batch, steps,
-                                                               guidance, args.scheduler.lower())
+                                                               guidance, scheduler)
             report["adherence"][split] = summary
             print(f"prompt adherence, {split} colour-shape pairs: {summary['all_four_right']:.1%} of "
                   f"{summary['images']} images with all four attributes right; per attribute "

@@ -8,7 +8,7 @@ import pytest
 from PIL import Image
 
 from minisd.cli import main
-from test_pipeline import make_tiny_model
+from test_pipeline import make_tiny_model, trained_on
 
 
 @pytest.fixture(scope="module")
@@ -54,25 +54,169 @@ def test_generate_empty_prompt_is_unconditional(tiny_path, tmp_path, capsys):
 
 
 def test_generate_too_long_prompt_warns_in_one_line(tiny_path, tmp_path, capsys):
-    code, _, err = run_cli(capsys, "generate", " ".join(["red"] * 90), "--steps", "2", "--model", tiny_path,
+    code, _, err = run_cli(capsys, "generate", " ".join(["red"] * 90), "--n", "3", "--steps", "2", "--model", tiny_path,
                            "--out", str(tmp_path))
     assert code == 0
-    assert "truncated" in one_line_error(err)
+    assert "truncated" in one_line_error(err)  # once for the prompt, not once per image
+
+
+def test_generate_unknown_words_warn_in_one_line(tiny_path, tmp_path, capsys):
+    code, _, err = run_cli(capsys, "generate", "a dog", "an orange circle", "--n", "3", "--steps", "1",
+                           "--model", trained_on(tiny_path, tmp_path, "shapes"), "--out", str(tmp_path / "out"))
+    assert code == 0
+    assert "warning: the model never saw 'dog', 'an', 'orange' in its training captions" in one_line_error(err)
 
 
 @pytest.mark.parametrize("args, message", [
-    (["--steps", "0"], "--steps must be a positive integer"),
-    (["--steps", "-5"], "--steps must be a positive integer"),
-    (["--guidance", "-1"], "--guidance must be a number >= 0"),
+    (["--steps", "0"], "argument --steps: must be a whole number >= 1, got '0'"),
+    (["--steps", "-5"], "argument --steps: must be a whole number >= 1, got '-5'"),
+    (["--steps", "many"], "argument --steps: must be a whole number, got 'many'"),
+    (["--guidance", "-1"], "argument --guidance: must be a number >= 0, got '-1'"),
+    (["--guidance", "nan"], "argument --guidance: must be a finite number, got 'nan'"),
+    (["--seed", "-1"], "argument --seed: must be a whole number >= 0, got '-1'"),  # was exit 1, NumPy's message
+    (["--n", "0"], "argument --n: must be a whole number >= 1, got '0'"),
+    (["--scale", "0"], "argument --scale: must be a whole number >= 1, got '0'"),
+    (["--scale", "65"], "--scale must be between 1 and 64"),
     (["--scheduler", "pndm"], "unknown --scheduler"),
-    (["--n", "0"], "--n must be a positive integer"),
-    (["--steps", "many"], "invalid int value"),
-    (["--steps", "100000"], "is more than the model's"),
+    (["--n", "100000000000"], "is 100,000,000,000 images, more than the 100,000 one run makes"),
+    (["--steps", "100000"], "--steps 100000: num_inference_steps (100000) cannot exceed num_train_timesteps (1000)"),
 ])
 def test_generate_usage_errors_exit_2(tiny_path, tmp_path, capsys, args, message):
     code, _, err = run_cli(capsys, "generate", "a red circle", "--model", tiny_path, "--out", str(tmp_path), *args)
     assert code == 2
     assert message in one_line_error(err)
+    assert not os.listdir(tmp_path)
+
+
+def test_generate_prompt_that_is_not_utf8_exits_2(tiny_path, tmp_path, capsys):
+    """A byte that is not UTF-8 on the command line reaches Python as a lone surrogate."""
+    code, _, err = run_cli(capsys, "generate", "a red circle", "a red\udcff circle", "--model", tiny_path,
+                           "--out", str(tmp_path / "out"))
+    assert code == 2
+    assert "prompt 1 'a red\\udcff circle' is not valid text" in one_line_error(err)
+
+
+# ---- where the images go ---------------------------------------------------------------
+
+
+def pixels(path) -> np.ndarray:
+    return np.asarray(Image.open(path))
+
+
+def test_generate_numbers_on_after_the_images_already_there(tiny_path, tmp_path, capsys):
+    """A second run into one --out adds to the first's images (it used to replace them)."""
+    out = tmp_path / "out"
+    common = ("--steps", "1", "--model", tiny_path, "--out", str(out))
+    assert run_cli(capsys, "generate", "a red circle", "--n", "2", "--seed", "1", *common)[0] == 0
+    first = [pixels(out / f"000{i}.png") for i in range(2)]
+    (out / "notes.txt").write_text("kept")
+    code, stdout, _ = run_cli(capsys, "generate", "a blue square", "--n", "2", "--seed", "2", *common)
+    assert code == 0
+    assert "-> " + str(out / "0002.png") + " ... 0003.png (numbered on after 0001.png, already there" in stdout
+    assert sorted(os.listdir(out)) == ["0000.png", "0001.png", "0002.png", "0003.png", "notes.txt"]
+    for i in range(2):
+        np.testing.assert_array_equal(pixels(out / f"000{i}.png"), first[i])
+    code, stdout, _ = run_cli(capsys, "generate", "a red circle", "--n", "1", "--seed", "2", "--overwrite", *common)
+    assert code == 0 and "0000.png (--overwrite: numbered from 0000, replacing)" in stdout
+    assert sorted(os.listdir(out)) == ["0000.png", "0001.png", "0002.png", "0003.png", "notes.txt"]
+    from minisd.pipeline import load_pipeline
+
+    np.testing.assert_array_equal(pixels(out / "0000.png"), load_pipeline(tiny_path)("a red circle", steps=1, seed=2)[0])
+    assert not np.array_equal(pixels(out / "0000.png"), first[0])
+
+
+def test_generate_more_images_than_a_batch(tiny_path, tmp_path, capsys):
+    """17 images: two batches, written as each is done, with a progress bar; the same images
+    as one pipe(...) call."""
+    from minisd.pipeline import load_pipeline
+
+    out = tmp_path / "out"
+    code, stdout, err = run_cli(capsys, "generate", "a red circle", "--n", "17", "--steps", "1", "--seed", "3",
+                                "--model", tiny_path, "--out", str(out))
+    assert code == 0 and "17 image(s)" in stdout
+    assert "17/17" in err  # tqdm's bar, on stderr
+    want = load_pipeline(tiny_path)("a red circle", steps=1, seed=3, num_images_per_prompt=17)
+    np.testing.assert_array_equal(np.stack([pixels(out / f"{i:04d}.png") for i in range(17)]), want)
+
+
+def _solid(value: int) -> np.ndarray:
+    return np.full((8, 8, 3), value, np.uint8)
+
+
+def check_every_image_kept(out, values):
+    names = sorted(os.listdir(out))
+    assert names == [f"{i:04d}.png" for i in range(len(values))], names  # no temporary file left either
+    found = sorted(int(pixels(os.path.join(out, n))[0, 0, 0]) for n in names)  # each a whole PNG
+    assert found == sorted(values)
+
+
+def test_write_pngs_from_two_threads_at_once_lose_nothing(tmp_path):
+    """Both writers start at 0000. They used to share the temporary name .0000.png.tmp, so one
+    failed (FileNotFoundError) or wrote its images over the other's."""
+    import threading
+
+    from minisd.pipeline_cli import write_pngs
+
+    start = threading.Barrier(2)
+    errors = []
+
+    def writer(offset):
+        try:
+            start.wait()
+            for i in range(20):
+                write_pngs(_solid(offset + i)[None], str(tmp_path))
+        except Exception as e:  # noqa: BLE001 - reported by the assertion below
+            errors.append(e)
+
+    threads = [threading.Thread(target=writer, args=(offset,)) for offset in (0, 100)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors
+    check_every_image_kept(tmp_path, [*range(20), *range(100, 120)])
+
+
+def test_write_pngs_from_two_processes_at_once_lose_nothing(tmp_path):
+    import subprocess
+    import sys
+    import time
+
+    script = ("import sys, time, numpy as np; from minisd.pipeline_cli import write_pngs\n"
+              "offset, go = int(sys.argv[1]), float(sys.argv[2])\n"
+              "time.sleep(max(0.0, go - time.time()))\n"
+              "write_pngs(np.stack([np.full((8, 8, 3), offset + i, np.uint8) for i in range(30)]), sys.argv[3])\n")
+    go = time.time() + 1.5  # both start writing at this moment, after their imports
+    procs = [subprocess.Popen([sys.executable, "-c", script, str(offset), str(go), str(tmp_path)])
+             for offset in (0, 100)]
+    assert [p.wait(timeout=60) for p in procs] == [0, 0]
+    check_every_image_kept(tmp_path, [*range(30), *range(100, 130)])
+
+
+def test_write_pngs_without_hard_links_still_never_replaces(tmp_path, monkeypatch):
+    """Where the file system has no hard links the name is reserved with an empty file first."""
+    from minisd.pipeline_cli import write_pngs
+
+    write_pngs(_solid(7)[None], str(tmp_path))
+
+    def no_links(src, dst):
+        raise PermissionError(1, "Operation not permitted")
+
+    monkeypatch.setattr(os, "link", no_links)
+    assert write_pngs(np.stack([_solid(8), _solid(9)]), str(tmp_path)) == \
+        [str(tmp_path / "0001.png"), str(tmp_path / "0002.png")]
+    check_every_image_kept(tmp_path, [7, 8, 9])
+
+
+def test_write_pngs_honours_the_umask(tmp_path):
+    from minisd.pipeline_cli import write_pngs
+
+    old = os.umask(0o022)
+    try:
+        (path,) = write_pngs(_solid(1)[None], str(tmp_path))
+    finally:
+        os.umask(old)
+    assert os.stat(path).st_mode & 0o777 == 0o644
 
 
 def test_generate_missing_model_exits_1(tmp_path, capsys):
@@ -141,10 +285,27 @@ def test_eval_writes_a_report(tiny_path, tmp_path, capsys):
     assert "VAE PSNR" in stdout
 
 
-def test_eval_bad_steps_exit_2(tiny_path, tmp_path, capsys):
-    code, _, err = run_cli(capsys, "eval", "--model", tiny_path, "--out", str(tmp_path), "--steps", "0")
+@pytest.mark.parametrize("args, message", [
+    (["--steps", "0"], "argument --steps: must be a whole number >= 1, got '0'"),
+    (["--seed", "-1"], "argument --seed: must be a whole number >= 0, got '-1'"),  # was exit 1, NumPy's message
+    (["--guidance", "-2"], "argument --guidance: must be a number >= 0, got '-2'"),
+    (["--batch", "0"], "argument --batch: must be a whole number >= 1, got '0'"),
+    # was exit 1, printed on the progress bar's line: now said before any bar starts
+    (["--steps", "5000"], "minisd eval: --steps 5000: num_inference_steps (5000) cannot exceed"),
+])
+def test_eval_usage_errors_exit_2(tiny_path, tmp_path, capsys, args, message):
+    code, out, err = run_cli(capsys, "eval", "--model", tiny_path, "--out", str(tmp_path / "eval"), *args)
     assert code == 2
-    assert "--steps" in one_line_error(err)
+    assert message in one_line_error(err) and not out
+
+
+def test_eval_does_not_use_the_generate_command():
+    """One copy of the output-folder check, in minisd.pipeline; minisd.evaluate imports no command's code."""
+    import minisd.evaluate
+    import minisd.pipeline_cli
+
+    source = open(minisd.evaluate.__file__).read()
+    assert "pipeline_cli" not in source and not hasattr(minisd.pipeline_cli, "prepare_out_dir")
 
 
 def test_bench_ops_prints_ratios_and_both_libraries_share_of_the_peak(capsys, monkeypatch):

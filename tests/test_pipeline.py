@@ -283,7 +283,7 @@ def test_too_long_prompt_warns_once_per_prompt(pipe):
     assert [str(w.message)[:9] for w in caught] == ["prompt 0 ", "prompt 2 "]  # was once per image: 6
 
 
-def _trained_on(tiny_path, tmp_path, dataset):
+def trained_on(tiny_path, tmp_path, dataset) -> str:
     """A copy of the tiny model whose logs say what `minisd train` trained it on."""
     import shutil
 
@@ -291,7 +291,7 @@ def _trained_on(tiny_path, tmp_path, dataset):
     shutil.copytree(tiny_path, folder)
     os.makedirs(folder / "logs")
     (folder / "logs" / "train_all.json").write_text(json.dumps({"dataset": dataset, "seed": 0}))
-    return load_pipeline(str(folder))
+    return str(folder)
 
 
 SHAPES_WORDS = {"a", "in", "the", "small", "large", "red", "green", "blue", "yellow", "purple", "cyan",
@@ -299,7 +299,7 @@ SHAPES_WORDS = {"a", "in", "the", "small", "large", "red", "green", "blue", "yel
 
 
 def test_unknown_words_warn_once_per_call(tiny_path, tmp_path):
-    pipe = _trained_on(tiny_path, tmp_path, "shapes")
+    pipe = load_pipeline(trained_on(tiny_path, tmp_path, "shapes"))
     assert pipe.known_words == SHAPES_WORDS
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
@@ -316,7 +316,7 @@ def test_unknown_words_warn_once_per_call(tiny_path, tmp_path):
 def test_no_word_warning_where_the_training_captions_are_not_known(pipe, tiny_path, tmp_path):
     """No logs (an exported or downloaded model), or a dataset whose captions need its files (emoji)."""
     assert pipe.known_words is None
-    assert _trained_on(tiny_path, tmp_path, "emoji").known_words is None
+    assert load_pipeline(trained_on(tiny_path, tmp_path, "emoji")).known_words is None
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         pipe(["a dog"], steps=1)
