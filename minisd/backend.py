@@ -8,7 +8,7 @@ elementwise math, matmuls, the models) written once against an array module ``xp
     backend     arrays    conv2d / group_norm / attention
     ---------   -------   -----------------------------------------------------------
     naive       NumPy     the formulas, plainly: minisd/backends/naive.py (read it first)
-    numpy       NumPy     NumPy reference code in minisd/reference.py (the default)
+    numpy       NumPy     the fast CPU path, minisd/backends/fast_cpu.py (the default)
     emulated    NumPy     kernels/*.cu compiled with g++ against the CPU emulator
     cupy        CuPy      kernels/*.cu compiled by NVRTC, launched through cupy.RawModule
 
@@ -91,9 +91,9 @@ def _make(name: str) -> Backend:
 
         return Backend("naive", numpy, naive)
     if name == "numpy":
-        from minisd import reference
+        from minisd.backends import fast_cpu
 
-        return Backend("numpy", numpy, reference)
+        return Backend("numpy", numpy, fast_cpu)
     if name in ("emulated", "cupy"):
         try:
             kernels = importlib.import_module("minisd.kernels")

@@ -1,17 +1,18 @@
-"""Every kernel version, on the CPU emulator, against the NumPy reference in float64.
+"""Every kernel version, on the CPU emulator, against the naive backend in float64.
 
 Each op runs with kernel version 1 (simple) and 2 (fast), in the emulator's forward,
 reverse and random thread orders (a missing __syncthreads shows up as a difference
 between orders), over shapes chosen for what breaks kernels: sizes that are not a
 multiple of a tile, batch and head counts of 1, conv strides 1 and 2 with padding 0, 1
 and 2, one group and one group per channel, head dims 8, 40, 80 and 160 (SD's are 40,
-80, 160), Lq != Lk, causal masks with Lq < Lk and Lq > Lk. The reference is
-minisd/reference.py run on float64 copies of the same float32 inputs, so the only
-difference allowed is the kernels' float32 rounding: |out - ref| <= atol + rtol |ref|.
+80, 160), Lq != Lk, causal masks with Lq < Lk and Lq > Lk. The reference is the
+naive backend (minisd/backends/naive.py) run on float64 copies of the same float32
+inputs, so the only difference allowed is the kernels' float32 rounding:
+|out - ref| <= atol + rtol |ref|.
 
 Then the same ops through the autograd engine (F.conv2d, F.group_norm,
 F.scaled_dot_product_attention, forward and backward) on the "emulated" backend
-against the "numpy" backend.
+against the "numpy" and "naive" backends.
 
 With MINISD_EMU_SANITIZE=1 (and libasan preloaded; .ci/kernels.sh does both) this whole
 file runs again on the emulator built with AddressSanitizer and UBSan.
@@ -21,9 +22,11 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from conftest import f64
 
 import minisd
-from minisd import kernels, reference
+from minisd import kernels
+from minisd.backends import naive
 from minisd.backend import BackendUnavailable
 
 ATOL, RTOL = 1e-4, 1e-4
@@ -48,9 +51,6 @@ def setting(request):
 def randn(rng, *shape):
     return rng.standard_normal(shape).astype(np.float32)
 
-
-def f64(*arrays):
-    return [None if a is None else a.astype(np.float64) for a in arrays]
 
 
 def assert_close(out, ref, what):
@@ -90,11 +90,11 @@ def test_conv2d(ops, setting, case):
     rng = np.random.default_rng(sum(case))
     x, w = randn(rng, N, C, H, W), randn(rng, K, C, R, S)
     b = randn(rng, K) if bias else None
-    y_ref = reference.conv2d_forward(*f64(x, w, b), stride, pad)
+    y_ref = naive.conv2d_forward(*f64(x, w, b), stride, pad)
     assert_close(ops.conv2d_forward(x, w, b, stride, pad), y_ref, "y")
     dy = randn(rng, *y_ref.shape)
     grads = ops.conv2d_backward(dy, x, w, stride, pad, True, True, True)
-    for name, out, ref in zip(("dx", "dw", "db"), grads, reference.conv2d_backward(*f64(dy, x, w), stride, pad)):
+    for name, out, ref in zip(("dx", "dw", "db"), grads, naive.conv2d_backward(*f64(dy, x, w), stride, pad)):
         assert_close(out, ref, name)
 
 
@@ -104,7 +104,7 @@ def test_conv2d_backward_skips_unneeded_gradients(ops):
     dy = randn(rng, 1, 3, 3, 3)
     dx, dw, db = ops.conv2d_backward(dy, x, w, 1, 0, False, True, False)
     assert dx is None and db is None
-    assert_close(dw, reference.conv2d_backward(*f64(dy, x, w), 1, 0)[1], "dw")
+    assert_close(dw, naive.conv2d_backward(*f64(dy, x, w), 1, 0)[1], "dw")
 
 
 # ------------------------------------------------------------------------------------
@@ -128,13 +128,13 @@ def test_group_norm(ops, setting, case):
     rng = np.random.default_rng(len(shape) + G)
     x = randn(rng, *shape) * 2 + 3  # an offset mean: E[x^2] - E[x]^2 would lose digits
     weight, bias = (randn(rng, shape[1]), randn(rng, shape[1])) if affine else (None, None)
-    refs = reference.group_norm_forward(*f64(x), G, *f64(weight, bias), 1e-5)
+    refs = naive.group_norm_forward(*f64(x), G, *f64(weight, bias), 1e-5)
     outs = ops.group_norm_forward(x, G, weight, bias, 1e-5)
     for name, out, ref in zip(("y", "mean", "rstd"), outs, refs):
         assert_close(out, ref, name)
     dy = randn(rng, *shape)
     grads = ops.group_norm_backward(dy, x, G, weight, outs[1], outs[2])
-    ref_grads = reference.group_norm_backward(*f64(dy, x), G, *f64(weight, outs[1], outs[2]))
+    ref_grads = naive.group_norm_backward(*f64(dy, x), G, *f64(weight, outs[1], outs[2]))
     for name, out, ref in zip(("dx", "dweight", "dbias"), grads, ref_grads):
         assert_close(out, ref, name)
 
@@ -166,13 +166,13 @@ def test_attention(ops, setting, case):
     rng = np.random.default_rng(Lq * Lk + d)
     q, k, v = randn(rng, B, H, Lq, d), randn(rng, B, H, Lk, d), randn(rng, B, H, Lk, d_v)
     scale = d ** -0.5
-    o_ref, lse_ref = reference.attention_forward(*f64(q, k, v), scale, causal)
+    o_ref, lse_ref = naive.attention_forward(*f64(q, k, v), scale, causal)
     o, lse = ops.attention_forward(q, k, v, scale, causal)
     assert_close(o, o_ref, "o")
     assert_close(lse, lse_ref, "lse")
     do = randn(rng, B, H, Lq, d_v)
     grads = ops.attention_backward(do, q, k, v, o, lse, scale, causal)
-    ref_grads = reference.attention_backward(*f64(do, q, k, v, o, lse), scale, causal)
+    ref_grads = naive.attention_backward(*f64(do, q, k, v, o, lse), scale, causal)
     for name, out, ref in zip(("dq", "dk", "dv"), grads, ref_grads):
         assert_close(out, ref, name)
 
@@ -254,7 +254,7 @@ def test_version_setting_is_checked():
 
 
 # ------------------------------------------------------------------------------------
-# through the autograd engine: the emulated backend against the numpy backend
+# through the autograd engine: the emulated backend against the numpy and naive backends
 # ------------------------------------------------------------------------------------
 
 
@@ -290,11 +290,12 @@ def _engine_cases():
     }
 
 
+@pytest.mark.parametrize("baseline", ["numpy", "naive"])
 @pytest.mark.parametrize("version", kernels.VERSIONS)
 @pytest.mark.parametrize("name", ["conv2d", "group_norm", "attention", "cross_attention"])
-def test_through_the_engine(ops, name, version):
+def test_through_the_engine(ops, name, version, baseline):
     fn, arrays = _engine_cases()[name]
-    expected = _forward_backward("numpy", fn, arrays)
+    expected = _forward_backward(baseline, fn, arrays)
     with kernels.settings(version=version):
         got = _forward_backward("emulated", fn, arrays)
     for i, (out, ref) in enumerate(zip(got, expected)):

@@ -1,4 +1,4 @@
-"""The kernels on a real GPU through CuPy, against the NumPy reference in float64.
+"""The kernels on a real GPU through CuPy, against the naive backend in float64.
 
 Skipped where CuPy or an NVIDIA GPU is missing (every development machine here); the
 emulator suite (tests/test_kernels.py) runs the very same sources on the CPU. On a GPU
@@ -10,8 +10,10 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from conftest import f64
 
-from minisd import kernels, reference
+from minisd import kernels
+from minisd.backends import naive
 from minisd.backend import BackendUnavailable
 
 pytestmark = pytest.mark.gpu
@@ -38,9 +40,6 @@ def check(cupy, out, ref, what):
     assert (err <= ATOL + RTOL * np.abs(ref)).all(), f"{what}: max error {err.max():.3g}"
 
 
-def f64(*arrays):
-    return [None if a is None else a.astype(np.float64) for a in arrays]
-
 
 @pytest.mark.parametrize("version", kernels.VERSIONS)
 @pytest.mark.parametrize("case", [(2, 3, 7, 9, 5, 3, 1, 1), (2, 4, 8, 7, 33, 3, 2, 2), (1, 35, 5, 6, 3, 1, 1, 0)])
@@ -49,12 +48,12 @@ def test_conv2d_on_gpu(gpu, version, case):
     N, C, H, W, K, R, stride, pad = case
     rng = np.random.default_rng(0)
     x, w, b = (rng.standard_normal(s).astype(np.float32) for s in ((N, C, H, W), (K, C, R, R), (K,)))
-    y_ref = reference.conv2d_forward(*f64(x, w, b), stride, pad)
+    y_ref = naive.conv2d_forward(*f64(x, w, b), stride, pad)
     dy = rng.standard_normal(y_ref.shape).astype(np.float32)
     with kernels.settings(version=version):
         check(cupy, ops.conv2d_forward(cupy.asarray(x), cupy.asarray(w), cupy.asarray(b), stride, pad), y_ref, "y")
         grads = ops.conv2d_backward(cupy.asarray(dy), cupy.asarray(x), cupy.asarray(w), stride, pad)
-    for name, out, ref in zip(("dx", "dw", "db"), grads, reference.conv2d_backward(*f64(dy, x, w), stride, pad)):
+    for name, out, ref in zip(("dx", "dw", "db"), grads, naive.conv2d_backward(*f64(dy, x, w), stride, pad)):
         check(cupy, out, ref, name)
 
 
@@ -66,13 +65,13 @@ def test_group_norm_on_gpu(gpu, version, shape, G):
     x = rng.standard_normal(shape).astype(np.float32) + 3
     g, b = (rng.standard_normal(shape[1]).astype(np.float32) for _ in range(2))
     dy = rng.standard_normal(shape).astype(np.float32)
-    refs = reference.group_norm_forward(*f64(x), G, *f64(g, b), 1e-5)
+    refs = naive.group_norm_forward(*f64(x), G, *f64(g, b), 1e-5)
     with kernels.settings(version=version):
         y, mean, rstd = ops.group_norm_forward(cupy.asarray(x), G, cupy.asarray(g), cupy.asarray(b), 1e-5)
         grads = ops.group_norm_backward(cupy.asarray(dy), cupy.asarray(x), G, cupy.asarray(g), mean, rstd)
     for name, out, ref in zip(("y", "mean", "rstd"), (y, mean, rstd), refs):
         check(cupy, out, ref, name)
-    ref_grads = reference.group_norm_backward(*f64(dy, x), G, *f64(g, cupy.asnumpy(mean), cupy.asnumpy(rstd)))
+    ref_grads = naive.group_norm_backward(*f64(dy, x), G, *f64(g, cupy.asnumpy(mean), cupy.asnumpy(rstd)))
     for name, out, ref in zip(("dx", "dweight", "dbias"), grads, ref_grads):
         check(cupy, out, ref, name)
 
@@ -88,13 +87,13 @@ def test_attention_on_gpu(gpu, version, case):
     q, k, v = (rng.standard_normal(s).astype(np.float32) for s in ((B, H, Lq, d), (B, H, Lk, d), (B, H, Lk, d_v)))
     do = rng.standard_normal((B, H, Lq, d_v)).astype(np.float32)
     scale = d ** -0.5
-    o_ref, lse_ref = reference.attention_forward(*f64(q, k, v), scale, causal)
+    o_ref, lse_ref = naive.attention_forward(*f64(q, k, v), scale, causal)
     with kernels.settings(version=version):
         o, lse = ops.attention_forward(*map(cupy.asarray, (q, k, v)), scale, causal)
         grads = ops.attention_backward(*map(cupy.asarray, (do, q, k, v)), o, lse, scale, causal)
     check(cupy, o, o_ref, "o")
     check(cupy, lse, lse_ref, "lse")
-    ref_grads = reference.attention_backward(*f64(do, q, k, v, cupy.asnumpy(o), cupy.asnumpy(lse)), scale, causal)
+    ref_grads = naive.attention_backward(*f64(do, q, k, v, cupy.asnumpy(o), cupy.asnumpy(lse)), scale, causal)
     for name, out, ref in zip(("dq", "dk", "dv"), grads, ref_grads):
         check(cupy, out, ref, name)
 

@@ -46,7 +46,7 @@ def add_arguments(parser) -> None:
 def matmul_peak_gflops(n: int = 1024, repeat: int = 5) -> float:
     """Float32 GFLOP/s of one large NumPy matrix product, on all the cores: the ceiling for
     conv2d here. (On the BLAS's own threads, which minisd otherwise holds to one.)"""
-    from minisd.reference import _blas_on_all_cores
+    from minisd.backends.fast_cpu import _blas_on_all_cores
 
     a = np.random.default_rng(0).standard_normal((n, n), dtype=np.float32)
     with _blas_on_all_cores():

@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 from conftest import f32, numerical_grads, rand, random_attention_cases, random_conv_cases, random_norm_cases
 
-from minisd import reference
+from minisd.backends import fast_cpu
 from minisd.backends import naive
 
 
@@ -43,7 +43,7 @@ CONV_CASES = [
 ]
 
 
-# The reference computes a convolution by one of two routes (kernel rows shifted, or
+# The fast path computes a convolution by one of two routes (kernel rows shifted, or
 # channels-last im2col), chosen by output size; these small images would all take the
 # second, so the conv tests run under both choices (route 1 takes every case it can).
 LAYOUTS = {"shifted_rows": 0, "channels_last": 10 ** 9}
@@ -51,7 +51,7 @@ LAYOUTS = {"shifted_rows": 0, "channels_last": 10 ** 9}
 
 @pytest.fixture(params=list(LAYOUTS))
 def layout(request, monkeypatch):
-    monkeypatch.setattr(reference, "ROW_SHIFTS_FROM", LAYOUTS[request.param])
+    monkeypatch.setattr(fast_cpu, "ROW_SHIFTS_FROM", LAYOUTS[request.param])
     return request.param
 
 
@@ -62,10 +62,10 @@ def test_conv2d_forward_matches_the_sum(case, bias, layout):
     x, w = rand(N, C, H, W), rand(K, C, R, S, seed=1)
     b = rand(K, seed=2) if bias else None
     expected = naive.conv2d_forward(x, w, b, st, pd)
-    y = reference.conv2d_forward(x, w, b, st, pd)
+    y = fast_cpu.conv2d_forward(x, w, b, st, pd)
     assert y.dtype == np.float64 and y.shape == expected.shape
     np.testing.assert_allclose(y, expected, rtol=1e-12, atol=1e-12)
-    y32 = reference.conv2d_forward(*f32(x, w, b), st, pd)
+    y32 = fast_cpu.conv2d_forward(*f32(x, w, b), st, pd)
     assert y32.dtype == np.float32
     np.testing.assert_allclose(y32, expected, rtol=1e-4, atol=1e-5)
 
@@ -76,11 +76,11 @@ def test_conv2d_backward_matches_finite_differences(case, layout):
     x, w, b = rand(N, C, H, W), rand(K, C, R, S, seed=1), rand(K, seed=2)
     dy = rand(*naive.conv2d_forward(x, w, b, st, pd).shape, seed=3)
     expected = numerical_grads(lambda x, w, b: naive.conv2d_forward(x, w, b, st, pd), [x, w, b], dy)
-    grads = reference.conv2d_backward(dy, x, w, st, pd)
+    grads = fast_cpu.conv2d_backward(dy, x, w, st, pd)
     for name, g, e in zip(("dx", "dw", "db"), grads, expected):
         assert g.dtype == np.float64 and g.shape == e.shape, name
         np.testing.assert_allclose(g, e, rtol=1e-7, atol=1e-8, err_msg=name)
-    for name, g, e in zip(("dx", "dw", "db"), reference.conv2d_backward(*f32(dy, x, w), st, pd), expected):
+    for name, g, e in zip(("dx", "dw", "db"), fast_cpu.conv2d_backward(*f32(dy, x, w), st, pd), expected):
         assert g.dtype == np.float32, name
         np.testing.assert_allclose(g, e, rtol=1e-4, atol=1e-4, err_msg=name)
 
@@ -88,14 +88,14 @@ def test_conv2d_backward_matches_finite_differences(case, layout):
 @pytest.mark.parametrize("cores", [1, 3])
 def test_conv2d_backward_returns_only_what_is_asked(monkeypatch, layout, cores):
     """Every combination of gradients asked for, on one thread and with the batch shared out."""
-    monkeypatch.setattr(reference.os, "cpu_count", lambda: cores)
-    monkeypatch.setattr(reference, "CONV_PARALLEL_BYTES", 0)
-    monkeypatch.setattr(reference, "CONV_CHUNK_BYTES", 1)  # one image per chunk, so several runs
+    monkeypatch.setattr(fast_cpu.os, "cpu_count", lambda: cores)
+    monkeypatch.setattr(fast_cpu, "CONV_PARALLEL_BYTES", 0)
+    monkeypatch.setattr(fast_cpu, "CONV_CHUNK_BYTES", 1)  # one image per chunk, so several runs
     x, w = rand(4, 3, 5, 5), rand(4, 3, 3, 3, seed=1)
     dy = rand(4, 4, 5, 5, seed=2)
-    full = reference.conv2d_backward(dy, x, w, 1, 1)
+    full = fast_cpu.conv2d_backward(dy, x, w, 1, 1)
     for need in itertools.product([False, True], repeat=3):
-        got = reference.conv2d_backward(dy, x, w, 1, 1, *need)
+        got = fast_cpu.conv2d_backward(dy, x, w, 1, 1, *need)
         for wanted, g, f in zip(need, got, full):
             assert (g is None) == (not wanted)
             if wanted:
@@ -107,43 +107,43 @@ def test_conv2d_backward_returns_only_what_is_asked(monkeypatch, layout, cores):
 def test_conv2d_in_chunks_and_on_strided_inputs(monkeypatch, stride, layout, cores):
     """A batch cut into several chunks (the last one shorter), and inputs that are views; the
     chunks worked through on one thread, or shared out in runs among (here) three cores."""
-    monkeypatch.setattr(reference.os, "cpu_count", lambda: cores)
-    monkeypatch.setattr(reference, "CONV_PARALLEL_BYTES", 0)  # small as it is, share the batch out
-    monkeypatch.setattr(reference, "CONV_CHUNK_BYTES", 1)  # one image per chunk
+    monkeypatch.setattr(fast_cpu.os, "cpu_count", lambda: cores)
+    monkeypatch.setattr(fast_cpu, "CONV_PARALLEL_BYTES", 0)  # small as it is, share the batch out
+    monkeypatch.setattr(fast_cpu, "CONV_CHUNK_BYTES", 1)  # one image per chunk
     x = rand(5, 3, 6, 7).swapaxes(2, 3)  # (5, 3, 7, 6), a transposed view
     w, b = rand(4, 3, 3, 3, seed=1)[:, :, ::-1], rand(4, seed=2)  # a view with a negative stride
-    y = reference.conv2d_forward(x, w, b, stride, 1)
+    y = fast_cpu.conv2d_forward(x, w, b, stride, 1)
     np.testing.assert_allclose(y, naive.conv2d_forward(x, w, b, stride, 1), rtol=1e-12, atol=1e-12)
     dy = rand(*y.shape, seed=3)[:, ::-1]
-    monkeypatch.setattr(reference, "CONV_CHUNK_BYTES", 1 << 30)  # the whole batch at once
-    whole = reference.conv2d_backward(dy, x, w, stride, 1)
-    monkeypatch.setattr(reference, "CONV_CHUNK_BYTES", 3 * 1000 * 8)  # a couple of images per chunk
-    for g, e in zip(reference.conv2d_backward(dy, x, w, stride, 1), whole):
+    monkeypatch.setattr(fast_cpu, "CONV_CHUNK_BYTES", 1 << 30)  # the whole batch at once
+    whole = fast_cpu.conv2d_backward(dy, x, w, stride, 1)
+    monkeypatch.setattr(fast_cpu, "CONV_CHUNK_BYTES", 3 * 1000 * 8)  # a couple of images per chunk
+    for g, e in zip(fast_cpu.conv2d_backward(dy, x, w, stride, 1), whole):
         np.testing.assert_allclose(g, e, rtol=1e-12, atol=1e-12)
 
 
 def test_conv2d_runs_of_chunks_one_per_core(monkeypatch):
     """Chunks as equal as they can be, a whole number per core, in runs of consecutive
     chunks that cover the batch once; small calls, single images and one core stay on one run."""
-    monkeypatch.setattr(reference.os, "cpu_count", lambda: 2)
-    monkeypatch.setattr(reference, "CONV_CHUNK_BYTES", 1000)
-    monkeypatch.setattr(reference, "CONV_PARALLEL_BYTES", 4000)
-    runs, parallel = reference._chunk_runs(N=7, bytes_per_image=700)  # 4,900 bytes: 5 chunks, 6 with the cores
+    monkeypatch.setattr(fast_cpu.os, "cpu_count", lambda: 2)
+    monkeypatch.setattr(fast_cpu, "CONV_CHUNK_BYTES", 1000)
+    monkeypatch.setattr(fast_cpu, "CONV_PARALLEL_BYTES", 4000)
+    runs, parallel = fast_cpu._chunk_runs(N=7, bytes_per_image=700)  # 4,900 bytes: 5 chunks, 6 with the cores
     assert parallel and len(runs) == 2
     chunks = [c for run in runs for c in run]
     assert [(c.start, c.stop) for c in chunks] == [(0, 2), (2, 4), (4, 6), (6, 7)]  # 6 asked for: 2 images each, 4 cover the batch
     assert [len(run) for run in runs] == [2, 2]
-    assert reference._chunk_runs(N=7, bytes_per_image=500) == ([[slice(n, n + 2) for n in range(0, 6, 2)] + [slice(6, 7)]], False)
-    assert reference._chunk_runs(N=1, bytes_per_image=10 ** 6)[1] is False
-    monkeypatch.setattr(reference.os, "cpu_count", lambda: 1)
-    assert reference._chunk_runs(N=7, bytes_per_image=700)[1] is False
+    assert fast_cpu._chunk_runs(N=7, bytes_per_image=500) == ([[slice(n, n + 2) for n in range(0, 6, 2)] + [slice(6, 7)]], False)
+    assert fast_cpu._chunk_runs(N=1, bytes_per_image=10 ** 6)[1] is False
+    monkeypatch.setattr(fast_cpu.os, "cpu_count", lambda: 1)
+    assert fast_cpu._chunk_runs(N=7, bytes_per_image=700)[1] is False
 
 
 _BLAS_THREADS = """
 import sys
 import numpy as np
 import threadpoolctl
-from minisd import reference
+from minisd.backends import fast_cpu
 
 def threads():  # NumPy's own BLAS (other packages may bring BLAS libraries of their own)
     return [lib["num_threads"] for lib in threadpoolctl.threadpool_info()
@@ -152,9 +152,9 @@ def threads():  # NumPy's own BLAS (other packages may bring BLAS libraries of t
 before = threads()
 x = np.random.default_rng(0).standard_normal((4, 32, 32, 32)).astype(np.float32)
 w = np.ones((32, 32, 3, 3), np.float32)
-reference.conv2d_forward(x, w, None, 1, 1)  # a convolution over the batch starts the pool
+fast_cpu.conv2d_forward(x, w, None, 1, 1)  # a convolution over the batch starts the pool
 held = threads()
-with reference._blas_on_all_cores():
+with fast_cpu._blas_on_all_cores():
     lent = threads()
 print(before, held, lent, threads())
 """
@@ -196,12 +196,12 @@ def test_blas_is_held_to_one_thread_once_the_pool_starts(monkeypatch, env):
 ])
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
 def test_matmul_shared_among_the_cores_equals_numpy(monkeypatch, a_shape, b_shape, transposed, dtype):
-    monkeypatch.setattr(reference, "SHARED_PRODUCT_FLOPS", 0)
+    monkeypatch.setattr(fast_cpu, "SHARED_PRODUCT_FLOPS", 0)
     rng = np.random.default_rng(3)
     a, b = rng.standard_normal(a_shape).astype(dtype), rng.standard_normal(b_shape).astype(dtype)
     if transposed:
         a, b = np.ascontiguousarray(a.T).T, np.ascontiguousarray(b.T).T
-    got = reference.matmul(a, b)
+    got = fast_cpu.matmul(a, b)
     want = a.astype(np.float64) @ b.astype(np.float64)
     assert got.dtype == dtype and got.shape == want.shape
     np.testing.assert_allclose(got, want, rtol=1e-5 if dtype == np.float32 else 1e-12,
@@ -218,7 +218,7 @@ def test_blas_is_held_to_one_thread_while_the_cores_share_a_batch():
     before = blas_threads()
     if not before:
         pytest.skip("NumPy's BLAS is not one that threadpoolctl can see here")
-    with reference._blas_on_one_thread():
+    with fast_cpu._blas_on_one_thread():
         assert set(blas_threads()) == {1}
     assert blas_threads() == before
 
@@ -237,30 +237,30 @@ NORM_CASES = [((2, 6, 3, 3), 3, True), ((2, 6, 3, 3), 1, True), ((2, 6, 3, 3), 6
 @pytest.mark.parametrize("shape, G, affine", NORM_CASES)
 def test_group_norm_matches_its_definition(monkeypatch, shape, G, affine, cores):
     """On one thread, and (cores=3) with the batch shared out a sample or two per core."""
-    monkeypatch.setattr(reference.os, "cpu_count", lambda: cores)
-    monkeypatch.setattr(reference, "GROUP_NORM_SHARED", 0)  # small as they are, share the samples out
+    monkeypatch.setattr(fast_cpu.os, "cpu_count", lambda: cores)
+    monkeypatch.setattr(fast_cpu, "GROUP_NORM_SHARED", 0)  # small as they are, share the samples out
     C = shape[1]
     x = rand(*shape) * 3 + 1.5
     weight, bias = (rand(C, seed=1), rand(C, seed=2)) if affine else (None, None)
     eps = 1e-5
-    y, mean, rstd = reference.group_norm_forward(x, G, weight, bias, eps)
+    y, mean, rstd = fast_cpu.group_norm_forward(x, G, weight, bias, eps)
     np.testing.assert_allclose(y, naive.group_norm_forward(x, G, weight, bias, eps)[0], rtol=1e-10, atol=1e-10)
     xg = x.reshape(shape[0], G, -1)
     np.testing.assert_allclose(mean, xg.mean(axis=2), rtol=1e-12)
     np.testing.assert_allclose(rstd, 1 / np.sqrt(xg.var(axis=2) + eps), rtol=1e-10)
     x32, weight32, bias32 = f32(x, weight, bias)
-    y32, mean32, rstd32 = reference.group_norm_forward(x32, G, weight32, bias32, np.float64(eps))
+    y32, mean32, rstd32 = fast_cpu.group_norm_forward(x32, G, weight32, bias32, np.float64(eps))
     assert y32.dtype == mean32.dtype == rstd32.dtype == np.float32  # a float64 eps must not promote
     np.testing.assert_allclose(y32, y, rtol=1e-4, atol=1e-4)
 
     dy = rand(*shape, seed=3)
     inputs = [x] + ([weight, bias] if affine else [])
     expected = numerical_grads(lambda x, *wb: naive.group_norm_forward(x, G, *(wb or (None, None)), eps)[0], inputs, dy)
-    grads = reference.group_norm_backward(dy, x, G, weight, mean, rstd)
+    grads = fast_cpu.group_norm_backward(dy, x, G, weight, mean, rstd)
     assert (grads[1] is None) == (not affine) and (grads[2] is None) == (not affine)
     for name, g, e in zip(("dx", "dweight", "dbias"), grads, expected):
         np.testing.assert_allclose(g, e, rtol=1e-6, atol=1e-7, err_msg=name)
-    for name, g, e in zip(("dx", "dweight", "dbias"), reference.group_norm_backward(
+    for name, g, e in zip(("dx", "dweight", "dbias"), fast_cpu.group_norm_backward(
             dy.astype(np.float32), x32, G, weight32, mean32, rstd32), expected):
         assert g.dtype == np.float32, name
         np.testing.assert_allclose(g, e, rtol=1e-3, atol=1e-4, err_msg=name)
@@ -271,13 +271,13 @@ def test_group_norm_with_a_large_mean():
     beyond float32's own spacing at the offset; the backward pass's sums of dy * x (rather
     than dy * xhat) lose no more than that either: float32 against float64."""
     x = rand(2, 4, 8, 8) + 1e4
-    y = reference.group_norm_forward(x.astype(np.float32), 2, None, None, 1e-5)[0]
+    y = fast_cpu.group_norm_forward(x.astype(np.float32), 2, None, None, 1e-5)[0]
     np.testing.assert_allclose(y, naive.group_norm_forward(x, 2, None, None, 1e-5)[0], atol=2e-3)
     for offset, rtol in ((30, 1e-5), (1e3, 1e-3)):
         x, w, dy = rand(3, 8, 6, 6) + offset, rand(8, seed=1), rand(3, 8, 6, 6, seed=2)
-        want = reference.group_norm_backward(dy, x, 4, w, *reference.group_norm_forward(x, 4, w, w, 1e-5)[1:])
+        want = fast_cpu.group_norm_backward(dy, x, 4, w, *fast_cpu.group_norm_forward(x, 4, w, w, 1e-5)[1:])
         x32, w32, dy32 = f32(x, w, dy)
-        got = reference.group_norm_backward(dy32, x32, 4, w32, *reference.group_norm_forward(x32, 4, w32, w32, 1e-5)[1:])
+        got = fast_cpu.group_norm_backward(dy32, x32, 4, w32, *fast_cpu.group_norm_forward(x32, 4, w32, w32, 1e-5)[1:])
         for name, g, e in zip(("dx", "dweight", "dbias"), got, want):
             assert np.abs(g - e).max() <= rtol * np.abs(e).max(), (offset, name)
 
@@ -297,23 +297,23 @@ def test_attention_matches_its_definition(case, is_causal):
     B, H, Lq, Lk, d, dv = case
     q, k, v = rand(B, H, Lq, d), rand(B, H, Lk, d, seed=1), rand(B, H, Lk, dv, seed=2)
     scale = 0.7
-    o, lse = reference.attention_forward(q, k, v, scale, is_causal)
+    o, lse = fast_cpu.attention_forward(q, k, v, scale, is_causal)
     np.testing.assert_allclose(o, naive.attention_forward(q, k, v, scale, is_causal)[0], rtol=1e-10, atol=1e-12)
     s = scale * q @ k.swapaxes(-1, -2)
     if is_causal:
         s = np.where(np.triu(np.ones((Lq, Lk), bool), k=1), -np.inf, s)
     np.testing.assert_allclose(lse, np.log(np.exp(s).sum(-1)), rtol=1e-10)
-    o32, lse32 = reference.attention_forward(*f32(q, k, v), np.float64(scale), is_causal)
+    o32, lse32 = fast_cpu.attention_forward(*f32(q, k, v), np.float64(scale), is_causal)
     assert o32.dtype == lse32.dtype == np.float32
     np.testing.assert_allclose(o32, o, rtol=1e-4, atol=1e-5)
 
     do = rand(*o.shape, seed=3)
     expected = numerical_grads(lambda q, k, v: naive.attention_forward(q, k, v, scale, is_causal)[0], [q, k, v], do)
-    for name, g, e in zip(("dq", "dk", "dv"), reference.attention_backward(do, q, k, v, o, lse, scale, is_causal),
+    for name, g, e in zip(("dq", "dk", "dv"), fast_cpu.attention_backward(do, q, k, v, o, lse, scale, is_causal),
                           expected):
         assert g.dtype == np.float64 and g.shape == e.shape, name
         np.testing.assert_allclose(g, e, rtol=1e-6, atol=1e-8, err_msg=name)
-    for name, g, e in zip(("dq", "dk", "dv"), reference.attention_backward(
+    for name, g, e in zip(("dq", "dk", "dv"), fast_cpu.attention_backward(
             *f32(do, q, k, v, o32, lse32), scale, is_causal), expected):
         assert g.dtype == np.float32, name
         np.testing.assert_allclose(g, e, rtol=1e-3, atol=1e-4, err_msg=name)
@@ -327,32 +327,32 @@ def test_attention_in_tiles(monkeypatch, tiles):
     B, H, Lq, Lk, d = 3, 3, 5, 4, 3
     q, k, v = rand(B, H, Lq, d), rand(B, H, Lk, d, seed=1), rand(B, H, Lk, d, seed=2)
     do = rand(B, H, Lq, d, seed=3)
-    whole = reference.attention_forward(q, k, v, 0.5, True)
-    whole_grads = reference.attention_backward(do, q, k, v, *whole, 0.5, True)
+    whole = fast_cpu.attention_forward(q, k, v, 0.5, True)
+    whole_grads = fast_cpu.attention_backward(do, q, k, v, *whole, 0.5, True)
     if tiles == "runs of heads":  # 2 pairs a tile, fewer than a sample's 3 heads: heads 0-1, then head 2
-        monkeypatch.setattr(reference, "SCORES_IN_CACHE", 2 * Lq * Lk)
+        monkeypatch.setattr(fast_cpu, "SCORES_IN_CACHE", 2 * Lq * Lk)
         expected = [(slice(b, b + 1), slice(0, 2)) for b in range(B)] + [(slice(b, b + 1), slice(2, 3)) for b in range(B)]
     elif tiles == "samples":  # 4 pairs a tile: one whole sample
-        monkeypatch.setattr(reference, "SCORES_IN_CACHE", 4 * Lq * Lk)
+        monkeypatch.setattr(fast_cpu, "SCORES_IN_CACHE", 4 * Lq * Lk)
         expected = [(slice(b, b + 1), slice(0, H)) for b in range(B)]
     elif tiles == "two samples":  # 7 pairs a tile: two whole samples, then the last one
-        monkeypatch.setattr(reference, "SCORES_IN_CACHE", 7 * Lq * Lk)
+        monkeypatch.setattr(fast_cpu, "SCORES_IN_CACHE", 7 * Lq * Lk)
         expected = [(slice(0, 2), slice(0, H)), (slice(2, 3), slice(0, H))]
     elif tiles == "small products":  # 2 query rows a block, one sample a tile
-        monkeypatch.setattr(reference, "MIN_QUERY_BLOCK", 1)
-        monkeypatch.setattr(reference, "BLAS_SMALL", 2 * Lk * d)
-        monkeypatch.setattr(reference, "SCORES_IN_CACHE", 3 * 2 * Lk)
+        monkeypatch.setattr(fast_cpu, "MIN_QUERY_BLOCK", 1)
+        monkeypatch.setattr(fast_cpu, "BLAS_SMALL", 2 * Lk * d)
+        monkeypatch.setattr(fast_cpu, "SCORES_IN_CACHE", 3 * 2 * Lk)
         expected = [(slice(b, b + 1), slice(0, H)) for b in range(B)]
     else:  # products too big for the pool: 2 query rows a block, one (batch, head) pair a tile
-        monkeypatch.setattr(reference, "BLAS_SMALL", 1)
-        monkeypatch.setattr(reference, "MAX_SCORES_IN_MEMORY", 2 * Lk)
+        monkeypatch.setattr(fast_cpu, "BLAS_SMALL", 1)
+        monkeypatch.setattr(fast_cpu, "MAX_SCORES_IN_MEMORY", 2 * Lk)
         expected = [(slice(b, b + 1), slice(h, h + 1)) for b in range(B) for h in range(H)]
-    got_tiles, blocks, small = reference._tiles(B, H, Lq, Lk, d)
+    got_tiles, blocks, small = fast_cpu._tiles(B, H, Lq, Lk, d)
     assert sorted(got_tiles, key=str) == sorted(expected, key=str)
     assert (len(blocks) > 1) == (tiles in ("small products", "long keys")) and small == (tiles != "long keys")
-    for got, want in zip(reference.attention_forward(q, k, v, 0.5, True), whole):
+    for got, want in zip(fast_cpu.attention_forward(q, k, v, 0.5, True), whole):
         np.testing.assert_allclose(got, want, rtol=1e-12)
-    for got, want in zip(reference.attention_backward(do, q, k, v, *whole, 0.5, True), whole_grads):
+    for got, want in zip(fast_cpu.attention_backward(do, q, k, v, *whole, 0.5, True), whole_grads):
         np.testing.assert_allclose(got, want, rtol=1e-12, atol=1e-14)
 
 
@@ -366,20 +366,20 @@ def test_attention_reads_heads_in_place_and_writes_them_heads_last(is_causal):
     tokens = [rand(B, L, H * d, seed=i) for i, L in enumerate((Lq, Lk, Lk, Lq))]
     q, k, v, do = (t.reshape(B, t.shape[1], H, d).transpose(0, 2, 1, 3) for t in tokens)
     assert not q.flags.c_contiguous
-    o, lse = reference.attention_forward(q, k, v, 0.7, is_causal)
-    grads = reference.attention_backward(do, q, k, v, o, lse, 0.7, is_causal)
+    o, lse = fast_cpu.attention_forward(q, k, v, 0.7, is_causal)
+    grads = fast_cpu.attention_backward(do, q, k, v, o, lse, 0.7, is_causal)
     for a in (o,) + grads:
         assert a.transpose(0, 2, 1, 3).flags.c_contiguous
     contiguous = [np.ascontiguousarray(a) for a in (q, k, v, do)]
-    o_c, lse_c = reference.attention_forward(*contiguous[:3], 0.7, is_causal)
-    grads_c = reference.attention_backward(contiguous[3], *contiguous[:3], o_c, lse_c, 0.7, is_causal)
+    o_c, lse_c = fast_cpu.attention_forward(*contiguous[:3], 0.7, is_causal)
+    grads_c = fast_cpu.attention_backward(contiguous[3], *contiguous[:3], o_c, lse_c, 0.7, is_causal)
     assert all(a.flags.c_contiguous for a in (o_c,) + grads_c)  # inputs (B, H, L, d): outputs too
     np.testing.assert_allclose(o, o_c, rtol=1e-12)
     np.testing.assert_allclose(lse, lse_c, rtol=1e-12)
     for got, want in zip(grads, grads_c):
         np.testing.assert_allclose(got, want, rtol=1e-12, atol=1e-15)
     strided = [np.repeat(np.repeat(a, 2, axis=1), 2, axis=3)[:, ::2, :, ::2] for a in contiguous]  # no unit stride
-    for got, want in zip(reference.attention_forward(*strided[:3], 0.7, is_causal), (o_c, lse_c)):
+    for got, want in zip(fast_cpu.attention_forward(*strided[:3], 0.7, is_causal), (o_c, lse_c)):
         np.testing.assert_allclose(got, want, rtol=1e-12)
 
 
@@ -396,7 +396,7 @@ def test_attention_rows_far_below_their_tiles_top(dtype):
     scale = 10.0
     s = scale * q @ k.swapaxes(-1, -2)
     assert s[0, 0, 1].max() - s[0, 0, 3].max() > 200  # exp(-200) underflows float32 (and the float32 floor)
-    o, lse = reference.attention_forward(*(a.astype(dtype) for a in (q, k, v)), scale, False)
+    o, lse = fast_cpu.attention_forward(*(a.astype(dtype) for a in (q, k, v)), scale, False)
     assert np.isfinite(o).all() and np.isfinite(lse).all()
     rtol = 1e-4 if dtype == np.float32 else 1e-10
     np.testing.assert_allclose(o, naive.attention_forward(q, k, v, scale, False)[0], rtol=rtol, atol=rtol)
@@ -430,25 +430,25 @@ def test_conv2d_equals_naive_at_random_shapes(case, layout, dtype):
     y = naive.conv2d_forward(x, w, b, st, pd)
     dy = rand(*y.shape, seed=3)
     cast = lambda *arrays: [a.astype(dtype) for a in arrays]  # noqa: E731
-    _assert_like_naive([reference.conv2d_forward(*cast(x, w, b), st, pd)], [y], ["y"], dtype)
-    _assert_like_naive(reference.conv2d_backward(*cast(dy, x, w), st, pd), naive.conv2d_backward(dy, x, w, st, pd),
+    _assert_like_naive([fast_cpu.conv2d_forward(*cast(x, w, b), st, pd)], [y], ["y"], dtype)
+    _assert_like_naive(fast_cpu.conv2d_backward(*cast(dy, x, w), st, pd), naive.conv2d_backward(dy, x, w, st, pd),
                        ("dx", "dw", "db"), dtype)
 
 
 @pytest.mark.parametrize("dtype", [np.float64, np.float32])
 @pytest.mark.parametrize("case", random_norm_cases(24, seed=1), ids=lambda c: "x".join(map(str, c[0])) + f"-g{c[1]}")
 def test_group_norm_equals_naive_at_random_shapes(monkeypatch, case, dtype):
-    monkeypatch.setattr(reference.os, "cpu_count", lambda: 3)
-    monkeypatch.setattr(reference, "GROUP_NORM_SHARED", 0)  # small as they are, share the samples out
+    monkeypatch.setattr(fast_cpu.os, "cpu_count", lambda: 3)
+    monkeypatch.setattr(fast_cpu, "GROUP_NORM_SHARED", 0)  # small as they are, share the samples out
     shape, G, has_weight, has_bias, eps = case
     x, dy = rand(*shape) * 2 + 1, rand(*shape, seed=3)
     weight = rand(shape[1], seed=1) if has_weight else None
     bias = rand(shape[1], seed=2) if has_bias else None
     want = naive.group_norm_forward(x, G, weight, bias, eps)
     cast = lambda *arrays: [None if a is None else a.astype(dtype) for a in arrays]  # noqa: E731
-    got = reference.group_norm_forward(*cast(x), G, *cast(weight, bias), eps)
+    got = fast_cpu.group_norm_forward(*cast(x), G, *cast(weight, bias), eps)
     _assert_like_naive(got, want, ("y", "mean", "rstd"), dtype)
-    _assert_like_naive(reference.group_norm_backward(*cast(dy, x), G, *cast(weight, *want[1:])),
+    _assert_like_naive(fast_cpu.group_norm_backward(*cast(dy, x), G, *cast(weight, *want[1:])),
                        naive.group_norm_backward(dy, x, G, weight, *want[1:]), ("dx", "dweight", "dbias"), dtype)
 
 
@@ -466,9 +466,9 @@ def test_attention_equals_naive_at_random_shapes(case, dtype):
     scale = d ** -0.5
     o, lse = naive.attention_forward(q, k, v, scale, causal)
     cast = lambda *arrays: [a.astype(dtype) for a in arrays]  # noqa: E731
-    got = reference.attention_forward(*cast(q, k, v), scale, causal)
+    got = fast_cpu.attention_forward(*cast(q, k, v), scale, causal)
     _assert_like_naive(got, (o, lse), ("o", "lse"), dtype)
-    _assert_like_naive(reference.attention_backward(*cast(do, q, k, v, o, lse), scale, causal),
+    _assert_like_naive(fast_cpu.attention_backward(*cast(do, q, k, v, o, lse), scale, causal),
                        naive.attention_backward(do, q, k, v, o, lse, scale, causal), ("dq", "dk", "dv"), dtype)
 
 
@@ -479,17 +479,17 @@ def test_attention_equals_naive_at_random_shapes(case, dtype):
 _FAULTS_PER_CALL = """
 import resource, sys
 import numpy as np
-from minisd import reference
-reference.KEEP_FREED = int(sys.argv[1])
+from minisd.backends import fast_cpu
+fast_cpu.KEEP_FREED = int(sys.argv[1])
 rng = np.random.default_rng(0)
 q, k = rng.standard_normal((2, 32, 4, 64, 32), dtype=np.float32)
 for _ in range(3):
-    o, lse = reference.attention_forward(q, k, k, 0.2, False)
-    reference.attention_backward(q, q, k, k, o, lse, 0.2, False)
+    o, lse = fast_cpu.attention_forward(q, k, k, 0.2, False)
+    fast_cpu.attention_backward(q, q, k, k, o, lse, 0.2, False)
 before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
 for _ in range(5):
-    o, lse = reference.attention_forward(q, k, k, 0.2, False)
-    reference.attention_backward(q, q, k, k, o, lse, 0.2, False)
+    o, lse = fast_cpu.attention_forward(q, k, k, 0.2, False)
+    fast_cpu.attention_backward(q, q, k, k, o, lse, 0.2, False)
 print((resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before) / 5)
 """
 
@@ -506,13 +506,13 @@ def test_the_pool_keeps_freed_memory_so_a_loop_takes_no_page_faults(monkeypatch)
     if platform.system() != "Linux" or platform.libc_ver()[0] != "glibc" or (os.cpu_count() or 1) < 2:
         pytest.skip("glibc's arenas, shared out over at least two cores")
     monkeypatch.delenv("MALLOC_TOP_PAD_", raising=False)
-    done = subprocess.run([sys.executable, "-c", _FAULTS_PER_CALL, str(reference.KEEP_FREED)],
+    done = subprocess.run([sys.executable, "-c", _FAULTS_PER_CALL, str(fast_cpu.KEEP_FREED)],
                           capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr[-2000:]
     assert float(done.stdout) < 50
 
     monkeypatch.setenv("MALLOC_TOP_PAD_", "131072")
     calls = []
-    monkeypatch.setattr(reference.ctypes, "CDLL", lambda *args: calls.append(args))
-    reference._keep_freed_memory()
+    monkeypatch.setattr(fast_cpu.ctypes, "CDLL", lambda *args: calls.append(args))
+    fast_cpu._keep_freed_memory()
     assert calls == []
