@@ -11,7 +11,8 @@
 
 The two UNet evaluations of a step run as one batch of 2N (Ho & Salimans 2022). With
 w = 1 guidance is plain conditional sampling and the unconditional half is skipped; w = 0
-ignores the prompt. The pipeline calls the scheduler; the scheduler knows nothing of the
+ignores the prompt. Many images are sampled N at a time (N <= batch_size, at most 16),
+the loop above once per batch, so memory stays one batch's whatever the number asked for. The pipeline calls the scheduler; the scheduler knows nothing of the
 UNet (as in diffusers), so DDIM, DDPM and Euler are interchangeable here.
 
 Sizes, SD v1.5 against minisd's shapes model:
@@ -247,7 +248,7 @@ class StableDiffusionPipeline:
                     None (fresh noise) or a numpy Generator, drawn from where it stands
         latents     optional z_T (N, 4, h, w) instead of the seeded draw
         callback    callback(step, t, latents, noise_pred, pred_x0), arrays, after every step
-                    of every batch
+                    of every batch (the batch's rows; step counts from 0 in each batch)
         scheduler   "ddim" (the model's default), "ddpm" or "euler"
         num_images_per_prompt  images for each prompt, each from its own noise
         collect_attention  keep the cross-attention probabilities of the conditional branch in
