@@ -27,6 +27,10 @@ and a checkpoint in OUT/checkpoints/ every ``--checkpoint-every`` steps, written
 batch of step s is drawn from a generator seeded with (seed, stage, s), so the data do not
 depend on how many steps ran before, and weights, optimizer moments and EMA are restored
 bit for bit; an interrupted run then gives the same losses as an uninterrupted one.
+A loss or gradient that turns inf or NaN stops the run at that step (the checkpoint on
+disk stays the last good one), and a batch too large for the machine's memory is refused
+before it is drawn. On the command line, an --out that already holds a stage's output is
+refused unless --resume or --overwrite says what to do with it.
 The UNet's shipped weights are its exponential moving average (EMA), as SD's are.
 
 The result is a model folder in diffusers' layout (vae/, text_encoder/, tokenizer/,
@@ -44,7 +48,9 @@ import csv
 import json
 import math
 import os
+import re
 import shutil
+import sys
 import time
 
 import numpy as np
@@ -118,14 +124,15 @@ def to_uint8_images(x) -> np.ndarray:
     return np.clip(np.round((x + 1.0) * 127.5), 0, 255).astype(np.uint8).transpose(0, 2, 3, 1)
 
 
-def load_dataset(name: str, split: str = "train"):
+def load_dataset(name: str, split: str = "train", font: str | None = None):
     """(images uint8 (N, 32, 32, 3), captions). shapes: every combination of the split at every
-    jitter (train: 150 x 9 = 1350 images; the held-out colour-shape pairs never appear in it)."""
+    jitter (train: 150 x 9 = 1350 images; the held-out colour-shape pairs never appear in it).
+    emoji: every emoji of ``font`` (default: Noto Color Emoji where the system keeps it)."""
     from minisd import data
 
     if name not in DATASETS:
         raise ValueError(f"unknown dataset {name!r}; choose one of {', '.join(DATASETS)}")
-    d = data.load_dataset(name, split=split)
+    d = data.load_dataset(name, split=split, font=font)
     return d.images, list(d.captions)
 
 
@@ -140,14 +147,16 @@ def step_rng(seed: int, stage: str, step: int) -> np.random.Generator:
 
 
 def atomic_write(path: str, write) -> None:
-    """Call write(tmp_path), then move tmp_path over path in one step (os.replace)."""
-    tmp = f"{path}.tmp-{os.getpid()}"
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
+    """Call write(tmp_path), then move tmp_path over path in one step (os.replace).
+
+    The one writer minisd has (io's): tmp_path is a unique name beside path, so a kill or a
+    full disk leaves the old file whole, and two processes never share a temporary file.
+    """
+    from pathlib import Path
+
+    from minisd import io
+
+    io._atomic_write(Path(path), write)
 
 
 def save_checkpoint(path: str, params: dict, opt: AdamW, ema: EMA | None, step: int, losses: list) -> None:
@@ -202,55 +211,184 @@ def load_checkpoint(path: str, params: dict, opt: AdamW, ema: EMA | None) -> tup
 # ---------------------------------------------------------------------------------------
 
 
-def fit(stage: str, params: dict, loss_fn, *, steps: int, lr: float, out: str, seed: int = 0,
+class Diverged(RuntimeError):
+    """A training run met a non-finite loss, gradient or weight and stopped (nothing of it saved)."""
+
+
+class BatchTooLarge(ValueError):
+    """A training step of the requested batch size would not fit in this machine's memory."""
+
+
+def fit(stage: str, params: dict, loss_fn, *, steps: int, lr: float, out: str, batch_size: int, seed: int = 0,
         warmup: int | None = None, weight_decay: float = 0.01, max_grad_norm: float = 1.0,
         ema_decay: float | None = None, checkpoint_every: int = 200, resume: bool = False,
-        progress: bool = True, stop_after: int | None = None) -> dict:
-    """Minimise loss_fn(rng) -> scalar Tensor over ``params`` (a dict name -> Parameter).
+        progress: bool = True, stop_after: int | None = None, discard=()) -> dict:
+    """Minimise loss_fn(rng, n) -> scalar Tensor (the loss of a batch of n drawn with rng) over ``params``.
 
     AdamW with lr warmup_cosine(step), gradient clipping at max_grad_norm, an optional EMA
     of the weights. Returns {"losses", "seconds", "ema", "step"}. ``stop_after`` stops early
     after that many steps of this call (a test's way to interrupt a run and resume it).
+
+    Before the first step, a batch of ``batch_size`` that would not fit in memory is refused
+    (BatchTooLarge, see check_memory); then, unless resuming, the paths in ``discard`` (an
+    earlier run's output that this one replaces: ``--overwrite``) and this stage's old
+    checkpoint are removed. A non-finite loss or gradient norm stops the run (Diverged)
+    before the weights change, and a checkpoint is written only of finite weights, so the
+    one on disk is always the last good one.
     """
     from tqdm import tqdm
 
+    if not (math.isfinite(lr) and lr > 0):
+        raise ValueError(f"train {stage}: the learning rate must be a finite number > 0, got {lr}")
     warmup = max(1, steps // 20) if warmup is None else warmup
     named = list(params.items())
     opt = AdamW([p for _, p in named], lr=lr, weight_decay=weight_decay)
     ema = EMA([p for _, p in named], decay=ema_decay) if ema_decay else None
     ckpt = os.path.join(out, "checkpoints", f"{stage}.npz")
-    start, losses = 0, []
+    check_memory(stage, loss_fn, opt.params, batch_size)
+    start, losses, saved_at = 0, [], None
     if resume and os.path.exists(ckpt):
         start, losses = load_checkpoint(ckpt, params, opt, ema)
-    elif resume:
-        print(f"minisd train {stage}: no checkpoint at {ckpt}; starting from step 0")
+        saved_at = start
+    else:
+        if resume:
+            print(f"minisd train {stage}: no checkpoint at {ckpt}; starting from step 0")
+        remove_paths((*discard, ckpt))
+
+    def diverged(step, what, value):
+        kept = (f"the last good checkpoint (step {saved_at}) stays in {ckpt}, and --resume continues from it"
+                if saved_at is not None else "no checkpoint had been written")
+        return Diverged(f"train {stage} diverged at step {step}: the {what} is {value} (learning rate "
+                        f"{opt.lr:.3g}); stopped without saving the model; {kept}; try a smaller --lr")
+
     t0, cpu0, done_here = time.perf_counter(), time.process_time(), 0
     bar = tqdm(range(start, steps), initial=start, total=steps, desc=stage, disable=not progress,
                dynamic_ncols=True, mininterval=1.0)
-    for step in bar:
-        opt.lr = warmup_cosine(step, steps, warmup, lr, min_lr=lr * 0.05)
-        opt.zero_grad()
-        loss = loss_fn(step_rng(seed, stage, step))
-        loss.backward()
-        clip_grad_norm(opt.params, max_grad_norm)
-        opt.step()
-        if ema is not None:
-            # Warm the average up (diffusers' formula): early on, the first random weights must not linger.
-            ema.decay = min(ema_decay, (1 + step) / (10 + step))
-            ema.update()
-        losses.append(float(loss.item()))
-        done_here += 1
-        if progress and (step % 10 == 0 or step == steps - 1):
-            recent = float(np.mean(losses[-50:]))
-            bar.set_postfix(loss=f"{recent:.4f}", lr=f"{opt.lr:.1e}")
-        if (step + 1) % checkpoint_every == 0 or step + 1 == steps:
-            save_checkpoint(ckpt, params, opt, ema, step + 1, losses)
-        if stop_after is not None and done_here >= stop_after:
-            break
-    bar.close()
+    try:
+        # NumPy's overflow / invalid-value warnings would only repeat, once per op, what the checks
+        # below report in one line: a non-finite loss, gradient or weight.
+        with np.errstate(over="ignore", invalid="ignore", divide="ignore"):
+            for step in bar:
+                opt.lr = warmup_cosine(step, steps, warmup, lr, min_lr=lr * 0.05)
+                opt.zero_grad()
+                loss = loss_fn(step_rng(seed, stage, step), batch_size)
+                value = float(loss.item())
+                if not math.isfinite(value):
+                    raise diverged(step, "loss", value)
+                loss.backward()
+                norm = clip_grad_norm(opt.params, max_grad_norm)
+                if not math.isfinite(norm):
+                    raise diverged(step, "gradient norm", norm)
+                opt.step()
+                if ema is not None:
+                    # Warm the average up (diffusers' formula): early on, the first random weights must not linger.
+                    ema.decay = min(ema_decay, (1 + step) / (10 + step))
+                    ema.update()
+                losses.append(value)
+                done_here += 1
+                if progress and (step % 10 == 0 or step == steps - 1):
+                    recent = float(np.mean(losses[-50:]))
+                    bar.set_postfix(loss=f"{recent:.4f}", lr=f"{opt.lr:.1e}")
+                if (step + 1) % checkpoint_every == 0 or step + 1 == steps:
+                    # A finite loss and gradient can still step to inf weights (a huge lr): never save those.
+                    if not all(np.isfinite(p.data).all() for p in opt.params):
+                        raise diverged(step, "model after the step", "non-finite (inf or nan weights)")
+                    save_checkpoint(ckpt, params, opt, ema, step + 1, losses)
+                    saved_at = step + 1
+                if stop_after is not None and done_here >= stop_after:
+                    break
+    finally:
+        bar.close()
     seconds, cpu_seconds = time.perf_counter() - t0, time.process_time() - cpu0
     write_loss_curve(out, stage, losses)
     return {"losses": losses, "seconds": seconds, "cpu_seconds": cpu_seconds, "ema": ema, "step": start + done_here}
+
+
+def remove_paths(paths) -> None:
+    """Delete each file or folder of ``paths`` that exists."""
+    for path in paths:
+        if os.path.isdir(path) and not os.path.islink(path):
+            shutil.rmtree(path)
+        elif os.path.lexists(path):
+            os.remove(path)
+
+
+# ---------------------------------------------------------------------------------------
+# Memory: refuse a batch that cannot fit before allocating it
+# ---------------------------------------------------------------------------------------
+
+
+def check_memory(stage: str, loss_fn, params, batch_size: int) -> int:
+    """Estimate the bytes a training step of ``batch_size`` needs; refuse (BatchTooLarge) more than is free.
+
+    A step's memory is almost all proportional to the batch: the activations the forward
+    pass keeps for backward, and the gradients flowing back through them. So it is measured
+    on a batch of 2 (the peak of NumPy's allocations under tracemalloc, over one forward and
+    backward) and scaled: need = batch_size * peak(2) / 2 + AdamW's two moments (2 copies
+    of the weights). peak(2) / 2 also holds half of the parameters' gradients and the
+    batch-independent rest, so the bound errs high: 1.04-1.08x the measured peak for the
+    default VAE and UNet at batches 8 to 64. It counts host memory (the NumPy backend).
+    Returns the estimate in bytes.
+    """
+    probe = min(2, batch_size)
+
+    def one_step():
+        loss_fn(np.random.default_rng(0), probe).backward()
+
+    per_sample = peak_allocated(one_step) / probe
+    for p in params:
+        p.grad = None  # the probe's gradients; the first step starts from none
+    state = 2 * sum(p.data.nbytes for p in params)
+    need = int(batch_size * per_sample + state)
+    free = available_memory()
+    if free is not None and need > free:
+        fits = max(0, int((free - state) // per_sample)) if per_sample else 0
+        raise BatchTooLarge(f"train {stage}: a step of batch {batch_size} needs about {format_bytes(need)} "
+                            f"({format_bytes(per_sample)} a sample, measured on a batch of {probe}, "
+                            f"+ {format_bytes(state)} of AdamW state), more than the {format_bytes(free)} "
+                            f"of memory available; a batch of at most {fits:,} fits")
+    return need
+
+
+def peak_allocated(fn) -> int:
+    """Peak bytes allocated (NumPy's arrays included: they report to tracemalloc) while fn() runs."""
+    import tracemalloc
+
+    tracing = tracemalloc.is_tracing()
+    if not tracing:
+        tracemalloc.start()
+    tracemalloc.reset_peak()
+    base = tracemalloc.get_traced_memory()[0]
+    try:
+        fn()
+        return tracemalloc.get_traced_memory()[1] - base
+    finally:
+        if not tracing:
+            tracemalloc.stop()
+
+
+def available_memory() -> int | None:
+    """Bytes this machine can still give a process: MemAvailable in /proc/meminfo (Linux), else the free
+    physical pages (os.sysconf); None where neither can be read."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024  # the figure is in kB
+    except (OSError, ValueError, IndexError):
+        pass
+    try:
+        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError, AttributeError):
+        return None
+
+
+def format_bytes(n: float) -> str:
+    """1234567 -> '1.2 MiB'."""
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if abs(n) < 1024 or unit == "TiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
 
 
 def write_loss_curve(out: str, stage: str, losses: list) -> None:
@@ -316,21 +454,23 @@ def finished(out: str, part: str) -> bool:
 def train_vae(out: str, dataset: str = "shapes", steps: int | None = None, batch_size: int | None = None,
               lr: float | None = None, seed: int = 0, config: dict | None = None, resume: bool = False,
               checkpoint_every: int = 200, progress: bool = True, stop_after: int | None = None,
-              images=None) -> dict:
-    """Train AutoencoderKL on the dataset's images; writes OUT/vae/. Returns the stage's record."""
+              images=None, font: str | None = None, discard=()) -> dict:
+    """Train AutoencoderKL on the dataset's images; writes OUT/vae/. Returns the stage's record.
+
+    ``discard``: an earlier run's output this one replaces, removed when training starts (see fit)."""
     from minisd.models.vae import AutoencoderKL
 
     steps = steps or DEFAULT_STEPS["vae"]
     batch_size = batch_size or DEFAULT_BATCH["vae"]
     if images is None:
-        images, _ = load_dataset(dataset, "train")
+        images, _ = load_dataset(dataset, "train", font)
     x_all = to_model_images(images)
     nn.manual_seed(seed)
     vae = AutoencoderKL(**(config or VAE_CONFIG))
     start_with_narrow_posterior(vae)
 
-    def loss_fn(rng):
-        x = x_all[rng.integers(0, len(x_all), size=batch_size)]
+    def loss_fn(rng, n):
+        x = x_all[rng.integers(0, len(x_all), size=n)]
         x = x[:, :, :, ::-1].copy() if dataset == "emoji" and rng.random() < 0.5 else x  # flips only for emoji
         posterior = vae.encode(x)
         recon = vae.decode(posterior.sample(rng))
@@ -338,8 +478,8 @@ def train_vae(out: str, dataset: str = "shapes", steps: int | None = None, batch
         return F.abs(diff).mean() + (diff * diff).mean() + KL_WEIGHT * posterior.kl().mean()
 
     record = fit("vae", dict(vae.named_parameters()), loss_fn, steps=steps, lr=lr or DEFAULT_LR["vae"],
-                 out=out, seed=seed, resume=resume, checkpoint_every=checkpoint_every, progress=progress,
-                 stop_after=stop_after)
+                 out=out, batch_size=batch_size, seed=seed, resume=resume, checkpoint_every=checkpoint_every,
+                 progress=progress, stop_after=stop_after, discard=discard)
     if record["step"] >= steps:
         vae.config["scaling_factor"] = measure_scaling_factor(vae, x_all, seed)
         save_part(vae, os.path.join(out, "vae"))
@@ -386,14 +526,23 @@ def train_tokenizer(captions, out: str):
 def train_clip(out: str, dataset: str = "shapes", steps: int | None = None, batch_size: int | None = None,
                lr: float | None = None, seed: int = 0, text_config: dict | None = None,
                vision_config: dict | None = None, resume: bool = False, checkpoint_every: int = 200,
-               progress: bool = True, stop_after: int | None = None, data=None) -> dict:
-    """Train CLIPModel contrastively; writes OUT/tokenizer/, OUT/clip/ and the text tower as OUT/text_encoder/."""
+               progress: bool = True, stop_after: int | None = None, data=None, font: str | None = None,
+               discard=()) -> dict:
+    """Train CLIPModel contrastively; writes OUT/tokenizer/, OUT/clip/ and the text tower as OUT/text_encoder/.
+
+    Resuming from a checkpoint reuses OUT/tokenizer/: the checkpoint's embeddings are rows of its vocabulary."""
     from minisd.models.clip import CLIPModel
+    from minisd.tokenizer import Tokenizer
 
     steps = steps or DEFAULT_STEPS["clip"]
     batch_size = batch_size or DEFAULT_BATCH["clip"]
-    images, captions = data if data is not None else load_dataset(dataset, "train")
-    tok = train_tokenizer(captions, out)
+    images, captions = data if data is not None else load_dataset(dataset, "train", font)
+    tok_dir = os.path.join(out, "tokenizer")
+    if resume and os.path.isfile(os.path.join(out, "checkpoints", "clip.npz")) and os.path.isdir(tok_dir):
+        tok = Tokenizer.from_folder(tok_dir)
+    else:
+        tok = train_tokenizer(captions, out)
+        discard = tuple(p for p in discard if os.path.abspath(p) != os.path.abspath(tok_dir))  # just written
     x_all = to_model_images(images)
     ids_all = tok(captions)
     # Group images by caption: a batch takes distinct captions, since two images of the same
@@ -409,14 +558,14 @@ def train_clip(out: str, dataset: str = "shapes", steps: int | None = None, batc
     nn.manual_seed(seed + 1)
     clip = CLIPModel(text_config=tc, vision_config=vc, projection_dim=tc["hidden_size"])
 
-    def loss_fn(rng):
-        chosen = rng.choice(len(groups), size=batch_size, replace=False)
+    def loss_fn(rng, n):
+        chosen = rng.choice(len(groups), size=n, replace=False)
         idx = np.array([groups[g][rng.integers(len(groups[g]))] for g in chosen])
         return clip.contrastive_loss(x_all[idx], ids_all[idx])
 
     record = fit("clip", dict(clip.named_parameters()), loss_fn, steps=steps, lr=lr or DEFAULT_LR["clip"],
-                 out=out, seed=seed, resume=resume, checkpoint_every=checkpoint_every, progress=progress,
-                 stop_after=stop_after)
+                 out=out, batch_size=batch_size, seed=seed, resume=resume, checkpoint_every=checkpoint_every,
+                 progress=progress, stop_after=stop_after, discard=discard)
     if record["step"] >= steps:
         save_part(clip, os.path.join(out, "clip"))
         save_part(clip.text_model, os.path.join(out, "text_encoder"))
@@ -453,7 +602,7 @@ def encode_prompts(text_encoder, tokenizer, prompts, batch: int = 64) -> np.ndar
 def train_unet(out: str, dataset: str = "shapes", steps: int | None = None, batch_size: int | None = None,
                lr: float | None = None, seed: int = 0, config: dict | None = None, resume: bool = False,
                checkpoint_every: int = 200, progress: bool = True, stop_after: int | None = None,
-               data=None) -> dict:
+               data=None, font: str | None = None, discard=()) -> dict:
     """Train UNet2DConditionModel on OUT/vae's latents and OUT/text_encoder's states; writes OUT/unet/ (EMA weights)."""
     from minisd.models.clip import CLIPTextModel
     from minisd.models.unet import UNet2DConditionModel
@@ -467,7 +616,7 @@ def train_unet(out: str, dataset: str = "shapes", steps: int | None = None, batc
                              f"{'vae' if part == 'vae' else 'clip'} --out {out}` first")
     steps = steps or DEFAULT_STEPS["unet"]
     batch_size = batch_size or DEFAULT_BATCH["unet"]
-    images, captions = data if data is not None else load_dataset(dataset, "train")
+    images, captions = data if data is not None else load_dataset(dataset, "train", font)
     vae = load_part(os.path.join(out, "vae"), AutoencoderKL)
     text_encoder = load_part(os.path.join(out, "text_encoder"), CLIPTextModel)
     tok = Tokenizer.from_folder(os.path.join(out, "tokenizer"))
@@ -486,19 +635,19 @@ def train_unet(out: str, dataset: str = "shapes", steps: int | None = None, batc
     nn.manual_seed(seed + 2)
     unet = UNet2DConditionModel(**unet_config)
 
-    def loss_fn(rng):
-        idx = rng.integers(0, len(mean), size=batch_size)
+    def loss_fn(rng, n):
+        idx = rng.integers(0, len(mean), size=n)
         z0 = scale * (mean[idx] + std[idx] * rng.standard_normal(mean[idx].shape).astype(np.float32))
         noise = rng.standard_normal(z0.shape).astype(np.float32)
-        t = rng.integers(0, scheduler.num_train_timesteps, size=batch_size)
+        t = rng.integers(0, scheduler.num_train_timesteps, size=n)
         x_t = scheduler.add_noise(z0, noise, t)
-        rows = np.where(rng.random(batch_size) < CAPTION_DROPOUT, 0, caption_row[idx])
+        rows = np.where(rng.random(n) < CAPTION_DROPOUT, 0, caption_row[idx])
         pred = unet(x_t, t, embeddings[rows])
         return F.mse_loss(pred, noise)
 
     record = fit("unet", dict(unet.named_parameters()), loss_fn, steps=steps, lr=lr or DEFAULT_LR["unet"],
-                 out=out, seed=seed, resume=resume, checkpoint_every=checkpoint_every, progress=progress,
-                 ema_decay=EMA_DECAY, stop_after=stop_after)
+                 out=out, batch_size=batch_size, seed=seed, resume=resume, checkpoint_every=checkpoint_every,
+                 progress=progress, ema_decay=EMA_DECAY, stop_after=stop_after, discard=discard)
     if record["step"] >= steps:
         record["ema"].copy_to(unet.parameters())  # ship the averaged weights, as SD does
         save_part(unet, os.path.join(out, "unet"))
@@ -525,14 +674,7 @@ def write_model_index(out: str) -> None:
         "feature_extractor": [None, None],
         "requires_safety_checker": False,
     }
-    path = os.path.join(out, "model_index.json")
-
-    def write(tmp):
-        with open(tmp, "w") as f:
-            json.dump(index, f, indent=2)
-            f.write("\n")
-
-    atomic_write(path, write)
+    write_json(os.path.join(out, "model_index.json"), index)
 
 
 # ---------------------------------------------------------------------------------------
@@ -541,60 +683,246 @@ def write_model_index(out: str) -> None:
 
 
 def train_all(out: str, dataset: str = "shapes", steps: dict | None = None, seed: int = 0, resume: bool = False,
-              checkpoint_every: int = 200, progress: bool = True, keep_checkpoints: bool = False) -> dict:
-    """vae -> clip -> unet; a stage already finished in OUT is skipped when resuming."""
+              checkpoint_every: int = 200, progress: bool = True, keep_checkpoints: bool = False,
+              font: str | None = None, overwrite: bool = False) -> dict:
+    """vae -> clip -> unet; a stage already finished in OUT is skipped when resuming.
+
+    ``steps``: {stage: steps} for the stages not to run at their defaults. ``overwrite``
+    removes what every stage wrote in OUT before (once the first stage passes its checks):
+    a new VAE or text encoder makes the old UNet wrong, so nothing of the old model may
+    stay to be taken, on a later --resume, for a finished stage.
+    """
     steps = steps or {}
-    data = load_dataset(dataset, "train")
+    data = load_dataset(dataset, "train", font)
     report = {"dataset": dataset, "seed": seed, "stages": {}}
     runners = {"vae": lambda **kw: train_vae(images=data[0], **kw),
                "clip": lambda **kw: train_clip(data=data, **kw),
                "unet": lambda **kw: train_unet(data=data, **kw)}
-    done_marker = {"vae": "vae", "clip": "text_encoder", "unet": "unet"}
+    discard = tuple(p for stage in STAGES for p in stage_outputs(out, stage)) if overwrite else ()
     for stage in STAGES:
-        if resume and finished(out, done_marker[stage]):
+        if resume and finished(out, DONE_MARKER[stage]):
             print(f"minisd train all: {stage} already trained in {out}; skipped")
             continue
         rec = runners[stage](out=out, dataset=dataset, steps=steps.get(stage), seed=seed, resume=resume,
-                             checkpoint_every=checkpoint_every, progress=progress)
+                             checkpoint_every=checkpoint_every, progress=progress, discard=discard)
+        discard = ()  # the first stage run removed them
         report["stages"][stage] = summarise(stage, rec)
-        print(f"minisd train {stage}: {rec['step']} steps in {rec['seconds']:.0f} s, "
-              f"final loss {report['stages'][stage]['final_loss']:.4f}")
+        print(f"minisd train {stage}: {describe(report['stages'][stage], rec)}")
     if not keep_checkpoints:
         shutil.rmtree(os.path.join(out, "checkpoints"), ignore_errors=True)
     return report
 
 
 def summarise(stage: str, rec: dict) -> dict:
+    """What train_STAGE.json records of a stage. final_loss: the mean of the last 50 losses (None if none)."""
     losses = rec["losses"]
     # cpu_seconds: the time this process actually ran; on a shared machine wall time is longer.
     return {"steps": rec["step"], "seconds": round(rec["seconds"], 1), "cpu_seconds": round(rec["cpu_seconds"], 1),
-            "final_loss": float(np.mean(losses[-50:])) if losses else math.nan}
+            "final_loss": float(np.mean(losses[-50:])) if losses else None}
+
+
+def describe(summary: dict, rec: dict) -> str:
+    loss = "no steps run" if summary["final_loss"] is None else f"final loss {summary['final_loss']:.4f}"
+    return f"{rec['step']} steps in {rec['seconds']:.0f} s, {loss}"
+
+
+def write_json(path: str, obj) -> None:
+    """obj as indented JSON, atomically; NaN and inf are refused (they are not JSON, and never a result)."""
+    text = json.dumps(obj, indent=2, allow_nan=False) + "\n"
+
+    def write(tmp):
+        with open(tmp, "w") as f:
+            f.write(text)
+
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    atomic_write(path, write)
+
+
+# ---------------------------------------------------------------------------------------
+# What a stage leaves in OUT: the output that --resume / --overwrite speak of, and the
+# temporary files a killed run leaves behind
+# ---------------------------------------------------------------------------------------
+
+# The folders and files each stage writes (besides logs/, which every run rewrites), and the
+# one whose config.json says the stage finished. tokenizer/ is clip's: its vocabulary sizes
+# the text encoder's embeddings.
+OUTPUTS = {"vae": ("vae",), "clip": ("clip", "text_encoder", "tokenizer"),
+           "unet": ("unet", "scheduler", "model_index.json")}
+DONE_MARKER = {"vae": "vae", "clip": "text_encoder", "unet": "unet"}
+
+
+def checkpoint_path(out: str, stage: str) -> str:
+    return os.path.join(out, "checkpoints", f"{stage}.npz")
+
+
+def stage_outputs(out: str, stage: str) -> list[str]:
+    """The paths in OUT that a run of ``stage`` wrote and would replace: its parts and its checkpoint."""
+    paths = [os.path.join(out, name) for name in OUTPUTS[stage]] + [checkpoint_path(out, stage)]
+    return [p for p in paths if os.path.lexists(p)]
+
+
+# The temporary names minisd's writers use, and only those: io's ".NAME.PID-XXXXXXXX.tmp"
+# (8 random hex digits; files, and folders written whole before they are renamed), earlier
+# versions' tempfile names ".NAME.XXXXXXXX.tmp" (mkstemp) and ".NAME.XXXXXXXX" (mkdtemp), with
+# 8 random characters of [a-z0-9_], and train's old "NAME.tmp-PID".
+TEMP_FILE = re.compile(r"\..+\.(\d+-[0-9a-f]{8}|[a-z0-9_]{8})\.tmp|.+\.tmp-\d+")
+TEMP_DIR = re.compile(r"\..+\.(\d+-[0-9a-f]{8}\.tmp|[a-z0-9_]{8})")
+
+
+def remove_stray_temporaries(out: str, before: float) -> list[str]:
+    """Remove the temporary files and folders that killed runs and full disks left in OUT and in
+    its folders (vae/, checkpoints/, logs/, ...), those last changed before ``before`` (a
+    time.time()), so that a writer still at work keeps its own. Returns the paths removed."""
+    removed = []
+    folders = [out] + [os.path.join(out, d) for d in sorted(os.listdir(out))
+                       if not d.startswith(".") and os.path.isdir(os.path.join(out, d))]
+    for folder in folders:
+        for name in sorted(os.listdir(folder)):
+            path = os.path.join(folder, name)
+            is_dir = os.path.isdir(path) and not os.path.islink(path)
+            pattern = TEMP_DIR if is_dir else TEMP_FILE
+            try:
+                if pattern.fullmatch(name) and os.lstat(path).st_mtime < before:
+                    remove_paths([path])
+                    removed.append(path)
+            except OSError:
+                pass  # gone already, or not ours to remove: leave it
+    return removed
+
+
+# ---------------------------------------------------------------------------------------
+# The command line
+# ---------------------------------------------------------------------------------------
+
+
+def logged_run() -> tuple[str, dict]:
+    """(file name, record) of the training log shipped in minisd/weights/shapes/logs/ that ran
+    every stage at its default steps: the times --help quotes. ("", {}) when there is none."""
+    logs = os.path.join(os.path.dirname(os.path.abspath(__file__)), "weights", "shapes", "logs")
+    try:
+        names = sorted(os.listdir(logs))
+    except OSError:
+        return "", {}
+    for name in names:
+        if not name.endswith(".json"):
+            continue
+        try:
+            with open(os.path.join(logs, name)) as f:
+                record = json.load(f)
+            stages = record["stages"]
+            if all(stages[s]["steps"] == DEFAULT_STEPS[s] for s in STAGES):
+                return name, record
+        except (OSError, ValueError, KeyError, TypeError):
+            continue
+    return "", {}
+
+
+def _minutes(seconds: float) -> str:
+    return f"{seconds:.0f} s" if seconds < 100 else f"{seconds / 60:.1f} min"
+
+
+def help_epilog() -> str:
+    """--help's table of the defaults per stage, with what they took in the logged run from scratch."""
+    name, run_log = logged_run()
+    times = run_log.get("stages", {})
+    lines = ["defaults per stage" + (f", and the time each took in a run from scratch on 2 CPU cores\n"
+                                     f"(minisd/weights/shapes/logs/{name}):" if times else ":"),
+             f"  {'stage':6} {'steps':>6} {'batch':>6}  {'lr':7}  time"]
+    for s in STAGES:
+        t = times.get(s)
+        took = (f"{_minutes(t['seconds'])} ({t['seconds'] / t['steps']:.2f} s a step; "
+                f"{_minutes(t['cpu_seconds'])} of CPU)") if t else ""
+        lines.append(f"  {s:6} {DEFAULT_STEPS[s]:>6} {DEFAULT_BATCH[s]:>6}  {DEFAULT_LR[s]:<7.0e}  {took}")
+    if times:
+        lines.append(f"  {'all':6} vae, clip, unet in turn: {_minutes(run_log['total_seconds'])} "
+                     f"({_minutes(run_log['total_cpu_seconds'])} of CPU)")
+    lines += [
+        "",
+        "--steps, --batch-size and --lr set the one stage trained. `all` runs every stage",
+        "with its defaults; --vae-steps, --clip-steps and --unet-steps change a stage's steps",
+        "(--steps, --batch-size and --lr are refused with all).",
+        "",
+        "An --out that already holds the stage's output (its model folder or its checkpoint)",
+        "is refused unless --resume (continue from OUT/checkpoints/) or --overwrite (start",
+        "over, replacing it). A folder inside the installed minisd package is always refused.",
+        "",
+        "--dataset emoji needs the Noto Color Emoji font: `apt-get install",
+        "fonts-noto-color-emoji` (Debian/Ubuntu), or --font PATH.",
+    ]
+    return "\n".join(lines)
 
 
 def add_arguments(parser) -> None:
+    import argparse
+
+    from minisd.cli import non_negative_int, positive_float, positive_int
+
+    parser.description = ("Train the three networks of a Stable Diffusion: vae (the autoencoder), clip (the\n"
+                          "text encoder, with an image tower), then unet (the denoiser, on the frozen two).")
+    parser.epilog = help_epilog()
+    parser.formatter_class = argparse.RawDescriptionHelpFormatter
     parser.add_argument("stage", choices=(*STAGES, "all"), help="which network to train (all: vae, clip, unet)")
-    parser.add_argument("--dataset", choices=DATASETS, default="shapes")
+    parser.add_argument("--dataset", choices=DATASETS, default="shapes", help="default: shapes")
+    parser.add_argument("--font", metavar="PATH", help="the emoji font for --dataset emoji "
+                        "(default: Noto Color Emoji, Debian's fonts-noto-color-emoji)")
     parser.add_argument("--out", default="checkpoints/mine", help="model folder to write (default: checkpoints/mine)")
-    parser.add_argument("--steps", type=int, help="training steps (of the one stage; with `all`, of every stage)")
-    parser.add_argument("--batch-size", type=int)
-    parser.add_argument("--lr", type=float)
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--checkpoint-every", type=int, default=200, metavar="N")
-    parser.add_argument("--resume", action="store_true", help="continue from OUT/checkpoints/ where a run stopped")
+    parser.add_argument("--steps", type=positive_int, metavar="N", help="training steps of the stage (default: below)")
+    for s in STAGES:
+        parser.add_argument(f"--{s}-steps", type=positive_int, metavar="N",
+                            help=f"with all: the {s} stage's steps (default: {DEFAULT_STEPS[s]})")
+    parser.add_argument("--batch-size", type=positive_int, metavar="N", help="images a step (default: below)")
+    parser.add_argument("--lr", type=positive_float, help="peak learning rate, finite and > 0 (default: below)")
+    parser.add_argument("--seed", type=non_negative_int, default=0, help="default: 0")
+    parser.add_argument("--checkpoint-every", type=positive_int, default=200, metavar="N",
+                        help="write OUT/checkpoints/STAGE.npz every N steps (default: 200)")
+    again = parser.add_mutually_exclusive_group()
+    again.add_argument("--resume", action="store_true", help="continue from OUT/checkpoints/ where a run stopped")
+    again.add_argument("--overwrite", action="store_true",
+                       help="start over in an --out that holds this stage's output, replacing it")
     parser.add_argument("--keep-checkpoints", action="store_true", help="keep OUT/checkpoints/ after `all` finishes")
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")
+
+
+def check_out(out: str, stage: str, resume: bool, overwrite: bool) -> None:
+    """Refuse (UsageError) an --out where training would lose saved work without being asked."""
+    from minisd.cli import UsageError
+
+    package = os.path.realpath(os.path.dirname(os.path.abspath(__file__)))
+    if os.path.commonpath([os.path.realpath(out), package]) == package:
+        raise UsageError(f"minisd train {stage}: --out {out} is inside the installed minisd package ({package}), "
+                         "whose shipped model is never written; give a folder outside it")
+    stages = STAGES if stage == "all" else (stage,)
+    existing = [p for s in stages for p in stage_outputs(out, s)]
+    if existing and not (resume or overwrite):
+        shown = ", ".join(existing[:3]) + (", ..." if len(existing) > 3 else "")
+        raise UsageError(f"minisd train {stage}: {out} already holds what a train {'/'.join(stages)} run wrote "
+                         f"({shown}); pass --resume to continue it or --overwrite to start over, replacing it")
+    if resume and stage != "all" and finished(out, DONE_MARKER[stage]) \
+            and not os.path.isfile(checkpoint_path(out, stage)):
+        raise UsageError(f"minisd train {stage}: {os.path.join(out, DONE_MARKER[stage])} is trained and there "
+                         f"is no checkpoint ({checkpoint_path(out, stage)}) to continue from; "
+                         "pass --overwrite to train it again")
 
 
 def run(args) -> int:
     from minisd.cli import UsageError
 
-    for name in ("steps", "batch_size", "checkpoint_every"):
-        value = getattr(args, name)
-        if value is not None and value <= 0:
-            raise UsageError(f"minisd train: --{name.replace('_', '-')} must be a positive integer, got {value}")
-    if args.lr is not None and not args.lr > 0:
-        raise UsageError(f"minisd train: --lr must be positive, got {args.lr}")
+    stage = args.stage
+    stage_steps = {s: getattr(args, f"{s}_steps") for s in STAGES}
+    if stage == "all":
+        if args.steps or args.batch_size or args.lr:
+            raise UsageError("minisd train all: --steps, --batch-size and --lr set one stage; with all, give "
+                             "--vae-steps, --clip-steps, --unet-steps (the defaults are in --help)")
+    elif any(n is not None for n in stage_steps.values()):
+        given = next(s for s in STAGES if stage_steps[s] is not None)
+        raise UsageError(f"minisd train {stage}: --{given}-steps is for `train all`; give --steps")
+    if args.font is not None:
+        if args.dataset != "emoji":
+            raise UsageError("minisd train: --font is the emoji dataset's font; it needs --dataset emoji")
+        if not os.path.isfile(args.font):
+            raise UsageError(f"minisd train: --font {args.font}: no such file")
     out = args.out
+    check_out(out, stage, args.resume, args.overwrite)
     try:
         os.makedirs(out, exist_ok=True)
     except OSError as e:
@@ -602,28 +930,34 @@ def run(args) -> int:
     if not os.access(out, os.W_OK):
         raise PermissionError(f"--out {out} is not writable")
     progress = not args.no_progress
-    start, cpu_start = time.perf_counter(), time.process_time()
-    if args.stage == "all":
-        if args.batch_size or args.lr:
-            raise UsageError("minisd train all: --batch-size and --lr apply to one stage; train the stages one by one")
-        steps = {s: args.steps for s in STAGES} if args.steps else None
-        report = train_all(out, args.dataset, steps, args.seed, args.resume, args.checkpoint_every, progress,
-                           args.keep_checkpoints)
-    else:
-        fn = {"vae": train_vae, "clip": train_clip, "unet": train_unet}[args.stage]
-        rec = fn(out=out, dataset=args.dataset, steps=args.steps, batch_size=args.batch_size, lr=args.lr,
-                 seed=args.seed, resume=args.resume, checkpoint_every=args.checkpoint_every, progress=progress)
-        report = {"dataset": args.dataset, "seed": args.seed, "stages": {args.stage: summarise(args.stage, rec)}}
-        print(f"minisd train {args.stage}: {rec['step']} steps in {rec['seconds']:.0f} s, "
-              f"final loss {report['stages'][args.stage]['final_loss']:.4f}")
+    began, start, cpu_start = time.time(), time.perf_counter(), time.process_time()
+    try:
+        if stage == "all":
+            report = train_all(out, args.dataset, {s: n for s, n in stage_steps.items() if n}, args.seed,
+                               args.resume, args.checkpoint_every, progress, args.keep_checkpoints,
+                               font=args.font, overwrite=args.overwrite)
+        else:
+            if args.overwrite and stage in ("vae", "clip") and finished(out, "unet"):
+                print(f"minisd train {stage}: note: {os.path.join(out, 'unet')} was trained on the {stage} this "
+                      "run replaces; train unet again (--overwrite) to match it", file=sys.stderr)
+            fn = {"vae": train_vae, "clip": train_clip, "unet": train_unet}[stage]
+            rec = fn(out=out, dataset=args.dataset, steps=args.steps, batch_size=args.batch_size, lr=args.lr,
+                     seed=args.seed, resume=args.resume, checkpoint_every=args.checkpoint_every,
+                     progress=progress, font=args.font,
+                     discard=tuple(stage_outputs(out, stage)) if args.overwrite else ())
+            report = {"dataset": args.dataset, "seed": args.seed, "stages": {stage: summarise(stage, rec)}}
+            print(f"minisd train {stage}: {describe(report['stages'][stage], rec)}")
+    except BatchTooLarge as e:
+        hint = "train the stage alone with a smaller --batch-size" if stage == "all" else "give a smaller --batch-size"
+        raise UsageError(f"minisd {e}; {hint}") from None
     report["total_seconds"] = round(time.perf_counter() - start, 1)
     report["total_cpu_seconds"] = round(time.process_time() - cpu_start, 1)
     report["peak_memory_mb"] = round(peak_memory_mb(), 1)
-    path = os.path.join(out, "logs", f"train_{args.stage}.json")
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    with open(path, "w") as f:
-        json.dump(report, f, indent=2)
-    print(f"minisd train {args.stage}: {report['total_seconds']:.0f} s in all ({report['total_cpu_seconds']:.0f} s of CPU), peak memory "
+    write_json(os.path.join(out, "logs", f"train_{stage}.json"), report)
+    removed = remove_stray_temporaries(out, before=began)
+    if removed:
+        print(f"minisd train {stage}: removed {len(removed)} temporary file(s) that earlier runs left in {out}")
+    print(f"minisd train {stage}: {report['total_seconds']:.0f} s in all ({report['total_cpu_seconds']:.0f} s of CPU), peak memory "
           f"{report['peak_memory_mb']:.0f} MB; model in {out}")
     return 0
 

@@ -247,8 +247,8 @@ def test_generate_unwritable_out_exits_1_and_keeps_files(tiny_path, tmp_path, ca
 
 
 def test_train_usage_errors_exit_2(tmp_path, capsys):
-    for args, message in ((["vae", "--steps", "0"], "--steps must be a positive integer"),
-                          (["unet", "--lr", "-1"], "--lr must be positive"),
+    for args, message in ((["vae", "--steps", "0"], "argument --steps: must be a whole number >= 1, got '0'"),
+                          (["unet", "--lr", "-1"], "argument --lr: must be a number > 0, got '-1'"),
                           (["gan"], "invalid choice"),
                           (["vae", "--dataset", "mnist"], "invalid choice")):
         code, _, err = run_cli(capsys, "train", *args, "--out", str(tmp_path))

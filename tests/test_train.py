@@ -1,6 +1,7 @@
 """Training: a tiny model trains end to end, its losses fall, and --resume continues exactly."""
 
 import json
+import math
 import os
 
 import numpy as np
@@ -136,3 +137,106 @@ def test_atomic_write_keeps_the_old_file_when_writing_fails(tmp_path):
         T.atomic_write(str(path), fail)
     assert path.read_text() == "old"
     assert os.listdir(tmp_path) == ["f.txt"]
+
+
+# --- a diverged run stops, and what it saved stays good ----------------------------------------
+
+
+def one_weight_run(tmp_path, loss_at, steps=8, checkpoint_every=2):
+    """fit() on one parameter w with the loss loss_at(step, w): a way to make a chosen step go wrong."""
+    from minisd import nn
+
+    w = nn.Parameter(np.ones(3, dtype=np.float32))
+    calls = {"step": -1}
+
+    def loss_fn(rng, n):
+        calls["step"] += 1
+        return loss_at(calls["step"], w)
+
+    with pytest.raises(T.Diverged) as e:
+        # batch_size 1: the memory probe calls loss_fn once, as "step" 0; training steps are 1, 2, ...
+        T.fit("vae", {"w": w}, loss_fn, steps=steps, lr=0.1, out=str(tmp_path), batch_size=1,
+              checkpoint_every=checkpoint_every, progress=False)
+    return str(e.value), w
+
+
+def test_a_non_finite_loss_stops_the_run_and_keeps_the_last_good_checkpoint(tmp_path):
+    message, w = one_weight_run(tmp_path, lambda call, w: (w * w).sum() * (np.nan if call == 6 else 1.0))
+    assert "train vae diverged at step 5" in message and "loss is nan" in message
+    assert "checkpoint (step 4)" in message  # the one kept
+    with np.load(tmp_path / "checkpoints" / "vae.npz") as z:
+        assert json.loads(bytes(z["meta"]))["step"] == 4
+        assert np.isfinite(z["losses"]).all() and len(z["losses"]) == 4
+        saved = z["param/w"]
+    assert np.isfinite(saved).all()
+    assert not (tmp_path / "logs").exists()  # no loss curve of a failed run
+
+
+def test_a_non_finite_gradient_stops_the_run_before_the_weights_change(tmp_path):
+    from minisd import functional as F
+
+    def loss_at(call, w):  # at call 4 the loss is finite (0) but d sqrt(u)/du at u = 0 is inf
+        return F.sqrt(w * 0.0).sum() if call == 4 else (w * w).sum()
+
+    message, w = one_weight_run(tmp_path, loss_at, checkpoint_every=1)
+    assert "diverged at step 3" in message and "gradient norm is nan" in message
+    with np.load(tmp_path / "checkpoints" / "vae.npz") as z:
+        np.testing.assert_array_equal(z["param/w"], w.numpy())  # step 3 did not move w
+        assert json.loads(bytes(z["meta"]))["step"] == 3
+
+
+def test_fit_refuses_a_learning_rate_that_is_not_finite(tmp_path):
+    from minisd import nn
+
+    w = nn.Parameter(np.ones(2, dtype=np.float32))
+    for lr in (math.inf, math.nan, 0.0):
+        with pytest.raises(ValueError, match="learning rate"):
+            T.fit("vae", {"w": w}, lambda rng, n: (w * w).sum(), steps=2, lr=lr, out=str(tmp_path), batch_size=1,
+                  progress=False)
+
+
+# --- memory --------------------------------------------------------------------------------------
+
+
+def test_memory_estimate_bounds_the_measured_peak_and_refuses_what_cannot_fit(small_data, monkeypatch):
+    """check_memory scales a batch-2 probe; against the peak measured at batch 16, the estimate
+    must be above it (honest as a bound) and not far above (generous, not absurd)."""
+    from minisd import nn
+    from minisd.models.vae import AutoencoderKL
+
+    nn.manual_seed(0)
+    vae = AutoencoderKL(**TINY_VAE)
+    x_all = T.to_model_images(small_data[0])
+
+    def loss_fn(rng, n):
+        x = x_all[rng.integers(0, len(x_all), size=n)]
+        recon = vae.decode(vae.encode(x).sample(rng))
+        return ((recon - x) * (recon - x)).mean()
+
+    params = list(vae.parameters())
+    need = T.check_memory("vae", loss_fn, params, 16)
+    assert all(p.grad is None for p in params)  # the probe's gradients are not left behind
+    measured = T.peak_allocated(lambda: loss_fn(np.random.default_rng(1), 16).backward())
+    state = 2 * sum(p.data.nbytes for p in params)
+    assert measured < need - state < 1.5 * measured
+    monkeypatch.setattr(T, "available_memory", lambda: need // 2)
+    with pytest.raises(T.BatchTooLarge, match="more than the .* available; a batch of at most [0-9]"):
+        T.check_memory("vae", loss_fn, params, 16)
+
+
+# --- logs -----------------------------------------------------------------------------------------
+
+
+def test_a_stage_with_no_losses_summarises_as_null_not_nan():
+    summary = T.summarise("vae", {"losses": [], "step": 0, "seconds": 0.0, "cpu_seconds": 0.0})
+    assert summary["final_loss"] is None
+    json.dumps(summary, allow_nan=False)
+
+
+def test_clip_resume_gives_the_same_losses(tmp_path, small_data):
+    kw = dict(steps=4, batch_size=8, lr=1e-3, text_config=TINY_TEXT, vision_config=TINY_VISION, progress=False,
+              data=small_data, checkpoint_every=2)
+    full = T.train_clip(str(tmp_path / "full"), **kw)
+    T.train_clip(str(tmp_path / "cut"), stop_after=2, **kw)
+    resumed = T.train_clip(str(tmp_path / "cut"), resume=True, **kw)
+    assert resumed["losses"] == full["losses"]

@@ -10,7 +10,7 @@ Images come from Google's Noto Color Emoji (Debian/Ubuntu: ``apt-get install
 fonts-noto-color-emoji``), drawn with Pillow. The font is a bitmap font (CBDT): its
 glyphs exist at one size only, 109 px (a 136 x 128 bitmap), so each emoji is drawn at 109,
 centred in a square, composited onto white, and resized. Another font can be given with
-``font=PATH`` (a scalable font is drawn at the same size).
+``font=PATH`` (``minisd train --font PATH``; a scalable font is drawn at the same size).
 
 The emoji are the single code points of the usual emoji blocks that have a Unicode name
 in this Python's ``unicodedata`` and a glyph in the font (sequences such as flags,
@@ -36,7 +36,8 @@ DEFAULT_FONT_PATHS = (
     "/usr/share/fonts/google-noto-emoji/NotoColorEmoji.ttf",  # Fedora
     "/usr/share/fonts/google-noto-color-emoji-fonts/NotoColorEmoji.ttf",
 )
-INSTALL_HINT = "install it with `apt-get install fonts-noto-color-emoji` (Debian/Ubuntu) or pass font=PATH"
+INSTALL_HINT = ("install it with `apt-get install fonts-noto-color-emoji` (Debian/Ubuntu), or give the path "
+                "of an emoji font: `minisd train --font PATH`, or font=PATH in Python")
 
 # Blocks that hold emoji; the font decides which of their code points it draws.
 _RANGES = ((0x2190, 0x21FF), (0x2300, 0x23FF), (0x2460, 0x24FF), (0x25A0, 0x27BF),
