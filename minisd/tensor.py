@@ -189,6 +189,7 @@ class Tensor:
     def __truediv__(self, o): return F.div(self, o)
     def __rtruediv__(self, o): return F.div(o, self)
     def __pow__(self, p): return F.pow(self, p)
+    def __rpow__(self, base): return F.pow(base, self)
     def __neg__(self): return F.neg(self)
     def __abs__(self): return F.abs(self)
     def __matmul__(self, o): return F.matmul(self, o)
@@ -211,8 +212,12 @@ class Tensor:
     # ---- methods, as in torch (with NumPy's axis/keepdims names) -------------------
     def sum(self, axis=None, keepdims=False): return F.sum(self, axis, keepdims)
     def mean(self, axis=None, keepdims=False): return F.mean(self, axis, keepdims)
-    def var(self, axis=None, keepdims=False): return F.var(self, axis, keepdims)
-    def max(self, axis=None, keepdims=False): return F.max(self, axis, keepdims)
+    def var(self, axis=None, keepdims=False, *, correction=None, unbiased=None):
+        return F.var(self, axis, keepdims, correction=correction, unbiased=unbiased)  # torch's: correction=1
+    def max(self, axis=None, keepdims=False): return F.max(self, axis, keepdims)  # (values, indices) on an axis
+    def min(self, axis=None, keepdims=False): return F.min(self, axis, keepdims)
+    def amax(self, axis=None, keepdims=False): return F.amax(self, axis, keepdims)
+    def amin(self, axis=None, keepdims=False): return F.amin(self, axis, keepdims)
     def exp(self): return F.exp(self)
     def log(self): return F.log(self)
     def sqrt(self): return F.sqrt(self)
@@ -220,6 +225,8 @@ class Tensor:
     def sigmoid(self): return F.sigmoid(self)
     def abs(self): return F.abs(self)
     def clip(self, lo=None, hi=None): return F.clip(self, lo, hi)
+    def clamp(self, min=None, max=None): return F.clamp(self, min, max)  # noqa: A002
+    def where(self, condition, other): return F.where(condition, self, other)
     def reshape(self, *shape): return F.reshape(self, _shape_arg(shape))
     view = reshape
     def flatten(self, start_axis=0, end_axis=-1): return F.flatten(self, start_axis, end_axis)
@@ -311,16 +318,71 @@ class Function:
 def _as_input(x, siblings) -> Tensor:
     """Tensors pass through; arrays and numbers become constants.
 
-    A Python number or NumPy scalar takes the floating dtype of the tensor it meets, so
-    that ``x * 0.5`` and ``x * np.sqrt(0.5)`` keep a float32 x in float32.
+    A Python number or NumPy scalar takes the dtype that torch's promotion gives it among
+    its siblings (result_type): ``x * 0.5`` and ``x * np.sqrt(0.5)`` keep a float32 x in
+    float32, and an integer tensor times 0.5 is float32, the default.
     """
     if isinstance(x, Tensor):
         return x
     if hasattr(x, "dtype") and not isinstance(x, np.generic):
         return Tensor._wrap(get_backend().asarray(x))
     # Python numbers and NumPy scalars (x * np.sqrt(2) is an np.float64) alike
-    dtype = next((s.dtype for s in siblings if isinstance(s, Tensor) and s.dtype.kind == "f"), DEFAULT_DTYPE)
-    return Tensor._wrap(get_backend().xp.asarray(x, dtype=dtype))
+    return Tensor._wrap(get_backend().xp.asarray(x, dtype=result_type(*siblings)))
+
+
+_CATEGORY = {"b": 0, "u": 1, "i": 1, "f": 2}  # bool < integers < floats
+_DEFAULT_OF_CATEGORY = (np.dtype(bool), np.dtype(np.int64), np.dtype(DEFAULT_DTYPE))
+
+
+def result_type(*operands) -> np.dtype:
+    """The dtype of ``a op b`` by torch's type promotion (not NumPy's), for Tensors, arrays and numbers.
+
+    The highest category wins (bool < integer < floating point); within it, tensors with
+    dimensions outrank 0-d tensors, which outrank Python numbers (and NumPy scalars), and
+    only the highest-ranked operands of that category set the dtype, promoted among
+    themselves. So float32 + float64 gives float64 but float32 + a 0-d float64 tensor or a
+    Python float stays float32; int64 + float32 gives float32 (NumPy: float64); an integer
+    tensor with a Python float gives the default float32.
+    """
+    best = None  # (category, rank) of the operands that decide, and their dtypes
+    dtypes: list = []
+    for x in operands:
+        if isinstance(x, Tensor) or (hasattr(x, "dtype") and not isinstance(x, np.generic)):
+            dtype, rank = np.dtype(x.dtype), 2 if x.ndim else 1
+        else:  # a number (Python's bool, int, float or a NumPy scalar), or a list of them: "weak"
+            dtype, rank = None, 0
+            if not isinstance(x, (bool, int, float, np.bool_, np.integer, np.floating, list, tuple)):
+                raise TypeError(f"expected a Tensor, an array or a real number, got {type(x).__name__}")
+        kind = dtype.kind if dtype is not None else np.asarray(x).dtype.kind
+        if kind not in _CATEGORY:
+            raise TypeError(f"unsupported dtype {dtype if dtype is not None else type(x).__name__}")
+        key = (_CATEGORY[kind], rank)
+        if best is None or key > best:
+            best, dtypes = key, []
+        if key == best and dtype is not None:
+            dtypes.append(dtype)
+    if not dtypes:  # only numbers in the top category
+        return _DEFAULT_OF_CATEGORY[best[0]]
+    out = dtypes[0]
+    for d in dtypes[1:]:
+        out = np.promote_types(out, d)
+    return out
+
+
+def _promoted(*operands, dtype=None) -> list:
+    """The operands as Tensors of one dtype (``result_type``'s, or ``dtype``): a tensor of
+    another dtype goes through a cast, whose gradient is cast back."""
+    if dtype is None:
+        first = operands[0]
+        if all(isinstance(x, Tensor) and x.dtype == first.dtype for x in operands):
+            return list(operands)  # the common case: nothing to do
+        dtype = result_type(*operands)
+    out = []
+    for x in operands:
+        t = x if isinstance(x, Tensor) else Tensor._wrap(get_backend().xp.asarray(
+            x.data if isinstance(x, Tensor) else x, dtype=dtype))
+        out.append(t if t.dtype == dtype else F.cast(t, dtype))
+    return out
 
 
 def tensor(data, requires_grad=False, dtype=None) -> Tensor:

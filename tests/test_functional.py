@@ -142,7 +142,16 @@ case("cos", F.cos, torch.cos if torch else None, lambda: [randn(3, 5)])
 _clip_in = lambda: [np.random.default_rng(0).permutation(np.linspace(-1.43, 1.43, 15)).reshape(3, 5)]  # noqa: E731
 case("clip", lambda a: F.clip(a, -0.5, 0.5), lambda a: a.clamp(-0.5, 0.5), _clip_in)
 case("clip_lo", lambda a: a.clip(lo=-0.5), lambda a: a.clamp(min=-0.5), _clip_in)
-case("clip_hi", lambda a: F.clamp(a, hi=0.5), lambda a: a.clamp(max=0.5), _clip_in)
+case("clip_hi", lambda a: F.clamp(a, max=0.5), lambda a: a.clamp(max=0.5), _clip_in)
+# tensor bounds (broadcast), and a lower bound above the upper one in places (then the upper wins)
+case("clamp_tensor_bounds", lambda a, lo, hi: F.clamp(a, lo, hi), lambda a, lo, hi: torch.clamp(a, lo, hi),
+     lambda: [_clip_in()[0], np.array([-0.9, -0.3, 0.1, -2.0, 0.72]), np.array([[0.35], [1.1], [-0.5]])])
+case("clamp_tensor_min_only", lambda a, lo: a.clamp(min=lo), lambda a, lo: a.clamp(min=lo),
+     lambda: [_clip_in()[0], np.array([-0.9, -0.3, 0.1, -2.0, 0.72])])
+case("where", lambda a, b: F.where(_mask, a, b), lambda a, b: torch.where(torch.tensor(_mask), a, b),
+     lambda: [randn(3, 4), randn(4, seed=1)])
+case("pow_tensor_exponent", lambda a, b: a ** b, lambda a, b: a ** b, lambda: [positive(3, 4), randn(3, 4, seed=1)])
+case("rpow_number_base", lambda b: 2.0 ** b, lambda b: 2.0 ** b, lambda: [randn(3, 4)])
 
 # ---- matrix products
 case("matmul", lambda a, b: a @ b, torch.matmul if torch else None, lambda: [randn(3, 4), randn(4, 5, seed=1)],
@@ -170,11 +179,26 @@ for axis, keep in [(None, False), (None, True), (1, False), (-1, True), ((0, 2),
          lambda a, dims=dims, keep=keep: a.sum(dim=dims, keepdim=keep), lambda: [randn(2, 3, 5)], atol=REDUCE_ATOL)
     case(f"mean_{tag}", lambda a, axis=axis, keep=keep: F.mean(a, axis, keep),
          lambda a, dims=dims, keep=keep: a.mean(dim=dims, keepdim=keep), lambda: [randn(2, 3, 5)], atol=REDUCE_ATOL)
-    case(f"var_{tag}", lambda a, axis=axis, keep=keep: a.var(axis, keep),
+    case(f"var_{tag}", lambda a, axis=axis, keep=keep: a.var(axis, keep),  # torch's default: correction=1
+         lambda a, dims=dims, keep=keep: a.var(dim=dims, keepdim=keep), lambda: [randn(2, 3, 5)],
+         atol=REDUCE_ATOL)
+    case(f"var_biased_{tag}", lambda a, axis=axis, keep=keep: F.var(a, axis, keep, correction=0),
          lambda a, dims=dims, keep=keep: a.var(dim=dims, keepdim=keep, correction=0), lambda: [randn(2, 3, 5)],
          atol=REDUCE_ATOL)
-    case(f"max_{tag}", lambda a, axis=axis, keep=keep: F.max(a, axis, keep),
+    case(f"amax_{tag}", lambda a, axis=axis, keep=keep: F.amax(a, axis, keep),
          lambda a, dims=dims, keep=keep: torch.amax(a, dim=dims, keepdim=keep), lambda: [distinct(2, 3, 5)])
+    case(f"amin_{tag}", lambda a, axis=axis, keep=keep: a.amin(axis, keep),
+         lambda a, dims=dims, keep=keep: torch.amin(a, dim=dims, keepdim=keep), lambda: [distinct(2, 3, 5)])
+for axis, keep in [(0, False), (-1, True)]:
+    case(f"max_values_{axis}_{keep}", lambda a, axis=axis, keep=keep: F.max(a, axis, keep).values,
+         lambda a, axis=axis, keep=keep: torch.max(a, axis, keep).values, lambda: [distinct(2, 3, 5)])
+    case(f"min_values_{axis}_{keep}", lambda a, axis=axis, keep=keep: a.min(axis, keep).values,
+         lambda a, axis=axis, keep=keep: torch.min(a, axis, keep).values, lambda: [distinct(2, 3, 5)])
+case("max_all", lambda a: a.max(), lambda a: a.max(), lambda: [distinct(2, 3, 5)])
+case("var_correction_2", lambda a: F.var(a, 1, correction=2), lambda a: a.var(1, correction=2),
+     lambda: [randn(2, 4, 3)], atol=REDUCE_ATOL)
+case("var_unbiased_false", lambda a: a.var(0, unbiased=False), lambda a: a.var(0, unbiased=False),
+     lambda: [randn(4, 3)], atol=REDUCE_ATOL)
 case("sum_size1_axis", lambda a: a.sum(1), lambda a: a.sum(1), lambda: [randn(3, 1, 4)])
 
 # ---- shapes
@@ -479,11 +503,11 @@ def test_against_torch_float32(name):
 
 
 @pytest.mark.parametrize("axis", [None, 1, (0, 1)])
-def test_max_ties_share_the_gradient_as_torch_amax(axis):
+def test_amax_ties_share_the_gradient_as_torch_amax(axis):
     torch = pytest.importorskip("torch")
     x = np.array([[1.0, 3.0, 3.0, -1.0], [2.0, 2.0, 2.0, 0.5], [3.0, 0.0, 1.0, 3.0]], dtype=np.float32)
     t = Tensor(x, requires_grad=True)
-    out = F.max(t, axis)
+    out = F.amax(t, axis)
     out.backward(np.arange(1, out.size + 1, dtype=np.float32).reshape(out.shape))
     tt = torch.tensor(x, requires_grad=True)
     dims = () if axis is None else axis
@@ -759,16 +783,17 @@ else:
 
     @_small
     @given(shape=hnp.array_shapes(min_dims=1, max_dims=4, max_side=3), data=st.data(),
-           reduce=st.sampled_from(["sum", "mean", "var", "max"]), keepdims=st.booleans())
+           reduce=st.sampled_from(["sum", "mean", "var", "amax", "amin"]), keepdims=st.booleans())
     def test_property_reductions_over_random_axes(shape, data, reduce, keepdims):
         axes = data.draw(st.lists(st.integers(-len(shape), len(shape) - 1), min_size=1, max_size=len(shape),
                                   unique_by=lambda ax: ax % len(shape)))
         axis = tuple(axes) if len(axes) > 1 else axes[0]
         x = distinct(*shape, seed=len(axes))
-        out = getattr(F, reduce)(Tensor(x), axis, keepdims)
-        want = getattr(np, reduce)(x, axis=axis, keepdims=keepdims)
-        np.testing.assert_allclose(out.numpy(), want, rtol=1e-12, atol=1e-12)
-        assert gradcheck(lambda t: getattr(F, reduce)(t, axis, keepdims), [x])
+        ours = (lambda t: F.var(t, axis, keepdims, correction=0)) if reduce == "var" else \
+            (lambda t: getattr(F, reduce)(t, axis, keepdims))  # np.var is the biased variance
+        want = getattr(np, {"amax": "max", "amin": "min"}.get(reduce, reduce))(x, axis=axis, keepdims=keepdims)
+        np.testing.assert_allclose(ours(Tensor(x)).numpy(), want, rtol=1e-12, atol=1e-12)
+        assert gradcheck(ours, [x])
 
 
     @_small

@@ -111,7 +111,7 @@ class Upsample2D(nn.Module):
         self.conv = nn.Conv2d(channels, channels, 3, padding=1)
 
     def forward(self, x: Tensor, size=None) -> Tensor:
-        return self.conv(F.interpolate(x, mode="nearest", size=size))
+        return self.conv(F.interpolate(x, size=size, scale_factor=None if size else 2, mode="nearest"))
 
 
 # =====================================================================================
