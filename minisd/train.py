@@ -404,8 +404,12 @@ def write_loss_curve(out: str, stage: str, losses: list) -> None:
             w.writerows((i, f"{v:.6g}") for i, v in enumerate(losses))
 
     atomic_write(path, write_csv)
-    if not losses:
-        return
+    if losses:
+        plot_loss_curve(os.path.join(logs, f"{stage}_loss.png"), stage, losses)
+
+
+def plot_loss_curve(path: str, stage: str, losses: list) -> None:
+    """The losses (raw, and a running mean of len/50) against the step, log scale, as a PNG."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -421,7 +425,7 @@ def write_loss_curve(out: str, stage: str, losses: list) -> None:
     ax.set(xlabel="step", ylabel="loss", title=f"minisd train {stage}")
     ax.legend()
     fig.tight_layout()
-    atomic_write(os.path.join(logs, f"{stage}_loss.png"), lambda tmp: fig.savefig(tmp, format="png"))
+    atomic_write(path, lambda tmp: fig.savefig(tmp, format="png"))
     plt.close(fig)
 
 
