@@ -149,10 +149,13 @@ def main(argv=None) -> int:
     except KeyboardInterrupt:
         print("minisd: interrupted", file=sys.stderr)
         return 130
-    except (ValueError, KeyError, FileNotFoundError, PermissionError, RuntimeError, OSError, TypeError) as e:
-        # Errors in the work itself, already phrased for a person: one line, no traceback.
+    except (ValueError, KeyError, RuntimeError, OSError, TypeError, MemoryError) as e:
+        # Errors in the work itself, already phrased for a person: one line, no traceback
+        # (a message of several lines, as some libraries' are, is joined onto one).
         message = e.args[0] if isinstance(e, KeyError) and e.args else e
-        print(f"minisd: error: {message}", file=sys.stderr)
+        if isinstance(e, MemoryError):
+            message = f"out of memory: {message or 'an allocation failed'}"
+        print("minisd: error: " + " ".join(str(message).split("\n")), file=sys.stderr)
         return 1
 
 

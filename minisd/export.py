@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import os
 import shutil
-import tempfile
+from pathlib import Path
 
 import numpy as np
 
@@ -46,24 +46,30 @@ def export_pipeline(pipe, out: str, dtype=np.float32) -> str:
     from minisd.train import write_model_index
 
     check_out_dir(out)
-    # written beside DIR under a temporary name, then renamed: a failed export leaves no half folder
-    parent = os.path.dirname(os.path.abspath(out))
-    os.makedirs(parent, exist_ok=True)
-    work = tempfile.mkdtemp(dir=parent, prefix=f".{os.path.basename(os.path.abspath(out))}.")
+    # written beside DIR under a temporary name, then renamed: a failed export leaves no half
+    # folder. Folders and files get the umask's permissions, so others can read the model.
+    target = Path(os.path.abspath(out))
+    work = None
     try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        work = io.temporary_folder(target)
         store = None if np.dtype(dtype) == np.float32 else dtype
         for name in PARTS:
-            io.save_pretrained(getattr(pipe, name), os.path.join(work, name), store)
-        pipe.tokenizer.save(os.path.join(work, "tokenizer"))
+            io.save_pretrained(getattr(pipe, name), work / name, store)
+        pipe.tokenizer.save(str(work / "tokenizer"))
         # the pipeline's sampler: DDIM with the model's schedule (a PNDM config from a real SD
         # folder was already read as DDIM on loading)
-        pipe.make_scheduler(None).save_config(os.path.join(work, "scheduler"))
-        write_model_index(work)
+        pipe.make_scheduler(None).save_config(str(work / "scheduler"))
+        write_model_index(str(work))
         if os.path.isdir(out):
             os.rmdir(out)  # empty, as checked
         os.replace(work, out)
-    except BaseException:
-        shutil.rmtree(work, ignore_errors=True)
+    except BaseException as e:
+        if work is not None:
+            shutil.rmtree(work, ignore_errors=True)
+        if isinstance(e, OSError):  # its path is the temporary folder's, which the user never named
+            message = f"cannot write --to {out}: {e.strerror or e}"
+            raise (OSError(e.errno, message) if e.errno else OSError(message)) from None
         raise
     return out
 

@@ -9,10 +9,18 @@ name: diffusers' "_class_name", and for CLIP transformers' "architectures" and
 shapes, then the raw little-endian arrays, so loading is a copy (no pickle, no code).
 Keys are the models' parameter names, which are diffusers'/transformers' own.
 
-Writes are atomic: each file is written under a temporary name in the same folder and
-renamed over the target, so a crash mid-save never leaves a half-written checkpoint.
+Writes are atomic, for every file minisd writes (weights, configs, the tokenizer's files,
+model_index.json): atomic_write writes to a unique temporary name in the same folder and
+renames it over the target, so a crash or a full disk mid-save leaves the old file whole,
+and two processes saving at once never share a temporary file. Files get the permissions
+the umask gives (0666 & ~umask, folders 0777 & ~umask), as files made by open() do.
 Weights stored in float16 (as SD's published "fp16" files are) load into the model's
 float32 parameters: load_state_dict casts each array to its parameter's dtype.
+
+Loading refuses what no trained model holds: NaN or infinite weights, and integer or bool
+arrays for floating-point parameters (a corrupt or mislabelled file), naming the tensor
+and the file; and a config is checked key by key before anything is built
+(minisd.models.config), so a bad file is one line that names the key and the file.
 
 Loading a full-size model (SD v1.5's UNet: 860M parameters, 3.4 GB in float32) must not
 need two of it in memory. So load_pretrained builds the model without drawing random
@@ -27,7 +35,8 @@ import contextlib
 import inspect
 import json
 import os
-import tempfile
+import re
+import secrets
 from collections.abc import Mapping
 from pathlib import Path
 
@@ -57,28 +66,98 @@ _MODEL_TYPES = {"CLIPTextModel": "clip_text_model", "CLIPModel": "clip"}
 # =====================================================================================
 
 
-def _atomic_write(path: Path, write) -> None:
-    """Call write(temporary_path), then rename the result onto path."""
+def _create_beside(path: Path, create) -> Path:
+    """A new file or folder next to ``path``, named .NAME.PID-RANDOM.tmp: the pid and 8 random
+    hex digits make it unique per process and per call, and ``create`` fails if it exists."""
+    for _ in range(100):
+        candidate = path.parent / f".{path.name}.{os.getpid()}-{secrets.token_hex(4)}.tmp"
+        try:
+            create(candidate)
+            return candidate
+        except FileExistsError:
+            continue
+    raise FileExistsError(f"no free temporary name beside {path}")
+
+
+def temporary_file(path) -> Path:
+    """An empty new file beside ``path``, with the mode open() would give it (0666 & ~umask,
+    applied by the system: unlike tempfile.mkstemp's 0600, others may read what is saved)."""
+    return _create_beside(Path(path), lambda p: os.close(os.open(p, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)))
+
+
+def temporary_folder(path) -> Path:
+    """An empty new folder beside ``path``, mode 0777 & ~umask (tempfile.mkdtemp's is 0700)."""
+    return _create_beside(Path(path), lambda p: os.mkdir(p, 0o777))
+
+
+def atomic_write(path, write) -> Path:
+    """Write ``path`` in one step: ``write(tmp)`` fills a new temporary file beside it, which
+    os.replace then renames onto ``path``. On any failure (an error, a full disk, Ctrl-C) the
+    temporary file is removed and the old ``path``, if any, is untouched. The new file has the
+    permissions the umask gives, even when ``write`` replaces the temporary file by one of its
+    own (safetensors does, with mode 0600). Missing parent folders are made."""
+    path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
+    tmp = temporary_file(path)
+    mode = os.stat(tmp).st_mode & 0o777
     try:
-        write(tmp)
+        write(str(tmp))
+        os.chmod(tmp, mode)
         os.replace(tmp, path)
     except BaseException:
-        if os.path.exists(tmp):
+        with contextlib.suppress(FileNotFoundError):
             os.remove(tmp)
         raise
+    return path
+
+
+# the name train.py calls today; to go once it calls atomic_write
+_atomic_write = atomic_write
+
+
+def write_text(path, text: str) -> Path:
+    """Write ``text`` (UTF-8) to ``path`` atomically."""
+
+    def write(tmp):
+        with open(tmp, "w", encoding="utf-8") as f:
+            f.write(text)
+
+    return atomic_write(path, write)
+
+
+def write_json(path, value, indent: int | None = 2, sort_keys: bool = False) -> Path:
+    """Write ``value`` as JSON (UTF-8, non-ASCII kept as is, a final newline) to ``path`` atomically."""
+    return write_text(path, json.dumps(value, indent=indent, sort_keys=sort_keys, ensure_ascii=False) + "\n")
+
+
+def _write_error(error, path) -> OSError:
+    """safetensors' SafetensorError for a failed write as the OSError it is, naming ``path`` (the
+    file being saved, not safetensors' own temporary name): "[Errno 28] No space left on device:
+    'unet/diffusion_pytorch_model.safetensors'". safetensors 0.8 writes "... (os error 28) at
+    path ...", older versions "IoError(Os { code: 28, ... })"."""
+    found = re.search(r"\(os error (\d+)\)|code: (\d+)", str(error))
+    if found:
+        code = int(found.group(1) or found.group(2))
+        return OSError(code, os.strerror(code), str(path))
+    return OSError(f"cannot write {path}: {error}")
 
 
 def save_safetensors(state: dict[str, np.ndarray], path, dtype=None) -> None:
     """Write arrays to a .safetensors file (atomically), optionally cast to ``dtype`` (e.g. float16)."""
+    from safetensors import SafetensorError
     from safetensors.numpy import save_file
 
     # np.asarray(order="C"), not np.ascontiguousarray, which turns a 0-d array (logit_scale) into 1-d
     arrays = {k: np.asarray(v if dtype is None else np.asarray(v).astype(dtype), order="C") for k, v in state.items()}
-    # "format": "pt" is what transformers checks for before it trusts a safetensors file.
-    _atomic_write(Path(path), lambda tmp: save_file(arrays, tmp, metadata={"format": "pt"}))
+
+    def write(tmp):
+        try:
+            # "format": "pt" is what transformers checks for before it trusts a safetensors file.
+            save_file(arrays, tmp, metadata={"format": "pt"})
+        except SafetensorError as e:
+            raise _write_error(e, path) from None
+
+    atomic_write(path, write)
 
 
 def load_safetensors(path) -> dict[str, np.ndarray]:
@@ -98,6 +177,7 @@ class StoredTensor:
     def __init__(self, file: SafetensorsFile, name: str):
         self.file, self.name = file, name
         self.shape = tuple(file.header[name]["shape"])
+        self.dtype = file.dtype(name)
 
     def __array__(self, dtype=None, copy=None):
         a = self.file.read(self.name)
@@ -139,8 +219,18 @@ class SafetensorsFile(Mapping):
             raise ValueError(f"cannot read {self.path}: not a safetensors file ({e})") from None
         self.header, self._data_start = header, 8 + n
 
+    def dtype(self, name: str) -> np.dtype:
+        """The NumPy dtype ``read(name)`` returns (bfloat16 is read as float32)."""
+        stored = self.header[name]["dtype"]
+        return np.dtype(np.float32 if stored == "BF16" else _DTYPES[stored])
+
     def read(self, name: str) -> np.ndarray:
-        """The named array, as a fresh NumPy array (bfloat16 widened to float32)."""
+        """The named array, as a fresh NumPy array (bfloat16 widened to float32).
+
+        A floating-point array holding NaN or inf is refused: no trained weight is either, and
+        they are what flipped bytes in a file's data look like (the model would load and draw
+        black images). One np.isfinite pass over each tensor, as it is read.
+        """
         entry = self.header[name]
         begin, end = entry["data_offsets"]
         a = np.empty(entry["shape"], dtype=_DTYPES[entry["dtype"]])
@@ -149,6 +239,9 @@ class SafetensorsFile(Mapping):
             raise ValueError(f"cannot read {self.path}: {name} is cut short (truncated file?)")
         if entry["dtype"] == "BF16":
             a = (a.astype(np.uint32) << 16).view(np.float32)
+        if a.dtype.kind == "f" and not np.isfinite(a).all():
+            raise ValueError(f"cannot load {self.path}: tensor {name} holds NaN or infinite values "
+                             "(a corrupt file?)")
         return a
 
     def __getitem__(self, name: str) -> StoredTensor:
@@ -173,21 +266,22 @@ class SafetensorsFile(Mapping):
 
 
 def save_config(config: dict, path) -> None:
-    text = json.dumps(config, indent=2, sort_keys=True) + "\n"
-
-    def write(tmp):
-        with open(tmp, "w") as f:
-            f.write(text)
-
-    _atomic_write(Path(path), write)
+    write_json(path, config, sort_keys=True)
 
 
 def load_config(folder) -> dict:
+    """A model folder's config.json, which must be a JSON object."""
     path = Path(folder) / CONFIG
     if not path.is_file():
         raise FileNotFoundError(f"no {CONFIG} in {folder}")
-    with open(path) as f:
-        return json.load(f)
+    try:
+        with open(path, encoding="utf-8") as f:
+            config = json.load(f)
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ValueError(f"{path}: not valid JSON ({e})") from None
+    if not isinstance(config, dict):
+        raise ValueError(f"{path}: a config is a JSON object of keys and values, got a {type(config).__name__}")
+    return config
 
 
 # =====================================================================================
@@ -257,9 +351,26 @@ def _constructor_config(cls, config: dict) -> dict:
 
 def from_config(config: dict, cls=None, where: str = "config"):
     """A freshly initialised model from a config.json's contents (diffusers' or transformers'):
-    the class named in it (or ``cls``), with the keys that class takes."""
+    the class named in it (or ``cls``), with the keys that class takes.
+
+    A bad config is one error that names ``where`` (the file) and the key: a key the class
+    needs and the file lacks, a value of the wrong type or range, a model too big to build
+    (see minisd.models.config.check_values, which the constructors run).
+    """
+    from minisd.models.config import REQUIRED_KEYS
+
+    if not isinstance(config, Mapping):
+        raise ValueError(f"{where}: a config is a mapping of keys to values (a JSON object), "
+                         f"got a {type(config).__name__}")
     cls = cls or _model_class(config, where)
-    return cls(**_constructor_config(cls, config))
+    missing = [k for k in REQUIRED_KEYS.get(cls.__name__, ()) if k not in config]
+    if missing:
+        raise ValueError(f"{where}: config key {missing[0]!r} is missing ({cls.__name__} needs "
+                         f"{', '.join(REQUIRED_KEYS[cls.__name__])})")
+    try:
+        return cls(**_constructor_config(cls, config))
+    except (ValueError, TypeError) as e:
+        raise (TypeError if isinstance(e, TypeError) else ValueError)(f"{where}: {e}") from None
 
 
 @contextlib.contextmanager
@@ -312,11 +423,11 @@ def load_pretrained(folder, cls=None, dtype=np.float32):
     with _uninitialised():
         model = from_config(config, cls, f"{folder}/{CONFIG}")
     weights = weights_file(folder)
-    try:
-        with SafetensorsFile(weights) as state:
+    with SafetensorsFile(weights) as state:
+        try:
             model.load_state_dict(state)
-    except KeyError as e:
-        raise KeyError(f"{weights}: {e.args[0]}") from None
+        except (KeyError, TypeError) as e:  # (a non-finite tensor's ValueError names the file already)
+            raise (KeyError if isinstance(e, KeyError) else TypeError)(f"{weights}: {e.args[0]}") from None
     if np.dtype(dtype) != np.float32:
         model.to(dtype)
     return model

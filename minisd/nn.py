@@ -13,6 +13,7 @@ biases alike), drawn from minisd's own seeded generator: ``minisd.manual_seed(0)
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
 from typing import Iterator
 
 import numpy as np
@@ -112,17 +113,30 @@ class Module:
         """Every parameter as a NumPy array, by dotted name."""
         return {name: to_numpy(p.data) for name, p in self.named_parameters()}
 
-    def load_state_dict(self, state: dict, strict: bool = True) -> None:
+    def load_state_dict(self, state: Mapping, strict: bool = True) -> None:
         """Copy arrays into the parameters of the same names, keeping each parameter's dtype.
 
-        Missing, unexpected and mis-shaped keys are named in one error (when strict; a
-        mis-shaped key is an error either way).
+        ``state`` maps parameter names to arrays of the parameters' shapes: NumPy or CuPy
+        arrays, a safetensors file's tensors (minisd.io.SafetensorsFile), or nested lists.
+        Missing, unexpected and mis-shaped keys are named in one KeyError (when strict; a
+        mis-shaped key is an error either way). A value that is not an array of numbers, or
+        an integer or bool array for a floating-point parameter, is a TypeError naming the
+        key (torch would cast integers silently; in a checkpoint they mean a corrupt or
+        mislabelled file). Nothing is loaded when any of this fails.
         """
+        where = f"{type(self).__name__}.load_state_dict"
+        if not isinstance(state, Mapping):
+            raise TypeError(f"{where}: expected a mapping of parameter name -> array, got {type(state).__name__}")
         own = dict(self.named_parameters())
+        given = {k: _as_array(state[k]) for k in own if k in state}
+        wrong = [_wrong_value(k, state[k], given[k], own[k]) for k in given]
+        wrong = [w for w in wrong if w]
+        if wrong:
+            raise TypeError(f"{where}: {_listing(wrong, most=3, separator='; ')}")
         missing = sorted(set(own) - set(state))
-        unexpected = sorted(set(state) - set(own))
-        misshaped = [f"{k}: checkpoint {tuple(state[k].shape)} vs model {tuple(own[k].shape)}"
-                     for k in own if k in state and tuple(state[k].shape) != tuple(own[k].shape)]
+        unexpected = sorted(map(str, set(state) - set(own)))
+        misshaped = [f"{k}: checkpoint {tuple(v.shape)} vs model {tuple(own[k].shape)}"
+                     for k, v in given.items() if tuple(v.shape) != tuple(own[k].shape)]
         problems = []
         if strict and missing:
             problems.append(f"missing keys: {_listing(missing)}")
@@ -131,19 +145,47 @@ class Module:
         if misshaped:
             problems.append(f"mis-shaped keys: {_listing(misshaped)}")
         if problems:
-            raise KeyError(f"{type(self).__name__}.load_state_dict: " + "; ".join(problems))
+            raise KeyError(f"{where}: " + "; ".join(problems))
         backend = get_backend()
         for name, p in own.items():
             if name in state:
                 # A copy, as torch's param.copy_(): otherwise the model would share memory with
                 # the dict (and with the model it came from), and training one would change both.
-                p.data = backend.asarray(state[name], dtype=p.dtype).copy()
+                p.data = backend.asarray(given[name], dtype=p.dtype).copy()
                 p.grad = None
 
 
-def _listing(names: list[str], most: int = 10) -> str:
-    shown = ", ".join(names[:most])
-    return shown + (f", ... ({len(names) - most} more)" if len(names) > most else "")
+def _as_array(value):
+    """``value`` as something with a NumPy shape and dtype, not yet read if it is a stored
+    tensor (which has both); anything else (lists, numbers, torch tensors) through np.asarray."""
+    try:
+        np.dtype(value.dtype)
+        tuple(value.shape)
+        return value
+    except (AttributeError, TypeError):
+        pass
+    try:
+        return np.asarray(value)
+    except (ValueError, TypeError):  # ragged lists and the like
+        return np.asarray(value, dtype=object)
+
+
+def _wrong_value(name: str, value, array, param) -> str | None:
+    """What is wrong with loading ``value`` (as ``array``) into ``param``, or None."""
+    kind = np.dtype(array.dtype).kind
+    if kind not in "biufc":
+        shown = repr(value)
+        shown = shown if len(shown) <= 40 else shown[:37] + "..."
+        return f"{name}: expected an array of shape {tuple(param.shape)}, got {type(value).__name__} {shown}"
+    if kind != "f" and np.dtype(param.dtype).kind == "f":
+        return (f"{name}: a {np.dtype(array.dtype)} array cannot be loaded into a {np.dtype(param.dtype)} parameter "
+                "(expected floating-point weights; a corrupt or mislabelled checkpoint?)")
+    return None
+
+
+def _listing(names: list[str], most: int = 10, separator: str = ", ") -> str:
+    shown = separator.join(names[:most])
+    return shown + (f"{separator}... ({len(names) - most} more)" if len(names) > most else "")
 
 
 class ModuleList(Module):

@@ -214,11 +214,10 @@ class Scheduler:
 
     def save_config(self, directory: str) -> str:
         """Write ``directory``/scheduler_config.json (diffusers' layout: the model's scheduler/ folder)."""
-        os.makedirs(directory, exist_ok=True)
+        from minisd.io import write_json  # atomic: a failed save leaves the old file whole
+
         path = os.path.join(directory, CONFIG_NAME)
-        with open(path, "w") as f:
-            json.dump(self.to_dict(), f, indent=2, sort_keys=False)
-            f.write("\n")
+        write_json(path, self.to_dict())
         return path
 
     save_pretrained = save_config

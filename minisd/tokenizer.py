@@ -213,21 +213,22 @@ class Tokenizer:
         """Write tokenizer.json (padding and truncation included, so that
         ``tokenizers.Tokenizer.from_file`` alone gives the same 77 ids), vocab.json,
         merges.txt and transformers' tokenizer_config.json / special_tokens_map.json."""
+        from minisd.io import atomic_write, write_json, write_text
+
         os.makedirs(folder, exist_ok=True)
         tk = _pipeline(self.vocab, self.merges)
         tk.enable_truncation(self.max_length)
         tk.enable_padding(length=self.max_length, pad_id=self.pad_id, pad_token=self.pad_token)
-        tk.save(os.path.join(folder, "tokenizer.json"))
-        with open(os.path.join(folder, "vocab.json"), "w", encoding="utf-8") as f:
-            json.dump(self.vocab, f, ensure_ascii=False)
-        with open(os.path.join(folder, "merges.txt"), "w", encoding="utf-8") as f:
-            f.write("#version: 0.2\n" + "".join(f"{a} {b}\n" for a, b in self.merges))
+        # each file atomically (a new one whole, or the old one untouched), as the weights
+        atomic_write(os.path.join(folder, "tokenizer.json"), tk.save)
+        write_json(os.path.join(folder, "vocab.json"), self.vocab, indent=None)
+        merges = "#version: 0.2\n" + "".join(f"{a} {b}\n" for a, b in self.merges)
+        write_text(os.path.join(folder, "merges.txt"), merges)
         specials = {"bos_token": BOS, "eos_token": EOS, "unk_token": EOS, "pad_token": self.pad_token}
-        with open(os.path.join(folder, "special_tokens_map.json"), "w") as f:
-            json.dump(specials, f, indent=2)
-        with open(os.path.join(folder, "tokenizer_config.json"), "w") as f:
-            json.dump({"tokenizer_class": "CLIPTokenizer", "model_max_length": self.max_length,
-                       "do_lower_case": True, **specials}, f, indent=2)
+        write_json(os.path.join(folder, "special_tokens_map.json"), specials)
+        write_json(os.path.join(folder, "tokenizer_config.json"),
+                   {"tokenizer_class": "CLIPTokenizer", "model_max_length": self.max_length,
+                    "do_lower_case": True, **specials})
         return folder
 
     # -- using it -----------------------------------------------------------------------------

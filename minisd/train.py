@@ -244,7 +244,7 @@ def fit(stage: str, params: dict, loss_fn, *, steps: int, lr: float, out: str, b
     named = list(params.items())
     opt = AdamW([p for _, p in named], lr=lr, weight_decay=weight_decay)
     ema = EMA([p for _, p in named], decay=ema_decay) if ema_decay else None
-    ckpt = os.path.join(out, "checkpoints", f"{stage}.npz")
+    ckpt = checkpoint_path(out, stage)
     check_memory(stage, loss_fn, opt.params, batch_size)
     start, losses, saved_at = 0, [], None
     if resume and os.path.exists(ckpt):
@@ -542,7 +542,7 @@ def train_clip(out: str, dataset: str = "shapes", steps: int | None = None, batc
     batch_size = batch_size or DEFAULT_BATCH["clip"]
     images, captions = data if data is not None else load_dataset(dataset, "train", font)
     tok_dir = os.path.join(out, "tokenizer")
-    if resume and os.path.isfile(os.path.join(out, "checkpoints", "clip.npz")) and os.path.isdir(tok_dir):
+    if resume and os.path.isfile(checkpoint_path(out, "clip")) and os.path.isdir(tok_dir):
         tok = Tokenizer.from_folder(tok_dir)
     else:
         tok = train_tokenizer(captions, out)
