@@ -412,3 +412,16 @@ def test_load_state_dict_wants_a_mapping_of_arrays():
     np.testing.assert_array_equal(net.weight.numpy(), np.arange(1, 7, dtype=np.float32).reshape(2, 3))
     assert net.weight.dtype == np.float32
 
+
+
+def test_the_clip_models_load_state_dict_want_a_mapping_too():
+    """CLIPTextModel and CLIPModel rename keys before the base class checks them: a list is named, not an AttributeError."""
+    from minisd.models import CLIPModel, CLIPTextModel
+
+    text = dict(vocab_size=40, hidden_size=8, intermediate_size=16, num_hidden_layers=1, num_attention_heads=2,
+                max_position_embeddings=8)
+    vision = dict(hidden_size=8, intermediate_size=16, num_hidden_layers=1, num_attention_heads=2, num_channels=3,
+                  image_size=8, patch_size=4)
+    for model in (CLIPTextModel(**text), CLIPModel(text_config=text, vision_config=vision, projection_dim=8)):
+        with pytest.raises(TypeError, match=r"load_state_dict: expected a mapping of parameter name -> array, got list"):
+            model.load_state_dict([1, 2, 3])

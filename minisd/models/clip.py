@@ -23,6 +23,8 @@ transformers': ``embeddings.token_embedding.weight``, ``encoder.layers.0.self_at
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+
 import numpy as np
 
 from minisd import functional as F
@@ -197,6 +199,8 @@ class CLIPTextModel(Pretrained, nn.Module):
 
     def load_state_dict(self, state: dict, strict: bool = True) -> None:
         """Accepts keys with or without the ``text_model.`` prefix; ignores the ``position_ids`` buffer."""
+        if not isinstance(state, Mapping):  # the base class names what was expected
+            return super().load_state_dict(state, strict)
         state = {(k[len("text_model."):] if k.startswith("text_model.") else k): v for k, v in state.items()}
         state.pop("embeddings.position_ids", None)
         super().load_state_dict(state, strict)
@@ -281,6 +285,8 @@ class CLIPModel(Pretrained, nn.Module):
 
     def load_state_dict(self, state: dict, strict: bool = True) -> None:
         """Ignores the ``position_ids`` buffers that older transformers files carry for both towers."""
+        if not isinstance(state, Mapping):
+            return super().load_state_dict(state, strict)
         super().load_state_dict({k: v for k, v in state.items() if not k.endswith("embeddings.position_ids")}, strict)
 
     def get_text_features(self, input_ids) -> Tensor:
