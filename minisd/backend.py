@@ -58,34 +58,9 @@ class Backend:
         return self.xp.asarray(data, dtype=dtype)
 
 
-def _keep_freed_blocks_in_the_heap() -> None:
-    """Ask glibc to keep large freed blocks for reuse instead of handing them back to the OS.
-
-    By default glibc serves every allocation above its mmap threshold with a fresh
-    mapping and unmaps it on free, so the next step's temporary of the same size is
-    page-faulted in again, page by page, zero-filled. A training step allocates and frees
-    the same large temporaries every time; keeping them saves about 12% of a small UNet's
-    CPU time per step here. Only the thresholds change (glibc's documented mallopt knobs),
-    and only on glibc; set MINISD_MALLOC_TUNING=0 to leave the allocator alone.
-    """
-    if os.environ.get("MINISD_MALLOC_TUNING", "1") == "0":
-        return
-    try:
-        import ctypes
-
-        libc = ctypes.CDLL("libc.so.6")
-    except OSError:  # not glibc (macOS, musl): nothing to tune
-        return
-    M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3
-    libc.mallopt(M_MMAP_THRESHOLD, 32 << 20)  # glibc's largest allowed value on 64-bit
-    libc.mallopt(M_TRIM_THRESHOLD, 256 << 20)
-
-
 def _make(name: str) -> Backend:
     import numpy
 
-    if name in ("numpy", "emulated"):
-        _keep_freed_blocks_in_the_heap()
     if name == "naive":
         from minisd.backends import naive
 

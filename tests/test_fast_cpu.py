@@ -11,13 +11,12 @@ differences of the naive forward pass (of <dy, f(inputs)>, whose gradient backwa
 from __future__ import annotations
 
 import itertools
-import os
 
 import numpy as np
 import pytest
 from conftest import f32, numerical_grads, rand, random_attention_cases, random_conv_cases, random_norm_cases
 
-from minisd.backends import fast_cpu
+from minisd.backends import cpu_settings, fast_cpu
 from minisd.backends import naive
 
 
@@ -88,7 +87,7 @@ def test_conv2d_backward_matches_finite_differences(case, layout):
 @pytest.mark.parametrize("cores", [1, 3])
 def test_conv2d_backward_returns_only_what_is_asked(monkeypatch, layout, cores):
     """Every combination of gradients asked for, on one thread and with the batch shared out."""
-    monkeypatch.setattr(fast_cpu.os, "cpu_count", lambda: cores)
+    monkeypatch.setattr(cpu_settings, "cores", lambda: cores)
     monkeypatch.setattr(fast_cpu, "CONV_PARALLEL_BYTES", 0)
     monkeypatch.setattr(fast_cpu, "CONV_CHUNK_BYTES", 1)  # one image per chunk, so several runs
     x, w = rand(4, 3, 5, 5), rand(4, 3, 3, 3, seed=1)
@@ -107,7 +106,7 @@ def test_conv2d_backward_returns_only_what_is_asked(monkeypatch, layout, cores):
 def test_conv2d_in_chunks_and_on_strided_inputs(monkeypatch, stride, layout, cores):
     """A batch cut into several chunks (the last one shorter), and inputs that are views; the
     chunks worked through on one thread, or shared out in runs among (here) three cores."""
-    monkeypatch.setattr(fast_cpu.os, "cpu_count", lambda: cores)
+    monkeypatch.setattr(cpu_settings, "cores", lambda: cores)
     monkeypatch.setattr(fast_cpu, "CONV_PARALLEL_BYTES", 0)  # small as it is, share the batch out
     monkeypatch.setattr(fast_cpu, "CONV_CHUNK_BYTES", 1)  # one image per chunk
     x = rand(5, 3, 6, 7).swapaxes(2, 3)  # (5, 3, 7, 6), a transposed view
@@ -125,7 +124,7 @@ def test_conv2d_in_chunks_and_on_strided_inputs(monkeypatch, stride, layout, cor
 def test_conv2d_runs_of_chunks_one_per_core(monkeypatch):
     """Chunks as equal as they can be, a whole number per core, in runs of consecutive
     chunks that cover the batch once; small calls, single images and one core stay on one run."""
-    monkeypatch.setattr(fast_cpu.os, "cpu_count", lambda: 2)
+    monkeypatch.setattr(cpu_settings, "cores", lambda: 2)
     monkeypatch.setattr(fast_cpu, "CONV_CHUNK_BYTES", 1000)
     monkeypatch.setattr(fast_cpu, "CONV_PARALLEL_BYTES", 4000)
     runs, parallel = fast_cpu._chunk_runs(N=7, bytes_per_image=700)  # 4,900 bytes: 5 chunks, 6 with the cores
@@ -135,56 +134,8 @@ def test_conv2d_runs_of_chunks_one_per_core(monkeypatch):
     assert [len(run) for run in runs] == [2, 2]
     assert fast_cpu._chunk_runs(N=7, bytes_per_image=500) == ([[slice(n, n + 2) for n in range(0, 6, 2)] + [slice(6, 7)]], False)
     assert fast_cpu._chunk_runs(N=1, bytes_per_image=10 ** 6)[1] is False
-    monkeypatch.setattr(fast_cpu.os, "cpu_count", lambda: 1)
+    monkeypatch.setattr(cpu_settings, "cores", lambda: 1)
     assert fast_cpu._chunk_runs(N=7, bytes_per_image=700)[1] is False
-
-
-_BLAS_THREADS = """
-import sys
-import numpy as np
-import threadpoolctl
-from minisd.backends import fast_cpu
-
-def threads():  # NumPy's own BLAS (other packages may bring BLAS libraries of their own)
-    return [lib["num_threads"] for lib in threadpoolctl.threadpool_info()
-            if lib["user_api"] == "blas" and "numpy" in lib["filepath"]]
-
-before = threads()
-x = np.random.default_rng(0).standard_normal((4, 32, 32, 32)).astype(np.float32)
-w = np.ones((32, 32, 3, 3), np.float32)
-fast_cpu.conv2d_forward(x, w, None, 1, 1)  # a convolution over the batch starts the pool
-held = threads()
-with fast_cpu._blas_on_all_cores():
-    lent = threads()
-print(before, held, lent, threads())
-"""
-
-
-@pytest.mark.parametrize("env", [None, "OPENBLAS_NUM_THREADS"])
-def test_blas_is_held_to_one_thread_once_the_pool_starts(monkeypatch, env):
-    """From the pool's start NumPy's BLAS runs on one thread; _blas_on_all_cores lends it its
-    own thread count back for a while. A thread count set in the environment is left alone."""
-    import ast
-    import subprocess
-    import sys
-
-    pytest.importorskip("threadpoolctl")
-    if (os.cpu_count() or 1) < 2:
-        pytest.skip("needs two cores")
-    for name in ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS"):
-        monkeypatch.delenv(name, raising=False)
-    if env:
-        monkeypatch.setenv(env, "2")
-    done = subprocess.run([sys.executable, "-c", _BLAS_THREADS], capture_output=True, text=True, timeout=120)
-    assert done.returncode == 0, done.stderr[-2000:]
-    before, held, lent, after = ast.literal_eval(done.stdout.strip().replace("] [", "], ["))
-    if not before:
-        pytest.skip("NumPy's BLAS is not one that threadpoolctl can see here")
-    assert min(before) > 1
-    if env:
-        assert held == lent == after == before
-    else:
-        assert set(held) == set(after) == {1} and lent == before
 
 
 @pytest.mark.parametrize("a_shape, b_shape, transposed", [
@@ -208,21 +159,6 @@ def test_matmul_shared_among_the_cores_equals_numpy(monkeypatch, a_shape, b_shap
                                atol=1e-4 if dtype == np.float32 else 1e-12)
 
 
-def test_blas_is_held_to_one_thread_while_the_cores_share_a_batch():
-    threadpoolctl = pytest.importorskip("threadpoolctl")
-
-    def blas_threads():  # NumPy's own BLAS (other packages may bring BLAS libraries of their own)
-        return [lib["num_threads"] for lib in threadpoolctl.threadpool_info()
-                if lib["user_api"] == "blas" and "numpy" in lib["filepath"]]
-
-    before = blas_threads()
-    if not before:
-        pytest.skip("NumPy's BLAS is not one that threadpoolctl can see here")
-    with fast_cpu._blas_on_one_thread():
-        assert set(blas_threads()) == {1}
-    assert blas_threads() == before
-
-
 # ------------------------------------------------------------------------------------
 # group norm
 # ------------------------------------------------------------------------------------
@@ -237,7 +173,7 @@ NORM_CASES = [((2, 6, 3, 3), 3, True), ((2, 6, 3, 3), 1, True), ((2, 6, 3, 3), 6
 @pytest.mark.parametrize("shape, G, affine", NORM_CASES)
 def test_group_norm_matches_its_definition(monkeypatch, shape, G, affine, cores):
     """On one thread, and (cores=3) with the batch shared out a sample or two per core."""
-    monkeypatch.setattr(fast_cpu.os, "cpu_count", lambda: cores)
+    monkeypatch.setattr(cpu_settings, "cores", lambda: cores)
     monkeypatch.setattr(fast_cpu, "GROUP_NORM_SHARED", 0)  # small as they are, share the samples out
     C = shape[1]
     x = rand(*shape) * 3 + 1.5
@@ -438,7 +374,7 @@ def test_conv2d_equals_naive_at_random_shapes(case, layout, dtype):
 @pytest.mark.parametrize("dtype", [np.float64, np.float32])
 @pytest.mark.parametrize("case", random_norm_cases(24, seed=1), ids=lambda c: "x".join(map(str, c[0])) + f"-g{c[1]}")
 def test_group_norm_equals_naive_at_random_shapes(monkeypatch, case, dtype):
-    monkeypatch.setattr(fast_cpu.os, "cpu_count", lambda: 3)
+    monkeypatch.setattr(cpu_settings, "cores", lambda: 3)
     monkeypatch.setattr(fast_cpu, "GROUP_NORM_SHARED", 0)  # small as they are, share the samples out
     shape, G, has_weight, has_bias, eps = case
     x, dy = rand(*shape) * 2 + 1, rand(*shape, seed=3)
@@ -470,49 +406,3 @@ def test_attention_equals_naive_at_random_shapes(case, dtype):
     _assert_like_naive(got, (o, lse), ("o", "lse"), dtype)
     _assert_like_naive(fast_cpu.attention_backward(*cast(do, q, k, v, o, lse), scale, causal),
                        naive.attention_backward(do, q, k, v, o, lse, scale, causal), ("dq", "dk", "dv"), dtype)
-
-
-# ------------------------------------------------------------------------------------
-# the thread pool's memory
-# ------------------------------------------------------------------------------------
-
-_FAULTS_PER_CALL = """
-import resource, sys
-import numpy as np
-from minisd.backends import fast_cpu
-fast_cpu.KEEP_FREED = int(sys.argv[1])
-rng = np.random.default_rng(0)
-q, k = rng.standard_normal((2, 32, 4, 64, 32), dtype=np.float32)
-for _ in range(3):
-    o, lse = fast_cpu.attention_forward(q, k, k, 0.2, False)
-    fast_cpu.attention_backward(q, q, k, k, o, lse, 0.2, False)
-before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
-for _ in range(5):
-    o, lse = fast_cpu.attention_forward(q, k, k, 0.2, False)
-    fast_cpu.attention_backward(q, q, k, k, o, lse, 0.2, False)
-print((resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before) / 5)
-"""
-
-
-def test_the_pool_keeps_freed_memory_so_a_loop_takes_no_page_faults(monkeypatch):
-    """An op in a loop, with its temporaries made on the pool's threads, gets them back
-    without page faults once the arenas keep freed memory (KEEP_FREED; without it, about
-    1,400 a call here). A user's own MALLOC_TOP_PAD_ is left alone."""
-    import os
-    import platform
-    import subprocess
-    import sys
-
-    if platform.system() != "Linux" or platform.libc_ver()[0] != "glibc" or (os.cpu_count() or 1) < 2:
-        pytest.skip("glibc's arenas, shared out over at least two cores")
-    monkeypatch.delenv("MALLOC_TOP_PAD_", raising=False)
-    done = subprocess.run([sys.executable, "-c", _FAULTS_PER_CALL, str(fast_cpu.KEEP_FREED)],
-                          capture_output=True, text=True, timeout=120)
-    assert done.returncode == 0, done.stderr[-2000:]
-    assert float(done.stdout) < 50
-
-    monkeypatch.setenv("MALLOC_TOP_PAD_", "131072")
-    calls = []
-    monkeypatch.setattr(fast_cpu.ctypes, "CDLL", lambda *args: calls.append(args))
-    fast_cpu._keep_freed_memory()
-    assert calls == []

@@ -33,14 +33,16 @@ every function here to the naive ones (tests/test_fast_cpu.py).
 
 from __future__ import annotations
 
-import concurrent.futures
 import contextlib
-import ctypes
 import itertools
 import math
-import os
 
 import numpy as np
+
+from minisd.backends import cpu_settings
+from minisd.backends.cpu_settings import blas_on_all_cores, blas_on_one_thread, on_all_cores
+
+_on_all_cores = on_all_cores  # the name functional.py imports through the minisd.reference shim (goes with it)
 
 # ------------------------------------------------------------------------------------
 # conv2d:  y[n,k,p,q] = b[k] + sum_{c,r,s} w[k,c,r,s] xpad[n, c, p*st + r, q*st + s]
@@ -136,7 +138,7 @@ def _row_shifts(x_shape, w_shape, stride: int, padding: int) -> bool:
 def _chunk_runs(N: int, bytes_per_image: int):
     """(runs, parallel): the batch cut into chunks of about CONV_CHUNK_BYTES, as equal as they
     can be, in runs of consecutive chunks, one run per core when ``parallel``, else one run."""
-    cores = os.cpu_count() or 1
+    cores = cpu_settings.cores()
     count = min(N, max(1, -(-N * bytes_per_image // CONV_CHUNK_BYTES)))
     parallel = cores > 1 and N >= cores and N * bytes_per_image >= CONV_PARALLEL_BYTES
     if parallel:
@@ -158,80 +160,10 @@ def _over_the_batch(work, N: int, bytes_per_image: int) -> list:
     if not parallel:
         # fewer images than cores, or little work: where the work is big, the BLAS shares each product out
         big = N * bytes_per_image >= CONV_PARALLEL_BYTES
-        with _blas_on_all_cores() if big else contextlib.nullcontext():
+        with blas_on_all_cores() if big else contextlib.nullcontext():
             return [work(runs[0])]
-    with _blas_on_one_thread():
-        return _on_all_cores(work, runs)
-
-
-class _blas_threads:
-    """A context in which NumPy's BLAS runs its products on ``threads`` threads (None: on as
-    many as it had before minisd held it to one, see ``_hold_blas_to_one_thread``; a no-op
-    where minisd never held it).
-
-    threadpoolctl finds the BLAS libraries once; entering and leaving then cost a call to
-    each one's set_num_threads (a couple of microseconds, where threadpoolctl's own
-    limit() looks them all up again, ten times longer).
-    """
-
-    libraries = None
-    held_from = None  # the BLAS's thread counts before minisd held it to one thread
-
-    def __init__(self, threads=None):
-        self.wanted = threads
-
-    @classmethod
-    def controllers(cls):
-        if cls.libraries is None:
-            from threadpoolctl import ThreadpoolController
-
-            cls.libraries = ThreadpoolController().select(user_api="blas").lib_controllers
-        return cls.libraries
-
-    def __enter__(self):
-        _hold_blas_to_one_thread()  # first, so that it sees the BLAS's own thread counts
-        libraries = self.controllers()
-        self.threads = [lib.get_num_threads() for lib in libraries]
-        wanted = [self.wanted] * len(libraries) if self.wanted is not None else _blas_threads.held_from
-        for lib, n in zip(libraries, wanted or self.threads):
-            lib.set_num_threads(n)
-
-    def __exit__(self, *exception):
-        for lib, threads in zip(self.libraries, self.threads):
-            lib.set_num_threads(threads)
-
-
-def _blas_on_one_thread():
-    return _blas_threads(1)
-
-
-def _blas_on_all_cores():
-    """For the few products big enough to be worth the BLAS's own threads, and that minisd
-    cannot share among its pool's threads itself (one image's convolution, long-key attention)."""
-    return _blas_threads(None)
-
-
-def _hold_blas_to_one_thread() -> None:
-    """NumPy's BLAS computes on the calling thread from now on; minisd shares the cores out itself.
-
-    A BLAS thread that has just finished its part of a product keeps spinning for a while
-    (OPENBLAS_THREAD_TIMEOUT) before it sleeps, on a core that minisd's pool wants for the
-    next op: in a UNet step almost every op follows a product. Held to one thread, with the
-    big products shared among the pool's threads instead (``matmul``), the UNet of
-    ``minisd bench unet`` took 0.77-0.81x the time for a training step and 0.74-0.78x for a
-    forward pass (interleaved A/B in one process, 2 cores, 5 runs). A thread count set for the BLAS
-    in the environment (OPENBLAS_NUM_THREADS, OMP_NUM_THREADS) is left alone.
-    """
-    if _blas_threads.held_from is not None or any(
-            name in os.environ for name in ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS")):
-        return
-    try:
-        libraries = _blas_threads.controllers()
-    except ImportError:  # no threadpoolctl: the BLAS keeps its threads
-        return
-    _blas_threads.held_from = [lib.get_num_threads() for lib in libraries]
-    for lib in libraries:
-        lib.set_num_threads(1)
+    with blas_on_one_thread():
+        return on_all_cores(work, runs)
 
 
 # Products of at least this many multiply-adds (x2: FLOPs) are cut in two, or in as many parts
@@ -245,7 +177,7 @@ SHARED_PRODUCT_FLOPS = 50e6
 def matmul(a, b):
     """a @ b (np.matmul's broadcasting), the big products shared among the cores by rows of the
     result (or by columns, where there are more of those): each core runs one part's product."""
-    cores = os.cpu_count() or 1
+    cores = cpu_settings.cores()
     if a.ndim < 2 or b.ndim < 2 or cores == 1:
         return np.matmul(a, b)
     (M, K), N = a.shape[-2:], b.shape[-1]
@@ -258,9 +190,9 @@ def matmul(a, b):
     step = -(-size // cores)
     parts = [slice(i, min(size, i + step)) for i in range(0, size, step)]
     if by_rows:
-        _on_all_cores(lambda rows: np.matmul(a[..., rows, :], b, out=out[..., rows, :]), parts)
+        on_all_cores(lambda rows: np.matmul(a[..., rows, :], b, out=out[..., rows, :]), parts)
     else:
-        _on_all_cores(lambda cols: np.matmul(a, b[..., cols], out=out[..., cols]), parts)
+        on_all_cores(lambda cols: np.matmul(a, b[..., cols], out=out[..., cols]), parts)
     return out
 
 
@@ -628,7 +560,7 @@ def _samples_per_core(x):
     """Slices of the batch, one per core, where x is big enough that sharing it out pays;
     else the whole batch as one slice. (Every NumPy pass hands Python's lock between the
     threads; below GROUP_NORM_SHARED values that costs more than the cores save.)"""
-    N, cores = x.shape[0], os.cpu_count() or 1
+    N, cores = x.shape[0], cpu_settings.cores()
     if cores == 1 or N == 1 or x.size < GROUP_NORM_SHARED:
         return [slice(0, N)]
     step = -(-N // min(cores, N))
@@ -660,7 +592,7 @@ def group_norm_forward(x, num_groups: int, weight, bias, eps: float):
         if bias is not None:
             y4 += bias.reshape(G, C // G, 1)
 
-    _on_all_cores(normalise, _samples_per_core(x))
+    on_all_cores(normalise, _samples_per_core(x))
     return y, mean, rstd
 
 
@@ -698,7 +630,7 @@ def group_norm_backward(dy, x, num_groups: int, weight, mean, rstd):
         affine_x += c3[..., None]
         dxg += affine_x
 
-    _on_all_cores(backward, _samples_per_core(x))
+    on_all_cores(backward, _samples_per_core(x))
     dweight = sum_dy_xhat.sum(axis=0).reshape(C) if weight is not None else None
     dbias = sum_dy.sum(axis=0).reshape(C) if weight is not None else None
     return dx, dweight, dbias
@@ -777,47 +709,6 @@ def _tiles(B: int, H: int, Lq: int, Lk: int, d: int):
     return tiles, [slice(i, min(Lq, i + block)) for i in range(0, Lq, block)], small
 
 
-_pool, _pool_pid = None, None
-
-# The pool's threads allocate their temporaries from glibc's per-thread arenas, which hand
-# freed memory back to the system as soon as more than M_TOP_PAD (128 KB) of it lies at
-# their top. An op run again and again (a benchmark's loop, or any loop over one op) then
-# takes page faults to get its temporaries back on every call: attention at 64 keys and
-# d = 32, 1,436 faults a call and 10.0 ms where 6.1 ms without them; group norm at 32x32,
-# 994 faults, 8.9 ms against 4.7. Keeping KEEP_FREED bytes at the top of each arena stops
-# that. Setting it freezes glibc's adaptive mmap threshold where it stands (128 KB at
-# first, which would send every bigger temporary to mmap and its page faults), so the
-# threshold is set too, to 32 MB, the ceiling glibc's adaptation would reach. A whole UNet
-# or VAE training step measured the same either way, in time and in peak memory. (A
-# MALLOC_TOP_PAD_ of the user's own is left alone.)
-KEEP_FREED = 64 << 20
-_M_TOP_PAD, _M_MMAP_THRESHOLD = -2, -3  # mallopt's parameter numbers in glibc's malloc.h
-
-
-def _keep_freed_memory() -> None:
-    if not KEEP_FREED or "MALLOC_TOP_PAD_" in os.environ:
-        return
-    try:
-        libc = ctypes.CDLL("libc.so.6")
-        libc.mallopt(_M_TOP_PAD, KEEP_FREED)
-        libc.mallopt(_M_MMAP_THRESHOLD, 32 << 20)
-    except (OSError, AttributeError):  # not glibc (macOS, musl): nothing to tune
-        pass
-
-
-def _on_all_cores(fn, items, parallel=True):
-    """fn(item) for every item, on a pool of one thread per core; the first exception is raised."""
-    global _pool, _pool_pid
-    if not parallel or len(items) == 1 or (os.cpu_count() or 1) == 1:
-        return [fn(item) for item in items]
-    if _pool_pid != os.getpid():  # first use, or a forked child, which has none of the parent's threads
-        _keep_freed_memory()
-        _hold_blas_to_one_thread()
-        _pool = concurrent.futures.ThreadPoolExecutor(os.cpu_count(), thread_name_prefix="minisd-reference")
-        _pool_pid = os.getpid()
-    return [f.result() for f in [_pool.submit(fn, item) for item in items]]
-
-
 def _laid_out_as(a, L: int, d: int, zeros=False):
     """A new (B, H, L, d) array in a's layout: where a is heads split out of tokens (a view
     of a (B, L', H, d') array), a view of a new (B, L, H, d) array, so that joining its heads
@@ -833,10 +724,10 @@ def _run_tiles(tile, tiles, small: bool) -> None:
     """tile(t) for every tile: shared among the cores where the products are small; else
     (long keys) one after another, each big product shared out by the BLAS itself."""
     if small:
-        _on_all_cores(tile, tiles)
+        on_all_cores(tile, tiles)
     else:
-        with _blas_on_all_cores():
-            _on_all_cores(tile, tiles, parallel=False)
+        with blas_on_all_cores():
+            on_all_cores(tile, tiles, parallel=False)
 
 
 def attention_forward(q, k, v, scale: float, is_causal: bool):
