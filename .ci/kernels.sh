@@ -47,9 +47,9 @@ echo "== the exact text the CuPy path hands to NVRTC (headers inlined) compiles 
 PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" python - "$out" <<'PY'
 import sys
 from pathlib import Path
-from minisd import kernels
-for name in kernels.KERNEL_FILES:
-    Path(sys.argv[1], "nvrtc_" + name).write_text(kernels._inline_includes(kernels.source_dir() / name))
+from minisd.backends import cuda_build
+for name in cuda_build.KERNEL_FILES:
+    Path(sys.argv[1], "nvrtc_" + name).write_text(cuda_build.inline_includes(cuda_build.source_dir() / name))
 PY
 for name in "$out"/nvrtc_*.cu; do
   "$NVCC" -ptx -arch=sm_80 -Werror all-warnings "$name" -o "$name.ptx"

@@ -32,8 +32,8 @@
 //            Tile sizes are chosen at launch (blockDim.x and an argument) so that the
 //            shared memory fits in 48 KiB for the head dim at hand.
 //
-// Reference: attention_forward, attention_backward in minisd/reference.py (NumPy).
-// Launchers (grid, block, shared memory): minisd/kernels.py. Check and time them with:
+// Reference: attention_forward, attention_backward in minisd/backends/naive.py (NumPy, the formulas).
+// Launchers (grid, block, shared memory): minisd/backends/cuda_launch.py. Check and time them with:
 //   python -m pytest tests/test_kernels.py -k attention      (the CPU emulator, every version and order)
 //   python -m pytest tests/test_kernels_gpu.py -k attention  (a GPU, through CuPy)
 //   minisd bench kernels                              (each version against the vendor library)

@@ -30,8 +30,8 @@
 //            db is a block reduction per output channel. No atomics anywhere: every
 //            output element is written by exactly one thread, so results are deterministic.
 //
-// Reference: conv2d_forward, conv2d_backward in minisd/reference.py (NumPy).
-// Launchers (grid, block, shared memory): minisd/kernels.py. Check and time them with:
+// Reference: conv2d_forward, conv2d_backward in minisd/backends/naive.py (NumPy, the formulas).
+// Launchers (grid, block, shared memory): minisd/backends/cuda_launch.py. Check and time them with:
 //   python -m pytest tests/test_kernels.py -k conv2d      (the CPU emulator, every version and order)
 //   python -m pytest tests/test_kernels_gpu.py -k conv2d  (a GPU, through CuPy)
 //   minisd bench kernels                              (each version against the vendor library)
@@ -121,7 +121,7 @@ extern "C" __global__ void conv2d_backward_bias_kernel1(const float *dy, float *
 // version 2: implicit GEMM with shared-memory tiles
 // ---------------------------------------------------------------------------------------
 
-#define TILE 64     // a block computes a TILE x TILE tile of C (minisd/kernels.py's CONV_TILE) ...
+#define TILE 64     // a block computes a TILE x TILE tile of C (minisd/backends/cuda_launch.py's CONV_TILE) ...
 #define TILE_K 16   // ... walking the sum TILE_K terms at a time
 #define THREADS 256 // 16 x 16 threads ...
 #define SUB 4       // ... each computing SUB x SUB elements of the tile (16 * SUB = TILE)

@@ -1,7 +1,7 @@
 // emulator.h: run CUDA kernels on the CPU, one fiber per CUDA thread.
 //
 // The kernels in this folder are plain CUDA C. Compiled with g++ after this header
-// (minisd/kernels.py does that), they run on the CPU with the same grid, block and
+// (minisd/backends/cuda_build.py does that), they run on the CPU with the same grid, block and
 // shared-memory sizes as on a GPU, so that every kernel can be tested where there is
 // no GPU. How a launch runs:
 //
@@ -518,7 +518,7 @@ inline T atomicAdd(T *address, T value) {
     return old;
 }
 
-// Dynamic shared memory: kernels.py rewrites `extern __shared__ T name[];` to this pointer.
+// Dynamic shared memory: cuda_build.py rewrites `extern __shared__ T name[];` to this pointer.
 #define EMU_DYNAMIC_SHARED(T, name) T *name = reinterpret_cast<T *>(emu::rt.dynamic_shared)
 
 // Math intrinsics: the exact functions stand in for the fast approximate ones.
@@ -531,7 +531,7 @@ inline int __float_as_int(float f) { int i; memcpy(&i, &f, 4); return i; }
 inline int min(int a, int b) { return a < b ? a : b; }
 inline int max(int a, int b) { return a > b ? a : b; }
 
-// ---- the controls minisd/kernels.py calls through ctypes (defined in one file only) --------
+// ---- the controls minisd/backends/cuda_build.py calls through ctypes (defined in one file only)
 #ifdef EMU_DEFINE_CONTROLS
 // Order in which fibers are resumed in each pass, and blocks run: 0 forward, 1 reverse,
 // 2 random (reshuffled each pass from `seed`).

@@ -23,8 +23,8 @@
 // No atomics: every output is written by one thread, so results are deterministic.
 // mean, rstd (N, G) are saved by the forward pass for the backward pass.
 //
-// Reference: group_norm_forward, group_norm_backward in minisd/reference.py (NumPy).
-// Launchers (grid, block, shared memory): minisd/kernels.py. Check and time them with:
+// Reference: group_norm_forward, group_norm_backward in minisd/backends/naive.py (NumPy, the formulas).
+// Launchers (grid, block, shared memory): minisd/backends/cuda_launch.py. Check and time them with:
 //   python -m pytest tests/test_kernels.py -k group_norm      (the CPU emulator, every version and order)
 //   python -m pytest tests/test_kernels_gpu.py -k group_norm  (a GPU, through CuPy)
 //   minisd bench kernels                              (each version against the vendor library)

@@ -40,7 +40,8 @@ except ImportError:  # run from a checkout without installing: the package sits 
 import numpy as np
 from matplotlib.patches import Rectangle
 
-from minisd import kernels, reference, viz
+from minisd import reference, viz
+from minisd.backends import cuda_build, cuda_launch
 from minisd.backend import BackendUnavailable
 
 plt = viz.plt
@@ -63,9 +64,9 @@ print(f"  C++ compiler ({cxx}): {shutil.which(cxx) or 'not found: the emulator r
 for runtime in ("emulated", "cupy"):
     try:
         t0 = time.perf_counter()
-        runtimes[runtime] = kernels.KernelOps(runtime)
+        runtimes[runtime] = cuda_launch.KernelOps(runtime)
         print(f"  {runtime}: ready ({time.perf_counter() - t0:.2f} s to compile or load)")
-    except (BackendUnavailable, kernels.KernelError, ImportError, OSError) as error:
+    except (BackendUnavailable, cuda_build.KernelError, ImportError, OSError) as error:
         print(f"  {runtime}: not available ({str(error).splitlines()[0]})")
 results["emulator_available"] = "emulated" in runtimes
 results["gpu_available"] = "cupy" in runtimes
@@ -82,7 +83,7 @@ results["gpu_available"] = "cupy" in runtimes
 
 # %%
 class LaunchLog:
-    """Stands in for a compiled kernels.Program: records each launch, then runs it if it can."""
+    """Stands in for a compiled cuda_build.Program: records each launch, then runs it if it can."""
 
     def __init__(self, program=None):
         self.program, self.launches = program, []
@@ -91,8 +92,8 @@ class LaunchLog:
         kernel = self.program[name] if self.program is not None else None
 
         def launch(grid, block, args, shared_mem=0):
-            self.launches.append({"kernel": name, "grid": kernels._dim3(grid, name),
-                                  "block": kernels._dim3(block, name), "shared_bytes": int(shared_mem),
+            self.launches.append({"kernel": name, "grid": cuda_build.dim3(grid, name),
+                                  "block": cuda_build.dim3(block, name), "shared_bytes": int(shared_mem),
                                   "scalars": [a for a in args if isinstance(a, (int, float, np.integer))]})
             if kernel is not None:
                 kernel(grid, block, args, shared_mem)
@@ -102,9 +103,9 @@ class LaunchLog:
 
 def dry_run(op_name, *op_args, version=2):
     """The launches KernelOps makes for one call of ``op_name``, without running anything."""
-    ops = object.__new__(kernels.KernelOps)  # KernelOps without compiling a program
+    ops = object.__new__(cuda_launch.KernelOps)  # KernelOps without compiling a program
     ops.runtime, ops.xp, ops.program = "dry run", np, LaunchLog()
-    with kernels.settings(version=version):
+    with cuda_launch.settings(version=version):
         getattr(ops, op_name)(*op_args)
     return ops.program.launches
 
@@ -176,7 +177,7 @@ results["attn_block"] = attn_launch[0]["block"][0]
 #   instead of global memory: each value fetched from global memory serves TILE outputs.
 
 # %%
-conv_source = (kernels.source_dir() / "conv2d.cu").read_text()
+conv_source = (cuda_build.source_dir() / "conv2d.cu").read_text()
 define = {m.group(1): int(m.group(2)) for m in re.finditer(r"#define\s+(\w+)\s+(\d+)", conv_source)}
 TILE, TILE_K, THREADS, SUB = (define[k] for k in ("TILE", "TILE_K", "THREADS", "SUB"))
 side = TILE // SUB  # threads per side of the block's square
@@ -425,8 +426,8 @@ for name, fn in reference_cases.items():
 
 rows = []  # (runtime, version, op, max error, seconds, passed)
 for runtime, ops in runtimes.items():
-    for version in kernels.VERSIONS:
-        with kernels.settings(version=version):
+    for version in cuda_launch.VERSIONS:
+        with cuda_launch.settings(version=version):
             for name, fn in cases(ops).items():
                 sync = ops.xp.cuda.Device().synchronize if runtime == "cupy" else None
                 out, seconds = timed(fn, repeat, sync)

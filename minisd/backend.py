@@ -30,17 +30,14 @@ q (B, H, Lq, d), k and v (B, H, Lk, d), o (B, H, Lq, d), lse (B, H, Lq) = log su
 
 from __future__ import annotations
 
-import importlib
 import os
 from dataclasses import dataclass
 from types import ModuleType
 from typing import Any
 
+from minisd.backends.cuda_build import BackendUnavailable  # raised where a backend's toolchain is missing
+
 BACKENDS = ("naive", "numpy", "emulated", "cupy")
-
-
-class BackendUnavailable(RuntimeError):
-    """The requested backend cannot run on this machine (no GPU, no compiler, ...)."""
 
 
 @dataclass(frozen=True)
@@ -70,11 +67,10 @@ def _make(name: str) -> Backend:
 
         return Backend("numpy", numpy, fast_cpu)
     if name in ("emulated", "cupy"):
-        try:
-            kernels = importlib.import_module("minisd.kernels")
-        except ImportError as e:  # the kernels module is optional until it lands
-            raise BackendUnavailable(f"backend {name!r} is not available: {e}") from None
-        return kernels.make_backend(name)
+        from minisd.backends.cuda_launch import KernelOps
+
+        ops = KernelOps(name)  # BackendUnavailable where g++, CuPy or a GPU is missing
+        return Backend(name, ops.xp, ops)
     raise ValueError(f"unknown backend {name!r}; choose one of {', '.join(BACKENDS)}")
 
 

@@ -25,18 +25,18 @@ import pytest
 from conftest import f64
 
 import minisd
-from minisd import kernels
+from minisd.backends import cuda_build, cuda_launch
 from minisd.backends import naive
 from minisd.backend import BackendUnavailable
 
 ATOL, RTOL = 1e-4, 1e-4
-SETTINGS = [(v, order) for v in kernels.VERSIONS for order in kernels.ORDERS]
+SETTINGS = [(v, order) for v in cuda_launch.VERSIONS for order in cuda_build.ORDERS]
 
 
 @pytest.fixture(scope="module")
 def ops():
     try:
-        return kernels.KernelOps("emulated")
+        return cuda_launch.KernelOps("emulated")
     except BackendUnavailable as e:
         pytest.skip(str(e))
 
@@ -44,7 +44,7 @@ def ops():
 @pytest.fixture(params=SETTINGS, ids=[f"v{v}-{o}" for v, o in SETTINGS])
 def setting(request):
     version, order = request.param
-    with kernels.settings(version=version, order=order, seed=request.param_index):
+    with cuda_launch.settings(version=version, order=order, seed=request.param_index):
         yield request.param
 
 
@@ -182,7 +182,7 @@ def test_attention(ops, setting, case):
 # ------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("version", kernels.VERSIONS)
+@pytest.mark.parametrize("version", cuda_launch.VERSIONS)
 def test_results_are_bitwise_the_same_in_every_run_order(ops, version):
     rng = np.random.default_rng(11)
     x, w, dy = randn(rng, 2, 3, 6, 5), randn(rng, 4, 3, 3, 3), randn(rng, 2, 4, 6, 5)
@@ -197,8 +197,8 @@ def test_results_are_bitwise_the_same_in_every_run_order(ops, version):
                 y, mean, rstd, *ops.group_norm_backward(xg, xg, 3, gamma, mean, rstd)]
 
     runs = []
-    for order in kernels.ORDERS:
-        with kernels.settings(version=version, order=order, seed=4):
+    for order in cuda_build.ORDERS:
+        with cuda_launch.settings(version=version, order=order, seed=4):
             runs.append(everything())
     for other in runs[1:]:
         for a, b in zip(runs[0], other):
@@ -227,7 +227,7 @@ def test_bad_shapes_are_reported(ops):
 
 def test_head_dim_too_large_for_shared_memory_is_reported(ops):
     q = np.zeros((1, 1, 4, 400), np.float32)
-    with kernels.settings(version=2), pytest.raises(ValueError, match="too large for the flash kernels"):
+    with cuda_launch.settings(version=2), pytest.raises(ValueError, match="too large for the flash kernels"):
         ops.attention_forward(q, q, q, 0.05, False)
 
 
@@ -240,17 +240,17 @@ def test_empty_batch_gives_empty_results(ops):
 
 def test_settings_from_the_environment(monkeypatch):
     monkeypatch.setenv("MINISD_KERNEL_VERSION", "1")
-    assert kernels._env_version() == 1
+    assert cuda_launch._env_version() == 1
     monkeypatch.setenv("MINISD_KERNEL_VERSION", "fast")
     with pytest.raises(ValueError, match="MINISD_KERNEL_VERSION must be 1 or 2"):
-        kernels._env_version()
+        cuda_launch._env_version()
 
 
 def test_version_setting_is_checked():
     with pytest.raises(ValueError, match="version"):
-        kernels.set_version(3)
+        cuda_launch.set_version(3)
     with pytest.raises(ValueError, match="run order"):
-        kernels.set_run_order("sideways")
+        cuda_build.set_run_order("sideways")
 
 
 # ------------------------------------------------------------------------------------
@@ -263,7 +263,7 @@ def _forward_backward(backend: str, fn, arrays):
     from minisd import Tensor
 
     active = minisd.set_backend(backend)
-    assert isinstance(active.ops, kernels.KernelOps) == (backend == "emulated")
+    assert isinstance(active.ops, cuda_launch.KernelOps) == (backend == "emulated")
     try:
         inputs = [Tensor(a, requires_grad=True) for a in arrays]
         out = fn(*inputs)
@@ -291,12 +291,12 @@ def _engine_cases():
 
 
 @pytest.mark.parametrize("baseline", ["numpy", "naive"])
-@pytest.mark.parametrize("version", kernels.VERSIONS)
+@pytest.mark.parametrize("version", cuda_launch.VERSIONS)
 @pytest.mark.parametrize("name", ["conv2d", "group_norm", "attention", "cross_attention"])
 def test_through_the_engine(ops, name, version, baseline):
     fn, arrays = _engine_cases()[name]
     expected = _forward_backward(baseline, fn, arrays)
-    with kernels.settings(version=version):
+    with cuda_launch.settings(version=version):
         got = _forward_backward("emulated", fn, arrays)
     for i, (out, ref) in enumerate(zip(got, expected)):
         assert_close(out, ref.astype(np.float64), f"{name} {'output' if i == 0 else f'grad of input {i - 1}'}")

@@ -26,7 +26,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from minisd import kernels
+import minisd
+from minisd.backends import cuda_build, cuda_launch
 from minisd.backend import BackendUnavailable
 
 BROKEN = Path(__file__).resolve().parent / "kernels_broken"
@@ -38,16 +39,16 @@ def line_of(name: str, text: str, nth: int = 0) -> str:
     return f"{name}:{lines[nth]}"
 
 
-_programs: dict[bool, kernels.Program] = {}
+_programs: dict[bool, cuda_build.Program] = {}
 
 
-def load(name: str) -> kernels.Program:
+def load(name: str) -> cuda_build.Program:
     """The test kernels (all of tests/kernels_broken, built together once); name documents which file."""
     assert (BROKEN / name).is_file()
     try:
         key = os.environ.get("MINISD_EMU_SANITIZE", "0") == "1"
         if key not in _programs:
-            _programs[key] = kernels.load_emulated(sorted(BROKEN.glob("*.cu")))
+            _programs[key] = cuda_build.load_emulated(sorted(BROKEN.glob("*.cu")))
         return _programs[key]
     except BackendUnavailable as e:
         pytest.skip(str(e))
@@ -58,12 +59,12 @@ def load(name: str) -> kernels.Program:
 # ------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("order", kernels.ORDERS)
+@pytest.mark.parametrize("order", cuda_build.ORDERS)
 def test_missing_syncthreads_is_exposed_by_the_reverse_order(order):
     program = load("missing_sync.cu")
     x = np.arange(1, 65, dtype=np.float32)
     expected = np.concatenate([[0.0], x[:-1]])
-    with kernels.settings(order=order, seed=3):
+    with cuda_launch.settings(order=order, seed=3):
         fixed, broken = np.empty_like(x), np.empty_like(x)
         program["shift_fixed_kernel"](1, 64, (x, fixed, 64))
         program["shift_missing_sync_kernel"](1, 64, (x, broken, 64))
@@ -77,7 +78,7 @@ def test_missing_syncthreads_is_exposed_by_the_reverse_order(order):
 def test_divergent_barrier_is_reported_with_threads_and_lines():
     program = load("divergent.cu")
     y = np.zeros(32, np.float32)
-    with pytest.raises(kernels.KernelError) as e:
+    with pytest.raises(cuda_build.KernelError) as e:
         program["divergent_barrier_kernel"](1, 32, (y,))
     message = str(e.value)
     assert "divergent __syncthreads" in message and "divergent_barrier_kernel" in message
@@ -92,7 +93,7 @@ def test_divergent_barrier_is_reported_with_threads_and_lines():
 
 def test_shuffle_waiting_on_a_barrier_is_a_deadlock():
     program = load("divergent.cu")
-    with pytest.raises(kernels.KernelError, match=r"deadlock.*threads 0-15 wait at __syncthreads.*"
+    with pytest.raises(cuda_build.KernelError, match=r"deadlock.*threads 0-15 wait at __syncthreads.*"
                                                   r"threads 16-31 wait at a warp operation"):
         program["shuffle_deadlock_kernel"](1, 32, (np.zeros(32, np.float32),))
 
@@ -110,13 +111,13 @@ def test_out_of_bounds_write_is_stopped_by_address_sanitizer():
     if libasan is None:
         pytest.skip("no AddressSanitizer runtime (libasan) for this compiler")
     script = (
-        "import numpy as np; from minisd import kernels\n"
-        f"p = kernels.load_emulated([{str(BROKEN / 'out_of_bounds.cu')!r}], sanitize=True)\n"
+        "import numpy as np; from minisd.backends import cuda_build\n"
+        f"p = cuda_build.load_emulated([{str(BROKEN / 'out_of_bounds.cu')!r}], sanitize=True)\n"
         "y = np.zeros(100, np.float32)\n"
         "p['fill_unguarded_kernel'](4, 32, (y, 100))\n"  # 128 threads for 100 elements
         "print('no error')\n")
     env = dict(os.environ, LD_PRELOAD=libasan, ASAN_OPTIONS="detect_leaks=0",
-               PYTHONPATH=str(Path(kernels.__file__).resolve().parent.parent))
+               PYTHONPATH=str(Path(cuda_build.__file__).resolve().parents[2]))
     result = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=300)
     assert result.returncode != 0 and "no error" not in result.stdout, result.stdout + result.stderr
     assert "AddressSanitizer: heap-buffer-overflow" in result.stderr, result.stderr[-2000:]
@@ -130,9 +131,9 @@ def test_out_of_bounds_write_is_stopped_by_address_sanitizer():
 
 def test_shared_memory_is_poisoned_before_each_block():
     program = load("probes.cu")
-    for order in kernels.ORDERS:
+    for order in cuda_build.ORDERS:
         y = np.zeros(3 * 2 * 64, np.float32)
-        with kernels.settings(order=order, seed=2):
+        with cuda_launch.settings(order=order, seed=2):
             program["read_unwritten_shared_kernel"](3, 64, (y,), 64 * 4)
         assert np.isnan(y).all(), order
 
@@ -172,12 +173,12 @@ def test_atomic_add_sums_over_all_blocks():
     assert total[0] == x.sum()
 
 
-@pytest.mark.parametrize("order", kernels.ORDERS)
+@pytest.mark.parametrize("order", cuda_build.ORDERS)
 def test_thread_and_block_indices_in_three_dimensions(order):
     program = load("probes.cu")
     grid, block = (3, 2, 2), (4, 3, 2)
     out = np.full(12 * 12 * 24, -1, np.float32)
-    with kernels.settings(order=order, seed=1):
+    with cuda_launch.settings(order=order, seed=1):
         program["indices_kernel"](grid, block, (out,))
     rows = out.reshape(12, 24, 12)
     for b in range(12):
@@ -195,11 +196,11 @@ def test_barrier_waits_only_for_threads_still_running():
     assert (y[40:] == -1).all()
 
 
-@pytest.mark.parametrize("order", kernels.ORDERS)
+@pytest.mark.parametrize("order", cuda_build.ORDERS)
 def test_syncwarp_orders_the_lanes_of_a_warp(order):
     program = load("probes.cu")
     x, y = np.arange(64, dtype=np.float32), np.empty(64, np.float32)
-    with kernels.settings(order=order, seed=5):
+    with cuda_launch.settings(order=order, seed=5):
         program["warp_swap_kernel"](1, 64, (x, y))
     np.testing.assert_array_equal(y, np.arange(64) ^ 1)
 
@@ -215,7 +216,7 @@ def test_shuffle_mask_names_the_lanes_that_take_part():
 def test_invalid_shuffle_width_is_reported():
     program = load("bad_shuffle.cu")
     x, y = np.zeros(32, np.float32), np.zeros(32, np.float32)
-    with pytest.raises(kernels.KernelError, match=r"width must be a power of 2.*bad_shuffle.cu:6"):
+    with pytest.raises(cuda_build.KernelError, match=r"width must be a power of 2.*bad_shuffle.cu:6"):
         program["shuffle_bad_width_kernel"](1, 32, (x, y, 12))
     program["shuffle_bad_width_kernel"](1, 32, (x, y, 8))  # a valid width runs
 
@@ -226,7 +227,7 @@ def test_random_order_depends_on_the_seed():
     results = []
     for seed in (1, 2):
         y = np.empty_like(x)
-        with kernels.settings(order="random", seed=seed):
+        with cuda_launch.settings(order="random", seed=seed):
             program["shift_missing_sync_kernel"](1, 256, (x, y, 256))
         results.append(np.isnan(y))
     assert (results[0] != results[1]).any()
@@ -265,7 +266,7 @@ def test_arguments_are_checked_against_the_parameter_list():
 
 def test_launch_limits_are_those_of_a_gpu():
     program = load("probes.cu")
-    with pytest.raises(kernels.KernelError, match="1025 threads"):
+    with pytest.raises(cuda_build.KernelError, match="1025 threads"):
         program["early_exit_kernel"](1, 1025, (np.zeros(2048, np.float32),))
     with pytest.raises(ValueError, match="dynamic shared memory"):
         program["read_unwritten_shared_kernel"](1, 64, (np.zeros(128, np.float32),), 64 * 1024)  # > 48 KiB
@@ -273,10 +274,10 @@ def test_launch_limits_are_those_of_a_gpu():
 
 def test_parse_kernels_reads_parameter_lists():
     source = 'extern "C" __global__ void __launch_bounds__(256) k(const float *__restrict__ a, int n, float s) {}'
-    params = kernels.parse_kernels(source)["k"]
+    params = cuda_build.parse_kernels(source)["k"]
     assert [(p.name, p.kind) for p in params] == [("a", "float*"), ("n", "int"), ("s", "float")]
     with pytest.raises(ValueError, match="unsupported parameter"):
-        kernels.parse_kernels('extern "C" __global__ void k(double x) {}', "bad.cu")
+        cuda_build.parse_kernels('extern "C" __global__ void k(double x) {}', "bad.cu")
 
 
 def test_build_cache_rebuilds_when_a_source_changes(tmp_path, monkeypatch):
@@ -284,19 +285,19 @@ def test_build_cache_rebuilds_when_a_source_changes(tmp_path, monkeypatch):
     source = tmp_path / "probe.cu"
     source.write_text((BROKEN / "missing_sync.cu").read_text())
     try:
-        first = kernels.build_emulator([source])
+        first = cuda_build.build_emulator([source])
     except BackendUnavailable as e:
         pytest.skip(str(e))
     assert first.is_relative_to(tmp_path / "cache" / "minisd")
     mtime = first.stat().st_mtime_ns
-    assert kernels.build_emulator([source]) == first and first.stat().st_mtime_ns == mtime  # cached
+    assert cuda_build.build_emulator([source]) == first and first.stat().st_mtime_ns == mtime  # cached
     source.write_text(source.read_text() + "\n// an edit\n")
-    assert kernels.build_emulator([source]) != first
+    assert cuda_build.build_emulator([source]) != first
 
 
 def test_cupy_source_carries_its_headers_inline():
     # CuPy caches by source text: the header must be part of it, or edits to it go unseen.
-    text = kernels._inline_includes(kernels.source_dir() / "group_norm.cu")
+    text = cuda_build.inline_includes(cuda_build.source_dir() / "group_norm.cu")
     assert "#include" not in text and "#pragma once" not in text
     assert "float block_sum(" in text and text.index("float block_sum(") < text.index("group_norm_forward_kernel2")
 
@@ -306,21 +307,21 @@ def test_build_cache_keeps_only_the_newest_libraries(tmp_path):
         lib = tmp_path / f"kernels-{i}.so"
         lib.write_bytes(b"")
         os.utime(lib, (i, i))
-    kernels._trim_cache(tmp_path, keep=2)
+    cuda_build._trim_cache(tmp_path, keep=2)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["kernels-3.so", "kernels-4.so"]
 
 
 def test_the_sources_are_found():
-    root = kernels.source_dir()
-    for name in kernels.KERNEL_FILES + ("common.cuh", "emulator.h"):
+    root = cuda_build.source_dir()
+    for name in cuda_build.KERNEL_FILES + ("common.cuh", "emulator.h"):
         assert (root / name).is_file()
 
 
 def test_emulated_backend_says_when_there_is_no_compiler(monkeypatch, tmp_path):
     monkeypatch.setenv("CXX", "no-such-compiler-g++")
-    monkeypatch.setattr(kernels, "_programs", {})
+    monkeypatch.setattr(cuda_build, "_programs", {})
     with pytest.raises(BackendUnavailable, match="needs a C\\+\\+ compiler; 'no-such-compiler-g\\+\\+' was not found"):
-        kernels.make_backend("emulated")
+        minisd.set_backend("emulated")
 
 
 def test_cupy_backend_says_why_it_is_unavailable():
@@ -332,4 +333,4 @@ def test_cupy_backend_says_why_it_is_unavailable():
     except Exception:
         pass
     with pytest.raises(BackendUnavailable, match="cupy backend needs"):
-        kernels.make_backend("cupy")
+        minisd.set_backend("cupy")

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 from conftest import f64
 
-from minisd import kernels
+from minisd.backends import cuda_build, cuda_launch
 from minisd.backends import naive
 from minisd.backend import BackendUnavailable
 
@@ -24,8 +24,8 @@ ATOL, RTOL = 2e-4, 1e-3
 @pytest.fixture(scope="module")
 def gpu():
     try:
-        cupy = kernels._cupy()
-        return cupy, kernels.KernelOps("cupy")
+        cupy = cuda_build.find_cupy()
+        return cupy, cuda_launch.KernelOps("cupy")
     except BackendUnavailable as e:
         pytest.skip(str(e))
 
@@ -41,7 +41,7 @@ def check(cupy, out, ref, what):
 
 
 
-@pytest.mark.parametrize("version", kernels.VERSIONS)
+@pytest.mark.parametrize("version", cuda_launch.VERSIONS)
 @pytest.mark.parametrize("case", [(2, 3, 7, 9, 5, 3, 1, 1), (2, 4, 8, 7, 33, 3, 2, 2), (1, 35, 5, 6, 3, 1, 1, 0)])
 def test_conv2d_on_gpu(gpu, version, case):
     cupy, ops = gpu
@@ -50,14 +50,14 @@ def test_conv2d_on_gpu(gpu, version, case):
     x, w, b = (rng.standard_normal(s).astype(np.float32) for s in ((N, C, H, W), (K, C, R, R), (K,)))
     y_ref = naive.conv2d_forward(*f64(x, w, b), stride, pad)
     dy = rng.standard_normal(y_ref.shape).astype(np.float32)
-    with kernels.settings(version=version):
+    with cuda_launch.settings(version=version):
         check(cupy, ops.conv2d_forward(cupy.asarray(x), cupy.asarray(w), cupy.asarray(b), stride, pad), y_ref, "y")
         grads = ops.conv2d_backward(cupy.asarray(dy), cupy.asarray(x), cupy.asarray(w), stride, pad)
     for name, out, ref in zip(("dx", "dw", "db"), grads, naive.conv2d_backward(*f64(dy, x, w), stride, pad)):
         check(cupy, out, ref, name)
 
 
-@pytest.mark.parametrize("version", kernels.VERSIONS)
+@pytest.mark.parametrize("version", cuda_launch.VERSIONS)
 @pytest.mark.parametrize("shape,G", [((2, 6, 5, 7), 3), ((2, 8, 4, 4), 8), ((1, 64, 33, 9), 32)])
 def test_group_norm_on_gpu(gpu, version, shape, G):
     cupy, ops = gpu
@@ -66,7 +66,7 @@ def test_group_norm_on_gpu(gpu, version, shape, G):
     g, b = (rng.standard_normal(shape[1]).astype(np.float32) for _ in range(2))
     dy = rng.standard_normal(shape).astype(np.float32)
     refs = naive.group_norm_forward(*f64(x), G, *f64(g, b), 1e-5)
-    with kernels.settings(version=version):
+    with cuda_launch.settings(version=version):
         y, mean, rstd = ops.group_norm_forward(cupy.asarray(x), G, cupy.asarray(g), cupy.asarray(b), 1e-5)
         grads = ops.group_norm_backward(cupy.asarray(dy), cupy.asarray(x), G, cupy.asarray(g), mean, rstd)
     for name, out, ref in zip(("y", "mean", "rstd"), (y, mean, rstd), refs):
@@ -76,7 +76,7 @@ def test_group_norm_on_gpu(gpu, version, shape, G):
         check(cupy, out, ref, name)
 
 
-@pytest.mark.parametrize("version", kernels.VERSIONS)
+@pytest.mark.parametrize("version", cuda_launch.VERSIONS)
 @pytest.mark.parametrize("case", [(2, 3, 5, 7, 8, True, 8), (1, 2, 37, 77, 40, False, 40),
                                   (1, 2, 100, 100, 80, True, 80), (1, 1, 70, 5, 160, True, 160),
                                   (2, 1, 17, 9, 8, True, 24)])
@@ -88,7 +88,7 @@ def test_attention_on_gpu(gpu, version, case):
     do = rng.standard_normal((B, H, Lq, d_v)).astype(np.float32)
     scale = d ** -0.5
     o_ref, lse_ref = naive.attention_forward(*f64(q, k, v), scale, causal)
-    with kernels.settings(version=version):
+    with cuda_launch.settings(version=version):
         o, lse = ops.attention_forward(*map(cupy.asarray, (q, k, v)), scale, causal)
         grads = ops.attention_backward(*map(cupy.asarray, (do, q, k, v)), o, lse, scale, causal)
     check(cupy, o, o_ref, "o")
@@ -100,7 +100,7 @@ def test_attention_on_gpu(gpu, version, case):
 
 def test_gpu_launch_checks_argument_types(gpu):
     cupy, _ = gpu
-    kernel = kernels.program("cupy")["conv2d_backward_bias_kernel1"]
+    kernel = cuda_build.program("cupy")["conv2d_backward_bias_kernel1"]
     dy = cupy.zeros((1, 2, 3, 3), dtype=cupy.float64)
     with pytest.raises(TypeError, match="float32"):
         kernel(1, 32, (dy, cupy.zeros(2, cupy.float32), 1, 2, 3, 3))

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from minisd import kernels
+from minisd.backends import cuda_build, cuda_launch
 from minisd.backends import fast_cpu
 from minisd.backend import BackendUnavailable
 from minisd.benchmarks import timeit, torch_or_none
@@ -152,7 +152,7 @@ def _rate(flops, nbytes, seconds):
 
 
 def _run_gpu(args, cupy) -> int:
-    ops = kernels.KernelOps("cupy")
+    ops = cuda_launch.KernelOps("cupy")
     torch = torch_or_none()
     if torch is not None and not torch.cuda.is_available():
         torch = None
@@ -179,8 +179,8 @@ def _run_gpu(args, cupy) -> int:
                     base_t -= timeit(lambda: (base[0](), base_sync()), repeat=args.repeat)
                 print(f"{label:42s} {pass_name:8s} {'baseline':9s} {base_t * 1e3:9.3f} {'':>8s} "
                       f"{_rate(f_fwd if pass_index == 0 else f_bwd, nbytes * (1 + pass_index), base_t)}")
-            for v in kernels.VERSIONS:
-                with kernels.settings(version=v):
+            for v in cuda_launch.VERSIONS:
+                with cuda_launch.settings(version=v):
                     fwd, bwd = _ours(ops, op, arrays, extra)
                     fn = (fwd, bwd)[pass_index]
                     t = timeit(lambda: (fn(), sync()), repeat=args.repeat)
@@ -191,7 +191,7 @@ def _run_gpu(args, cupy) -> int:
 
 
 def _run_emulator(args) -> int:
-    ops = kernels.KernelOps("emulated")
+    ops = cuda_launch.KernelOps("emulated")
     print(f"{'case':34s} {'pass':8s} {'who':9s} {'ms':>9s} {'vs NumPy':>9s}")
     rng = np.random.default_rng(0)
     for label, op, shape in CPU_CASES:
@@ -200,8 +200,8 @@ def _run_emulator(args) -> int:
         for pass_index, pass_name in enumerate(("forward", "backward")):
             base_t = timeit(base[pass_index], repeat=args.repeat)
             print(f"{label:34s} {pass_name:8s} {'numpy':9s} {base_t * 1e3:9.2f}")
-            for v in kernels.VERSIONS:
-                with kernels.settings(version=v):
+            for v in cuda_launch.VERSIONS:
+                with cuda_launch.settings(version=v):
                     fn = _ours(ops, op, arrays, extra)[pass_index]
                     t = timeit(fn, repeat=args.repeat)
                 print(f"{'':34s} {'':8s} {'emu v' + str(v):9s} {t * 1e3:9.2f} {t / base_t:9.1f}")
@@ -211,7 +211,7 @@ def _run_emulator(args) -> int:
 def run(args) -> int:
     if args.runtime in ("auto", "cupy"):
         try:
-            cupy = kernels._cupy()
+            cupy = cuda_build.find_cupy()
         except BackendUnavailable as e:
             if args.runtime == "cupy":
                 print(f"error: {e}")
