@@ -42,7 +42,7 @@ from matplotlib.patches import Rectangle
 
 from minisd import reference, viz
 from minisd.backends import cuda_build, cuda_launch
-from minisd.backend import BackendUnavailable
+from minisd.backends import BackendUnavailable
 
 plt = viz.plt
 args = viz.lesson_args("01_kernels")

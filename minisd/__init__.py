@@ -10,8 +10,7 @@ train.py -> pipeline.py (text -> image).
 
 # minisd.backends first: it makes the process-wide CPU settings before NumPy loads
 # (minisd/backends/cpu_settings.py; MINISD_CPU_TUNING=0 turns them off).
-from minisd import backends  # noqa: F401  (first)
-from minisd.backend import get_backend, set_backend
+from minisd.backends import get_backend, set_backend
 from minisd.tensor import Tensor, is_grad_enabled, no_grad, tensor
 from minisd import functional, nn, optim
 from minisd.nn import manual_seed

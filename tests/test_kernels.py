@@ -25,9 +25,7 @@ import pytest
 from conftest import f64
 
 import minisd
-from minisd.backends import cuda_build, cuda_launch
-from minisd.backends import naive
-from minisd.backend import BackendUnavailable
+from minisd.backends import BackendUnavailable, cuda_build, cuda_launch, naive
 
 ATOL, RTOL = 1e-4, 1e-4
 SETTINGS = [(v, order) for v in cuda_launch.VERSIONS for order in cuda_build.ORDERS]

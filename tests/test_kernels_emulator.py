@@ -27,8 +27,7 @@ import numpy as np
 import pytest
 
 import minisd
-from minisd.backends import cuda_build, cuda_launch
-from minisd.backend import BackendUnavailable
+from minisd.backends import BackendUnavailable, cuda_build, cuda_launch
 
 BROKEN = Path(__file__).resolve().parent / "kernels_broken"
 

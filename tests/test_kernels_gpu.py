@@ -12,9 +12,7 @@ import numpy as np
 import pytest
 from conftest import f64
 
-from minisd.backends import cuda_build, cuda_launch
-from minisd.backends import naive
-from minisd.backend import BackendUnavailable
+from minisd.backends import BackendUnavailable, cuda_build, cuda_launch, naive
 
 pytestmark = pytest.mark.gpu
 

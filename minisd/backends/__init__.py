@@ -1,7 +1,133 @@
-"""The backends: who computes conv2d, group norm and attention (see minisd/backend.py for now)."""
+"""Backends: which arrays hold the numbers, and which code runs the three heavy primitives.
 
-# First of all, before anything loads NumPy: the process-wide CPU settings (OpenBLAS reads
-# its own when NumPy loads it). MINISD_CPU_TUNING=0 leaves the process as it is.
+Stable Diffusion spends almost all of its time in three operations: convolution,
+group normalisation and attention. minisd keeps everything else (the autograd engine,
+elementwise math, matmuls, the models) written once against an array module ``xp``
+(NumPy or CuPy, the same API), and lets the backend choose who computes the primitives:
+
+    backend     arrays    conv2d / group_norm / attention                     dtype
+    ---------   -------   -------------------------------------------------   -----------
+    naive       NumPy     the formulas, plainly: naive.py (read it first)     the input's
+    numpy       NumPy     the fast CPU path: fast_cpu.py (the default)        the input's
+    emulated    NumPy     kernels/*.cu compiled with g++ against the CPU      float32
+                          emulator (cuda_launch.py, cuda_build.py)
+    cupy        CuPy      kernels/*.cu compiled by NVRTC, launched through    float32
+                          cupy.RawModule (the same two files)
+
+Choose with ``minisd.set_backend(name)`` or the environment variable ``MINISD_BACKEND``.
+The naive backend is the oracle: the others are tested against it, and it against
+PyTorch in float64 (float64 checks, such as minisd.gradcheck's, need naive or numpy).
+This package's files: naive.py, fast_cpu.py and cpu_settings.py (every process-wide
+setting minisd makes on a CPU, made when this package is imported: MINISD_CPU_TUNING=0
+turns them off), cuda_launch.py (grid, block and shared memory of every kernel) and
+cuda_build.py (the CUDA toolchain: parsing, the emulator's build cache, ctypes, NVRTC).
+
+Every backend provides the same six raw-array functions (``backend.ops``); the
+autograd Functions in minisd/functional.py call them and never ask which backend runs:
+
+    conv2d_forward(x, w, b, stride, padding) -> y
+    conv2d_backward(dy, x, w, stride, padding, need_dx, need_dw, need_db) -> (dx, dw, db)
+    group_norm_forward(x, num_groups, weight, bias, eps) -> (y, mean, rstd)
+    group_norm_backward(dy, x, num_groups, weight, mean, rstd) -> (dx, dweight, dbias)
+    attention_forward(q, k, v, scale, is_causal) -> (o, lse)
+    attention_backward(do, q, k, v, o, lse, scale, is_causal) -> (dq, dk, dv)
+
+Shapes: x (N, C, H, W), w (K, C, R, S), y (N, K, P, Q); mean and rstd (N, G); a gradient
+not asked for (need_*) is None, and so are dweight and dbias where weight is None;
+q (B, H, Lq, d), k (B, H, Lk, d), v (B, H, Lk, dv), o (B, H, Lq, dv),
+lse (B, H, Lq) = log sum_j exp(s_ij); is_causal hides key j from query i where j > i.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from types import ModuleType
+from typing import Any
+
+# Before anything loads NumPy: the process-wide CPU settings (OpenBLAS reads its own when
+# NumPy loads it). MINISD_CPU_TUNING=0 leaves the process as it is.
 from minisd.backends import cpu_settings
 
 cpu_settings.apply()
+
+from minisd.backends.cuda_build import BackendUnavailable  # noqa: E402  (where a backend's toolchain is missing)
+
+BACKENDS = ("naive", "numpy", "emulated", "cupy")
+
+
+@dataclass(frozen=True)
+class Backend:
+    name: str
+    xp: ModuleType  # numpy or cupy
+    ops: Any  # an object with the six raw-array functions listed in the module docstring
+
+    def asarray(self, data, dtype=None):
+        """Move ``data`` onto this backend's device (a no-op for NumPy arrays on NumPy)."""
+        if self.xp.__name__ == "cupy":
+            return self.xp.asarray(data, dtype=dtype)
+        if hasattr(data, "get") and type(data).__module__.startswith("cupy"):
+            data = data.get()  # a CuPy array brought back to the host
+        return self.xp.asarray(data, dtype=dtype)
+
+
+def _make(name: str, given_by: str = "") -> Backend:
+    import numpy
+
+    if name == "naive":
+        from minisd.backends import naive
+
+        return Backend("naive", numpy, naive)
+    if name == "numpy":
+        from minisd.backends import fast_cpu
+
+        return Backend("numpy", numpy, fast_cpu)
+    if name in ("emulated", "cupy"):
+        from minisd.backends.cuda_launch import KernelOps
+
+        ops = KernelOps(name)  # BackendUnavailable where g++, CuPy or a GPU is missing
+        return Backend(name, ops.xp, ops)
+    raise ValueError(f"{given_by or 'backend'} {name!r} is not a backend; choose one of {', '.join(BACKENDS)}")
+
+
+_current: Backend | None = None
+
+
+def set_backend(name: str) -> Backend:
+    """Switch every later operation to backend ``name`` ("naive", "numpy", "emulated" or "cupy").
+
+    Tensors created before the switch keep their arrays; mixing a NumPy-backed and a
+    CuPy-backed tensor in one op is an error, so switch before building a model.
+    """
+    global _current
+    _current = _make(name)
+    return _current
+
+
+def get_backend() -> Backend:
+    """The active backend, created on first use from MINISD_BACKEND (default "numpy")."""
+    global _current
+    if _current is None:
+        _current = _make(os.environ.get("MINISD_BACKEND", "numpy"), given_by="MINISD_BACKEND")
+    return _current
+
+
+def get_array_module(*arrays) -> ModuleType:
+    """``xp`` for these arrays: cupy if any of them lives on a GPU, else numpy (Chainer's idiom)."""
+    for a in arrays:
+        if type(a).__module__.startswith("cupy"):
+            import cupy
+
+            return cupy
+    import numpy
+
+    return numpy
+
+
+def to_numpy(array):
+    """A NumPy array on the host, whatever the array was."""
+    if type(array).__module__.startswith("cupy"):
+        return array.get()
+    import numpy
+
+    return numpy.asarray(array)

@@ -18,9 +18,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from minisd.backends import cuda_build, cuda_launch
-from minisd.backends import fast_cpu
-from minisd.backend import BackendUnavailable
+from minisd.backends import BackendUnavailable, cuda_build, cuda_launch, fast_cpu
 from minisd.benchmarks import timeit, torch_or_none
 
 # (label, op, shape arguments) at SD 1.5's sizes (batch 2: classifier-free guidance)
