@@ -8,13 +8,19 @@
 # - **attention**: self-attention over the latent pixels and cross-attention from the
 #   pixels to the 77 text tokens, in every transformer block.
 #
-# minisd computes them three ways: NumPy reference code (`minisd/reference.py`, the
-# default), and hand-written CUDA kernels (`kernels/*.cu`) run either on an NVIDIA GPU
-# (through CuPy) or on the CPU by an emulator that compiles the very same `.cu` files
-# with g++. This lesson shows how each kernel cuts its work into a **grid of blocks**
-# of **threads**, using the exact launch configurations `minisd/kernels.py` computes,
-# then runs every kernel (forward and backward, both versions) and compares it with the
-# NumPy reference.
+# minisd computes them four ways, the backends (`minisd/backends/`). This lesson reads
+# them in order:
+#
+# 1. **naive** (`naive.py`): each op as its formula, a few lines of NumPy. This is the
+#    code to understand first, and the oracle every other backend is tested against.
+# 2. **numpy** (`fast_cpu.py`, the default): the same math, tuned for a CPU (copies
+#    that stay in the cache, the cores sharing the batch, tiles of attention).
+# 3. **cupy** and **emulated**: hand-written CUDA kernels (`kernels/*.cu`), run on an
+#    NVIDIA GPU through CuPy or on the CPU by an emulator that compiles the very same
+#    `.cu` files with g++. We look at how each kernel cuts its work into a **grid of
+#    blocks** of **threads**, with the exact launch configurations that
+#    `minisd/backends/cuda_launch.py` computes, then run every kernel (forward and
+#    backward, both versions) against the naive formulas.
 #
 # Each kernel comes in two versions (read them side by side in `kernels/`):
 # version 1 is the simple one (one thread per output, or per group), version 2 the fast
@@ -23,6 +29,7 @@
 # Run: `python lessons/01_kernels.py [--out DIR] [--fast]`.
 
 # %%
+import inspect
 import os
 import re
 import shutil
@@ -40,9 +47,8 @@ except ImportError:  # run from a checkout without installing: the package sits 
 import numpy as np
 from matplotlib.patches import Rectangle
 
-from minisd import reference, viz
-from minisd.backends import cuda_build, cuda_launch
-from minisd.backends import BackendUnavailable
+from minisd import viz
+from minisd.backends import BackendUnavailable, cuda_build, cuda_launch, fast_cpu, naive
 
 plt = viz.plt
 args = viz.lesson_args("01_kernels")
@@ -59,7 +65,7 @@ t_start = time.perf_counter()
 # %%
 viz.header("0. runtimes")
 runtimes = {}
-cxx = os.environ.get("CXX", "g++")  # the compiler minisd/kernels.py builds the emulator with
+cxx = os.environ.get("CXX", "g++")  # the compiler minisd/backends/cuda_build.py builds the emulator with
 print(f"  C++ compiler ({cxx}): {shutil.which(cxx) or 'not found: the emulator runs are skipped (install g++)'}")
 for runtime in ("emulated", "cupy"):
     try:
@@ -73,7 +79,98 @@ results["gpu_available"] = "cupy" in runtimes
 
 
 # %% [markdown]
-# ## 1. Launch configurations, written down
+# ## 1. The math: the naive backend
+#
+# A convolution, as PyTorch defines it (a cross-correlation), for x (N, C, H, W) and
+# weights W (K, C, R, S):
+#
+#     y[n, k, p, q] = b[k] + sum_{c, r, s} W[k, c, r, s] xpad[n, c, p*st + r, q*st + s]
+#
+# `naive.conv2d_forward` is that line: `_windows` gives every receptive field as a
+# view of the padded input (im2col without a copy), and one `einsum` does the sum over
+# (c, r, s). Its backward pass is the chain rule written the same way: dW sums dy times
+# the windows over the batch, and dx is a convolution again, of dy spread out by the
+# stride with the kernel flipped. Group norm and attention are as short. We print the
+# convolution's code, run all three forward and backward, and check the gradients the
+# slow, sure way: finite differences of the forward pass.
+
+# %%
+viz.header("1. the math: the naive backend (minisd/backends/naive.py)")
+print(inspect.getsource(naive._windows))
+print(inspect.getsource(naive.conv2d_forward))
+rng = np.random.default_rng(0)
+x, w, b = rng.standard_normal((2, 3, 6, 6)), rng.standard_normal((4, 3, 3, 3)), rng.standard_normal(4)
+dy = rng.standard_normal((2, 4, 3, 3))
+y = naive.conv2d_forward(x, w, b, 2, 1)
+dx, dw, db = naive.conv2d_backward(dy, x, w, 2, 1)
+# one entry of dx and of dW by central differences of <dy, y(x)>, in float64
+h, where_x, where_w = 1e-6, (1, 2, 3, 4), (3, 1, 0, 2)
+fd = []
+for array, where in ((x, where_x), (w, where_w)):
+    up, down = array.copy(), array.copy()
+    up[where] += h
+    down[where] -= h
+    pair = (up, w) if array is x else (x, up), (down, w) if array is x else (x, down)
+    fd.append((np.vdot(dy, naive.conv2d_forward(*pair[0], b, 2, 1)) -
+               np.vdot(dy, naive.conv2d_forward(*pair[1], b, 2, 1))) / (2 * h))
+print(f"  conv2d x {x.shape} * W {w.shape}, stride 2, padding 1 -> y {y.shape}")
+print(f"  dx{where_x}: backward {dx[where_x]:+.9f}, finite differences {fd[0]:+.9f}")
+print(f"  dW{where_w}: backward {dw[where_w]:+.9f}, finite differences {fd[1]:+.9f}")
+gx = rng.standard_normal((2, 8, 4, 4)) * 3 + 1
+gy, gmean, grstd = naive.group_norm_forward(gx, 4, None, None, 1e-5)
+print(f"  group norm, 4 groups: per-group mean of y {np.abs(gy.reshape(2, 4, -1).mean(-1)).max():.1e} "
+      f"(0), variance {gy.reshape(2, 4, -1).var(-1).mean():.6f} (1 - eps/var)")
+q, k, v = rng.standard_normal((1, 2, 5, 8)), rng.standard_normal((1, 2, 7, 8)), rng.standard_normal((1, 2, 7, 8))
+o, lse = naive.attention_forward(q, k, v, 8 ** -0.5, True)
+p_rows = np.exp(8 ** -0.5 * q @ k.swapaxes(-1, -2) - lse[..., None]) * np.tril(np.ones((5, 7)))
+print(f"  attention, 5 queries over 7 keys, causal: rows of P = exp(S - lse) sum to "
+      f"{p_rows.sum(-1).min():.12f} .. {p_rows.sum(-1).max():.12f}")
+results["naive_fd_error"] = float(max(abs(dx[where_x] - fd[0]), abs(dw[where_w] - fd[1])))
+
+# %% [markdown]
+# ## 2. The same math, tuned: the numpy backend
+#
+# `minisd/backends/fast_cpu.py` computes exactly these functions, faster: its opening
+# lists each change and what it was measured to gain. A convolution takes one of two
+# routes instead of im2col's R*S copies (shifted rows for tall outputs at stride 1,
+# channels-last columns otherwise), works through the batch a few images at a time so
+# that its copies stay in the CPU's cache, and shares the images among the cores;
+# attention runs in FlashAttention-style tiles. Below: its list, then both backends on
+# the same inputs, how far apart they are (float32 rounding; in float64 the tests hold
+# them to 1e-10) and how long each takes.
+
+# %%
+viz.header("2. tuned: the numpy backend (minisd/backends/fast_cpu.py)")
+opening = fast_cpu.__doc__.split("this file adds", 1)[1].split("The signatures", 1)[0]
+print("  the math is in naive.py; fast_cpu.py adds" + opening.rstrip())
+N, C, H, W = (8, 32, 16, 16) if args.fast else (32, 64, 16, 16)  # bench ops' shapes in full mode
+tx, tw = rng.standard_normal((N, C, H, W)).astype(np.float32), (rng.standard_normal((C, C, 3, 3)) * 0.1).astype(np.float32)
+tg = rng.standard_normal(C).astype(np.float32)
+tq = rng.standard_normal((N, 4, H * W // 4, 16)).astype(np.float32)
+tuned_rows = []
+for label, fn in (
+        (f"conv2d {N}x{C}x{H}x{W} k3", lambda ops: ops.conv2d_backward(ops.conv2d_forward(tx, tw, None, 1, 1), tx, tw, 1, 1)),
+        (f"group norm {N}x{C}x{H}x{W} G=8", lambda ops: ops.group_norm_backward(
+            tx, tx, 8, tg, *ops.group_norm_forward(tx, 8, tg, tg, 1e-5)[1:])),
+        (f"attention {N}x4 L={H * W // 4} d=16", lambda ops: ops.attention_backward(
+            tq, tq, tq, tq, *ops.attention_forward(tq, tq, tq, 0.25, False), 0.25, False))):
+    outs, seconds = {}, {"naive": np.inf, "numpy": np.inf}
+    for _ in range(3):  # best of 3, the two taking turns
+        for name, ops in (("naive", naive), ("numpy", fast_cpu)):
+            t0 = time.perf_counter()
+            outs[name] = fn(ops)
+            seconds[name] = min(seconds[name], time.perf_counter() - t0)
+    err = max(float(np.abs(a - b_).max() / max(1.0, np.abs(a).max())) for a, b_ in zip(outs["naive"], outs["numpy"])
+              if a is not None)
+    tuned_rows.append((label, seconds["naive"], seconds["numpy"], err))
+print(f"  {'forward + backward, float32':<34} {'naive ms':>9} {'numpy ms':>9} {'naive/numpy':>11} {'max rel. diff':>13}")
+for label, t_naive, t_fast, err in tuned_rows:
+    print(f"  {label:<34} {t_naive * 1e3:9.1f} {t_fast * 1e3:9.1f} {t_naive / t_fast:10.1f}x {err:13.1e}")
+results["naive_vs_numpy_max_rel_diff"] = max(r[3] for r in tuned_rows)
+results["naive_over_numpy_time"] = [round(r[1] / r[2], 2) for r in tuned_rows]
+
+# %% [markdown]
+# ## 3. Launch configurations, written down
 #
 # A kernel launch is `kernel(grid, block, args, shared_mem)`: `grid` blocks, each of
 # `block` threads, each block with `shared_mem` bytes of fast on-chip memory shared by
@@ -127,7 +224,7 @@ conv_ex = dict(N=2, C=32, H=16, W=16, K=128)
 gn_ex = dict(N=2, C=32, HW=64, G=8)
 attn_ex = dict(B=2, heads=2, L=256, d=16)
 
-viz.header("1. launches: minisd's example shapes, and SD v1.5's")
+viz.header("3. launches: minisd's example shapes, and SD v1.5's")
 conv_launch = dry_run("conv2d_forward", zeros(2, 32, 16, 16), zeros(128, 32, 3, 3), zeros(128), 1, 1)
 print("  conv2d forward, x (2, 32, 16, 16), w (128, 32, 3, 3), padding 1, version 2:")
 describe(conv_launch)
@@ -157,7 +254,7 @@ results["attn_grid"] = list(attn_launch[0]["grid"])
 results["attn_block"] = attn_launch[0]["block"][0]
 
 # %% [markdown]
-# ## 2. conv2d, version 2: an implicit matrix product
+# ## 4. conv2d, version 2: an implicit matrix product
 #
 # A convolution is a matrix product in disguise. Flatten each output pixel
 # m = (n, p, q) into a row and each filter tap j = (c, r, s) into a column of a matrix A
@@ -177,6 +274,7 @@ results["attn_block"] = attn_launch[0]["block"][0]
 #   instead of global memory: each value fetched from global memory serves TILE outputs.
 
 # %%
+viz.header("4. conv2d, version 2: an implicit matrix product")
 conv_source = (cuda_build.source_dir() / "conv2d.cu").read_text()
 define = {m.group(1): int(m.group(2)) for m in re.finditer(r"#define\s+(\w+)\s+(\d+)", conv_source)}
 TILE, TILE_K, THREADS, SUB = (define[k] for k in ("TILE", "TILE_K", "THREADS", "SUB"))
@@ -233,7 +331,7 @@ viz.save(fig, args.out / "conv2d_blocks.png")
 results["conv_tile"] = TILE
 
 # %% [markdown]
-# ## 3. Group norm, version 2: a block per group, a reduction per block
+# ## 5. Group norm, version 2: a block per group, a reduction per block
 #
 # Group norm needs, for each batch item n and group g, the mean and variance over the
 # group's M = (C/G) H W values, which lie next to each other in memory. One block takes
@@ -246,6 +344,7 @@ results["conv_tile"] = TILE
 # sum (x - mean)^2, which is more accurate in float32 than E[x^2] - E[x]^2.
 
 # %%
+viz.header("5. group norm, version 2: a block per group")
 N, C, HW, G = gn_ex.values()
 T = gn_launch[0]["block"][0]
 Mg = C // G * HW
@@ -283,7 +382,7 @@ fig.tight_layout()
 viz.save(fig, args.out / "group_norm_blocks.png")
 
 # %% [markdown]
-# ## 4. Attention, version 2: flash attention
+# ## 6. Attention, version 2: flash attention
 #
 # Attention computes S = s Q K^T (Lq x Lk), P = softmax(S) by rows, O = P V. At SD's
 # 64 x 64 latents Lq = Lk = 4096: S alone is 16.8 M numbers per head. The flash kernel
@@ -295,6 +394,7 @@ viz.save(fig, args.out / "group_norm_blocks.png")
 # log-sum-exp, saved for the backward pass). The right panel follows one row.
 
 # %%
+viz.header("6. attention, version 2: flash attention")
 B_, heads, Lq, d = attn_ex.values()
 Bq = attn_launch[0]["block"][0]  # one thread per query row
 Bk = int(attn_launch[0]["scalars"][-1])  # the key tile: attention_forward_kernel2's last argument
@@ -359,17 +459,17 @@ viz.save(fig, args.out / "attention_blocks.png")
 print(f"  online softmax: m + log l after the last tile {lses[-1]:.6f}, exact {true_lse:.6f}")
 
 # %% [markdown]
-# ## 5. Run every kernel and hold it against the NumPy reference
+# ## 7. Run every kernel and hold it against the naive formulas
 #
-# Forward and backward of all three ops, versions 1 and 2, on every runtime available.
-# An output passes when |kernel - reference| <= atol + rtol |reference| (atol 1e-4,
-# rtol 1e-3 here; the emulator's float32 arithmetic differs from NumPy's only in the
-# order of additions). Timings on the emulator are not GPU timings: it runs each CUDA
+# Forward and backward of all three ops, versions 1 and 2, on every runtime available,
+# against the naive backend computed in float64 on the same inputs: the oracle. An
+# output passes when |kernel - naive| <= atol + rtol |naive| (atol 1e-4, rtol 1e-3 here:
+# the kernels compute in float32). The times are beside the numpy backend's. Timings on the emulator are not GPU timings: it runs each CUDA
 # thread as a fiber on one CPU core, to check the kernels, not to be fast. On a GPU
 # (CuPy) the same kernels run in parallel.
 
 # %%
-viz.header("5. kernels against the reference")
+viz.header("7. kernels against the naive formulas")
 rng = np.random.default_rng(0)
 if args.fast:
     cx, cw = rng.standard_normal((2, 8, 8, 8)), rng.standard_normal((16, 8, 3, 3))
@@ -387,22 +487,26 @@ scale = aq.shape[-1] ** -0.5
 
 
 # the backward passes' inputs: upstream gradients, and what the forward pass saved
-dy = f32(rng.standard_normal(reference.conv2d_forward(cx, cw, cb, 1, 1).shape))
-_, gmean, grstd = reference.group_norm_forward(gx, 8, gw, gb, 1e-5)
+dy = f32(rng.standard_normal(fast_cpu.conv2d_forward(cx, cw, cb, 1, 1).shape))
+_, gmean, grstd = fast_cpu.group_norm_forward(gx, 8, gw, gb, 1e-5)
 dgy = f32(rng.standard_normal(gx.shape))
-o, lse = reference.attention_forward(aq, ak, av, scale, False)
+o, lse = fast_cpu.attention_forward(aq, ak, av, scale, False)
 do = f32(rng.standard_normal(o.shape))
+inputs = dict(cx=cx, cw=cw, cb=cb, dy=dy, gx=gx, gw=gw, gb=gb, gmean=gmean, grstd=grstd, dgy=dgy,
+              aq=aq, ak=ak, av=av, o=o, lse=lse, do=do)
+inputs64 = {key: a.astype(np.float64) for key, a in inputs.items()}  # the oracle's: the same numbers, in float64
 
 
-def cases(ops):
-    """name -> a function computing that op's outputs with ``ops`` (the reference or a KernelOps)."""
+def cases(ops, a=inputs):
+    """name -> a function computing that op's outputs with ``ops`` (a backend's six functions) on arrays ``a``."""
     return {
-        "conv2d forward": lambda: [ops.conv2d_forward(cx, cw, cb, 1, 1)],
-        "conv2d backward": lambda: list(ops.conv2d_backward(dy, cx, cw, 1, 1)),
-        "group norm forward": lambda: list(ops.group_norm_forward(gx, 8, gw, gb, 1e-5)),
-        "group norm backward": lambda: list(ops.group_norm_backward(dgy, gx, 8, gw, gmean, grstd)),
-        "attention forward": lambda: list(ops.attention_forward(aq, ak, av, scale, False)),
-        "attention backward": lambda: list(ops.attention_backward(do, aq, ak, av, o, lse, scale, False)),
+        "conv2d forward": lambda: [ops.conv2d_forward(a["cx"], a["cw"], a["cb"], 1, 1)],
+        "conv2d backward": lambda: list(ops.conv2d_backward(a["dy"], a["cx"], a["cw"], 1, 1)),
+        "group norm forward": lambda: list(ops.group_norm_forward(a["gx"], 8, a["gw"], a["gb"], 1e-5)),
+        "group norm backward": lambda: list(ops.group_norm_backward(a["dgy"], a["gx"], 8, a["gw"], a["gmean"], a["grstd"])),
+        "attention forward": lambda: list(ops.attention_forward(a["aq"], a["ak"], a["av"], scale, False)),
+        "attention backward": lambda: list(ops.attention_backward(a["do"], a["aq"], a["ak"], a["av"], a["o"], a["lse"],
+                                                                   scale, False)),
     }
 
 
@@ -419,10 +523,8 @@ def timed(fn, repeat, sync=None):
 
 
 repeat = 1 if args.fast else 3
-reference_cases = cases(reference)
-ref_out, ref_time = {}, {}
-for name, fn in reference_cases.items():
-    ref_out[name], ref_time[name] = timed(fn, repeat)
+ref_out = {name: fn() for name, fn in cases(naive, inputs64).items()}  # the oracle, in float64
+ref_time = {name: timed(fn, repeat)[1] for name, fn in cases(fast_cpu).items()}  # the numpy backend, float32
 
 rows = []  # (runtime, version, op, max error, seconds, passed)
 for runtime, ops in runtimes.items():
@@ -437,7 +539,7 @@ for runtime, ops in runtimes.items():
                 rows.append((runtime, version, name, err, seconds, ok))
 print(f"  shapes: conv x {cx.shape} w {cw.shape}; group norm x {gx.shape}, 8 groups; "
       f"attention q {aq.shape} k, v {ak.shape}")
-print(f"  {'runtime':<9} {'v':>2} {'op':<20} {'max |err|':>10} {'time':>10} {'NumPy ref':>10}  ok")
+print(f"  {'runtime':<9} {'v':>2} {'op':<20} {'max |err|':>10} {'time':>10} {'numpy':>10}  ok")
 for runtime, version, name, err, seconds, ok in rows:
     print(f"  {runtime:<9} {version:>2} {name:<20} {err:10.2e} {seconds * 1e3:8.2f}ms "
           f"{ref_time[name] * 1e3:8.2f}ms  {'yes' if ok else 'NO'}")
@@ -451,7 +553,7 @@ results["kernel_max_error"] = max((r[3] for r in rows), default=0.0)
 # The errors and the timings side by side.
 
 # %%
-names = list(reference_cases)
+names = list(ref_out)
 fig, axes = plt.subplots(1, 2, figsize=(10, 3.6))
 configs = sorted({(r[0], r[1]) for r in rows})
 width = 0.8 / max(1, len(configs) + 1)
@@ -462,9 +564,9 @@ for i, (runtime, version) in enumerate(configs):
     axes[0].bar(xs, np.maximum(errs, 1e-9), width, label=f"{runtime} v{version}")
     axes[1].bar(xs, np.array(secs) * 1e3, width, label=f"{runtime} v{version}")
 axes[1].bar(np.arange(len(names)) + len(configs) * width, [ref_time[n] * 1e3 for n in names], width,
-            label="NumPy reference", color="0.5")
+            label="numpy backend (fast_cpu)", color="0.5")
 axes[0].axhline(1e-4, color="red", lw=0.8, ls="--", label="atol 1e-4")
-for ax, label in ((axes[0], "max |kernel - reference|"), (axes[1], "milliseconds (best of runs)")):
+for ax, label in ((axes[0], "max |kernel - naive in float64|"), (axes[1], "milliseconds (best of runs)")):
     ax.set_yscale("log")
     ax.set_ylabel(label)
     ax.set_xticks(np.arange(len(names)) + 0.4 - width / 2)
@@ -473,7 +575,7 @@ for ax, label in ((axes[0], "max |kernel - reference|"), (axes[1], "milliseconds
 if not rows:
     axes[0].text(0.5, 0.5, "no emulator (g++) or GPU here:\nkernels not run", ha="center",
                  transform=axes[0].transAxes)
-axes[0].set_title("agreement with the NumPy reference", fontsize=9)
+axes[0].set_title("agreement with the naive formulas (float64)", fontsize=9)
 axes[1].set_title("time per call", fontsize=9)
 fig.tight_layout()
 viz.save(fig, args.out / "kernel_check.png")
@@ -481,6 +583,9 @@ viz.save(fig, args.out / "kernel_check.png")
 # %% [markdown]
 # ## What we saw
 #
+# - Each op is a few lines of math (naive.py): a convolution is a sum over the
+#   kernel's positions of shifted slices times weight matrices, its gradient another
+#   convolution; attention's backward needs only lse = m + log l from the forward.
 # - conv2d is a matrix product; version 2 gives each block a TILE x TILE tile of it and
 #   stages TILE_K-term slices in shared memory, so each value read from global memory
 #   is used TILE times (64 in the current source).
@@ -489,7 +594,8 @@ viz.save(fig, args.out / "kernel_check.png")
 # - flash attention never stores the Lq x Lk scores: a running max and sum per row,
 #   tile by tile, give the exact softmax.
 # - The same `.cu` source runs on the CPU emulator and on a GPU, and agrees with the
-#   NumPy reference to float32 rounding.
+#   naive formulas to float32 rounding; so does the tuned numpy backend, many times
+#   faster than the formulas as written.
 
 # %%
 results["seconds"] = round(time.perf_counter() - t_start, 2)
