@@ -7,6 +7,7 @@ from the callback's arrays, the forward process against its formula in float64.
 
 import base64
 import http.client
+import inspect
 import io
 import json
 import os
@@ -164,7 +165,8 @@ def test_page_and_info(server, pipe):
     assert status == 200
     # what the pipeline offers today, read at run time (other schedulers, a negative prompt may come)
     assert info["schedulers"] == list(pipeline_module.SCHEDULER_NAMES)
-    assert info["negative_prompt"] == ("negative_prompt" in __import__("inspect").signature(pipe.__call__).parameters)
+    assert info["negative_prompt"] == _takes(pipe, "negative_prompt")
+    assert info["size"]["adjustable"] == _takes(pipe, "height", "width")
     assert info["latent_shape"] == list(pipe.latent_shape)
     assert info["num_train_timesteps"] == pipe.scheduler.num_train_timesteps
     assert get(server, "/nothing")[0] == 404
@@ -181,32 +183,47 @@ def test_requests_must_name_this_server_and_be_json(server):
 
 # ---- text to image: the pipeline's images, streamed ------------------------------------------
 
+def _unet_inputs(pipe):
+    """Record what the UNet is fed at each call (the first image of the batch): x_t, variance-preserving."""
+    seen, forward = [], pipe.unet.forward
+
+    def recording(sample, *args, **kwargs):
+        seen.append(np.array(sample[:1]))
+        return forward(sample, *args, **kwargs)
+
+    pipe.unet.forward = recording
+    return seen, lambda: vars(pipe.unet).pop("forward")
+
+
 @pytest.mark.parametrize("scheduler", pipeline_module.SCHEDULER_NAMES)
 def test_generate_streams_the_pipelines_own_steps_and_image(server, pipe, scheduler):
-    steps, seed, w = 4, 3, 5.0
+    steps, seed, w = 4, 3, 5.0  # PNDM's warm-up needs 4
     status, stream = post(server, "/api/generate", {"prompt": PROMPT, "steps": steps, "seed": seed,
                                                      "guidance": w, "scheduler": scheduler})
     assert status == 200, stream
-    names = [e for e, _ in stream]
-    assert names == ["start"] + ["step"] * steps + ["done"], names
+    start = by_event(stream, "start")[0]
+    calls = start["steps"]  # model calls: Heun makes two a step
+    assert start["requested_steps"] == steps and calls >= steps
+    assert [e for e, _ in stream] == ["start"] + ["step"] * calls + ["done"]
 
     seen = []
-    reference = pipe(PROMPT, steps=steps, guidance_scale=w, seed=seed, scheduler=scheduler, collect_attention=True,
-                     callback=lambda i, t, z, eps, x0: seen.append((t, np.array(z), np.array(eps), np.array(x0))))
+    fed, restore = _unet_inputs(pipe)
+    try:
+        reference = pipe(PROMPT, steps=steps, guidance_scale=w, seed=seed, scheduler=scheduler,
+                         collect_attention=True,
+                         callback=lambda i, t, z, eps, x0: seen.append((t, np.array(z), np.array(eps), np.array(x0))))
+    finally:
+        restore()
+    assert len(seen) == calls == len(fed)
     done = by_event(stream, "done")[0]
     np.testing.assert_array_equal(image(done["image"]), reference[0])  # bit-identical uint8
 
-    sched = pipe.make_scheduler(scheduler)
-    sched.set_timesteps(steps)
-    sigmas = np.append(np.sqrt(1 / pipe.scheduler.alphas_cumprod[sched.timesteps.astype(int)] - 1), 0.0)
     for i, (step, (t, z, eps, x0)) in enumerate(zip(by_event(stream, "step"), seen)):
         assert step["i"] == i and step["t"] == t
-        np.testing.assert_array_equal(image(step["x0"]), pipe.decode_latents(x0)[0])
-        if float(sched.init_noise_sigma) == 1.0:
-            vp = z  # DDPM, DDIM: the sample is x_t itself
-        else:  # Euler: x = x_0 + sigma eps; x_t = x / sqrt(sigma^2 + 1) at the next step's sigma
-            vp = z / np.float32(np.sqrt(sigmas[i + 1] ** 2 + 1))
-        np.testing.assert_array_equal(image(step["xt"]), pipe.decode_latents(vp)[0])
+        np.testing.assert_array_equal(image(step["x0"]), pipe.decode_latents(x0[:1])[0])
+        # x_t after a step is what the UNet is fed at the next one (for Euler & co: x / sqrt(sigma^2 + 1))
+        x_t = fed[i + 1] if i + 1 < calls else z[:1]
+        np.testing.assert_array_equal(image(step["xt"]), pipe.decode_latents(x_t)[0])
         # the noise, channel by channel on a 2 x 2 grid, grey = (eps / 3 + 1) * 127.5
         tiles = image(step["eps"]).astype(np.float64) / 127.5 - 1
         for c in range(4):
@@ -220,9 +237,38 @@ def test_generate_streams_the_pipelines_own_steps_and_image(server, pipe, schedu
     expected = token_attention(pipe.attention_maps, pipe.tokenizer, PROMPT, pipe.latent_shape[1:])
     assert attention["tokens"] == PROMPT.split()
     maps = np.array(attention["maps"])
-    assert maps.shape == (steps, len(expected), pipe.latent_shape[1] * pipe.latent_shape[2])
+    assert maps.shape == (calls, len(expected), pipe.latent_shape[1] * pipe.latent_shape[2])
     for k, key in enumerate(expected):
-        np.testing.assert_allclose(maps[:, k], expected[key].reshape(steps, -1), atol=6e-5)
+        np.testing.assert_allclose(maps[:, k], expected[key].reshape(calls, -1), atol=6e-5)
+
+
+def _takes(pipe, *names):
+    return all(n in inspect.signature(pipe.__call__).parameters for n in names)
+
+
+def test_negative_prompt_where_the_pipeline_takes_one(server, pipe):
+    body = {"prompt": PROMPT, "negative_prompt": "a large blue square in the center", "steps": 3, "seed": 2}
+    status, answer = post(server, "/api/generate", body)
+    if not _takes(pipe, "negative_prompt"):
+        assert status == 400 and "negative_prompt" in answer["error"]
+        return
+    assert status == 200, answer
+    expected = pipe(PROMPT, negative_prompt=body["negative_prompt"], steps=3, seed=2, guidance_scale=5.0)[0]
+    np.testing.assert_array_equal(image(by_event(answer, "done")[0]["image"]), expected)
+
+
+def test_another_size_where_the_pipeline_takes_height_and_width(server, pipe):
+    status, answer = post(server, "/api/generate", {"prompt": PROMPT, "size": 40, "steps": 2, "seed": 5})
+    if not _takes(pipe, "height", "width"):
+        assert status == 400 and "takes no height/width" in answer["error"]
+        return
+    assert status == 200, answer
+    done = by_event(answer, "done")[0]
+    expected = pipe(PROMPT, height=40, width=40, steps=2, seed=5, guidance_scale=5.0)[0]
+    np.testing.assert_array_equal(image(done["image"]), expected)
+    assert (done["attention"]["h"], done["attention"]["w"]) == (10, 10)
+    status, answer = post(server, "/api/generate", {"prompt": PROMPT, "size": 42, "steps": 2})
+    assert status == 400 and "size must be a multiple of 4" in answer["error"]
 
 
 def test_guidance_scales_side_by_side_are_the_pipelines(server, pipe):
@@ -267,6 +313,24 @@ def test_noise_of_an_uploaded_image_is_its_centre_square_resized(server):
     assert status == 200, d
     x0 = image(d["pixel"]["x0"])
     assert x0.shape == (32, 32, 3) and np.abs(x0.astype(int) - (200, 30, 30)).max() <= 2
+
+
+def test_every_computation_runs_on_the_one_worker_thread(server, monkeypatch):
+    # A thread per request that allocates images grows the process (glibc gives each its own
+    # arena): 110 -> 258 MiB over 40 requests before the work moved to one worker thread.
+    threads = set()
+    decode = minisd.pipeline.StableDiffusionPipeline.decode_latents
+
+    def recording(self, latents):
+        threads.add(threading.current_thread().name)
+        return decode(self, latents)
+
+    monkeypatch.setattr(minisd.pipeline.StableDiffusionPipeline, "decode_latents", recording)
+    for _ in range(2):
+        assert post(server, "/api/generate", {"prompt": PROMPT, "steps": 2})[0] == 200
+        assert post(server, "/api/guidance", {"prompt": PROMPT, "steps": 2, "scales": [3]})[0] == 200
+        assert post(server, "/api/noise", {"t": 50})[0] == 200
+    assert len(threads) == 1 and threads.pop().startswith("minisd-explore"), threads
 
 
 # ---- bad input: a message for the page, and the server serves on ------------------------------

@@ -15,10 +15,14 @@ with ``callback=`` and ``collect_attention=True``, ``pipe.decode_latents``,
 sampling loop: the streamed steps are the pipeline's own, seen through its callback, and
 the final image is what ``pipe(...)`` returns, bit for bit.
 
-One computation at a time (the model is not shared between threads, and a laptop has few
-cores): a new sampling request cancels the one before it. The cancelled run's callback
-raises ``Cancelled`` at its next step, so it stops within one UNet step instead of
-finishing (or waiting in a queue) for nobody.
+One computation at a time, all on one worker thread (the model is not shared between
+threads, and a laptop has few cores): a new sampling request cancels the one before it.
+The cancelled run's callback raises ``Cancelled`` at its next step, so it stops within one
+UNet step instead of finishing (or waiting in a queue) for nobody. One long-lived thread
+also keeps the memory flat: glibc gives each thread that allocates its own arena, and
+minisd has each arena keep up to 64 MB of freed memory for reuse (backends/cpu_settings.py);
+with the work on the HTTP server's thread per request the server grew from 110 to 258 MiB
+over 40 requests (measured; on one worker it stays at 114 MiB over 100).
 
 Input from the page is checked here; what cannot be used raises ``BadInput`` with one line
 that names the field, which the server shows in the page while it keeps serving.
@@ -35,6 +39,7 @@ import threading
 import time
 import warnings
 from collections import OrderedDict
+from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 
@@ -188,15 +193,23 @@ def _token_label(token: str) -> str:
 # ---- the explorer ----------------------------------------------------------------------
 
 class Explorer:
-    """The pipelines (a few, by folder), the one-at-a-time lock, and the latest sampling run."""
+    """The pipelines (a few, by folder), the worker thread that runs them, and the latest sampling run.
+
+    The public methods are called from the server's threads; each hands its work to the one
+    worker and waits for it (emit, called on the worker, writes to the caller's stream).
+    """
 
     def __init__(self, model: str | None = None, cache_size: int = 2):
         self.default_model = model
         self.cache_size = cache_size
-        self._pipes: OrderedDict = OrderedDict()
-        self._compute = threading.Lock()  # one model computation at a time
+        self._pipes: OrderedDict = OrderedDict()  # touched on the worker only
+        self._worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="minisd-explore")
         self._state = threading.Lock()  # guards _current
         self._current: Run | None = None
+
+    def _on_worker(self, work, *args):
+        """Run work(*args) on the worker thread, after what is queued there; its result or its exception."""
+        return self._worker.submit(work, *args).result()
 
     # -- models --------------------------------------------------------------------------
 
@@ -227,8 +240,7 @@ class Explorer:
         return pipe
 
     def load(self, model=None):
-        with self._compute:
-            return self.pipeline(model)
+        return self._on_worker(self.pipeline, model)
 
     @staticmethod
     def scheduler_names() -> tuple[str, ...]:
@@ -248,8 +260,7 @@ class Explorer:
         from minisd.data import shapes
         from minisd.pipeline import DEFAULT_GUIDANCE, DEFAULT_STEPS
 
-        with self._compute:
-            pipe = self.pipeline(request.get("model"))
+        pipe = self.load(request.get("model"))
         native = int(pipe.vae.config["sample_size"])
         return {
             "model": pipe.path,
@@ -318,45 +329,40 @@ class Explorer:
             raise BadInput(f"steps: {e}") from None
         return kwargs
 
-    def _prepare(self, request: dict) -> tuple:
-        """Check the request, cancel the run before it, wait for the model: (run, pipe, kwargs).
-
-        Fields that need no model are checked before anything is cancelled, so a bad request
-        (steps 0) does not stop a good run; the rest once the model is loaded.
-        """
+    def _new_run(self, request) -> Run:
+        """Check what needs no model, then cancel the run before this one: a bad request
+        (steps 0) does not stop a good run. The rest is checked once the model is loaded."""
         if not isinstance(request, dict):
             raise BadInput("the request must be a JSON object")
         _text(request, "prompt")
         _whole(request, "steps", 50, 1)
         _number(request, "guidance", 5.0, 0.0)
-        run = self._supersede()
-        self._compute.acquire()
-        try:
-            pipe = self.pipeline(request.get("model"))
-            kwargs = self._sampling(request, pipe)
-        except BaseException:
-            self._compute.release()
-            raise
-        return run, pipe, kwargs
+        return self._supersede()
 
     @staticmethod
-    def _display_scale(sched):
-        """A function i -> the factor that turns the sample after step i into a variance-preserving x_t.
+    def _display_divisor(sched):
+        """A function i -> what the sample after model call i is divided by to be a variance-preserving x_t.
 
-        DDPM and DDIM sample x_t itself (init_noise_sigma 1). Euler works in sigma-space,
-        x = x_0 + sigma epsilon, whose noise is 15 times the image at the start: x_t is
-        x / sqrt(sigma^2 + 1) (what the UNet is fed), with sigma the next step's.
+        DDPM, DDIM, PNDM, DPM-Solver and UniPC sample x_t itself (init_noise_sigma 1).
+        Euler, Euler a, Heun and LMS work in sigma-space, x = x_0 + sigma epsilon, whose noise
+        is 15 times the image at the start: x_t = x / sqrt(sigma^2 + 1), what the UNet is fed
+        next (scale_model_input), with sigma = sigmas[i + 1] (0 after the last call).
         ``sched`` is a scheduler like the run's, after set_timesteps.
         """
         sigmas = getattr(sched, "sigmas", None)
         if float(sched.init_noise_sigma) == 1.0 or sigmas is None or len(sigmas) != len(sched.timesteps) + 1:
             return lambda i: 1.0
-        return lambda i: 1.0 / math.sqrt(float(sigmas[i + 1]) ** 2 + 1.0)
+        return lambda i: math.sqrt(float(sigmas[i + 1]) ** 2 + 1)
 
     def generate(self, request: dict, emit) -> None:
+        """Text to image, streamed through ``emit(event, data)`` (see _generate)."""
+        run = self._new_run(request)
+        self._on_worker(self._generate, run, request, emit)
+
+    def _generate(self, run: Run, request: dict, emit) -> None:
         """Text to image, streamed through ``emit(event, data)``:
 
-            start      {steps, timesteps: [...], tokens: [...]}
+            start      {steps (model calls, each a step event), requested_steps, timesteps, tokens}
             warning    {messages}                        what the pipeline warned of (before step 0)
             step       {i, t, xt, eps, x0, seconds}      PNG data URLs, after each step
             done       {image, attention: {tokens, h, w, maps[step][token][h*w]}, seconds}
@@ -365,52 +371,51 @@ class Explorer:
         from minisd.backend import to_numpy
         from minisd.pipeline import token_attention
 
-        run, pipe, kwargs = self._prepare(request)
+        if run.reason is not None:  # superseded while it waited for the worker
+            emit("cancelled", {"reason": run.reason})
+            return
+        pipe = self.pipeline(request.get("model"))
+        kwargs = self._sampling(request, pipe)
+        sched = pipe.make_scheduler(kwargs.get("scheduler"))  # the run's timesteps, for the page
+        sched.set_timesteps(kwargs["steps"])
+        divisor = self._display_divisor(sched)
+        calls = len(sched.timesteps)  # one callback per model call: Heun makes 2 a step, PNDM's warm-up more
+        words = pipe.tokenizer.tokenize(kwargs["prompt"])
+        emit("start", {"steps": calls, "requested_steps": kwargs["steps"], "timesteps": [int(t) for t in sched.timesteps],
+                       "tokens": [_token_label(f"{i}:{w}") for i, w in enumerate(words)]})
+        start = time.perf_counter()
+
+        def callback(i, t, latents, noise_pred, pred_x0):
+            run.check()
+            if caught:  # the pipeline's warnings (an unknown word, a prompt cut at 77 tokens) come before step 0
+                emit("warning", {"messages": [str(w.message) for w in caught]})
+                caught.clear()
+            z = to_numpy(latents)[:1] / divisor(i)  # as scale_model_input rounds it
+            # one image per decode: a batch of two rounds differently from the pipeline's own decode
+            xt = pipe.decode_latents(z)[0]
+            x0 = pipe.decode_latents(to_numpy(pred_x0)[:1])[0]
+            emit("step", {"i": i, "t": int(t), "xt": png(xt), "x0": png(x0),
+                          "eps": png(channel_tiles(to_numpy(noise_pred)[0])),
+                          "seconds": round(time.perf_counter() - start, 4)})
+
+        attend = calls <= MAX_ATTENTION_STEPS
         try:
-            if run.reason is not None:
-                emit("cancelled", {"reason": run.reason})
-                return
-            sched = pipe.make_scheduler(kwargs.get("scheduler"))  # the run's timesteps, for the page
-            sched.set_timesteps(kwargs["steps"])
-            scale = self._display_scale(sched)
-            words = pipe.tokenizer.tokenize(kwargs["prompt"])
-            emit("start", {"steps": kwargs["steps"], "timesteps": [int(t) for t in sched.timesteps],
-                           "tokens": [_token_label(f"{i}:{w}") for i, w in enumerate(words)]})
-            start = time.perf_counter()
-
-            def callback(i, t, latents, noise_pred, pred_x0):
-                run.check()
-                if caught:  # the pipeline's warnings (an unknown word, a prompt cut at 77 tokens) come before step 0
-                    emit("warning", {"messages": [str(w.message) for w in caught]})
-                    caught.clear()
-                z = to_numpy(latents)[:1] * np.float32(scale(i))
-                # one image per decode: a batch of two rounds differently from the pipeline's own decode
-                xt = pipe.decode_latents(z)[0]
-                x0 = pipe.decode_latents(to_numpy(pred_x0)[:1])[0]
-                emit("step", {"i": i, "t": int(t), "xt": png(xt), "x0": png(x0),
-                              "eps": png(channel_tiles(to_numpy(noise_pred)[0])),
-                              "seconds": round(time.perf_counter() - start, 4)})
-
-            attend = kwargs["steps"] <= MAX_ATTENTION_STEPS
-            try:
-                with warnings.catch_warnings(record=True) as caught:
-                    warnings.simplefilter("always")
-                    image = pipe(callback=callback, collect_attention=attend, **kwargs)[0]
-            except Cancelled as e:
-                emit("cancelled", {"reason": str(e)})
-                return
-            size = kwargs.get("height", int(pipe.vae.config["sample_size"]))
-            latent_hw = (size // pipe.vae.downsample_factor,) * 2
-            maps = token_attention(pipe.attention_maps, pipe.tokenizer, kwargs["prompt"], latent_hw) if attend else {}
-            pipe.attention_maps = None  # the pipeline keeps the last run's maps; the page has them now
-            order = list(maps)
-            stacked = np.stack([maps[k] for k in order], axis=1) if order else np.zeros((kwargs["steps"], 0, *latent_hw))
-            emit("done", {"image": png(image), "seconds": round(time.perf_counter() - start, 4),
-                          "attention": {"tokens": [_token_label(k) for k in order], "h": latent_hw[0],
-                                        "w": latent_hw[1], "kept": attend, "max_steps": MAX_ATTENTION_STEPS,
-                                        "maps": np.round(stacked.reshape(len(stacked), len(order), -1), 4).tolist()}})
-        finally:
-            self._compute.release()
+            with warnings.catch_warnings(record=True) as caught:
+                warnings.simplefilter("always")
+                image = pipe(callback=callback, collect_attention=attend, **kwargs)[0]
+        except Cancelled as e:
+            emit("cancelled", {"reason": str(e)})
+            return
+        size = kwargs.get("height", int(pipe.vae.config["sample_size"]))
+        latent_hw = (size // pipe.vae.downsample_factor,) * 2
+        maps = token_attention(pipe.attention_maps, pipe.tokenizer, kwargs["prompt"], latent_hw) if attend else {}
+        pipe.attention_maps = None  # the pipeline keeps the last run's maps; the page has them now
+        order = list(maps)
+        stacked = np.stack([maps[k] for k in order], axis=1) if order else np.zeros((calls, 0, *latent_hw))
+        emit("done", {"image": png(image), "seconds": round(time.perf_counter() - start, 4),
+                      "attention": {"tokens": [_token_label(k) for k in order], "h": latent_hw[0],
+                                    "w": latent_hw[1], "kept": attend, "max_steps": MAX_ATTENTION_STEPS,
+                                    "maps": np.round(stacked.reshape(len(stacked), len(order), -1), 4).tolist()}})
 
     def compare_guidance(self, request: dict, emit) -> None:
         """One seed, one prompt, several guidance scales w, streamed one image at a time:
@@ -425,22 +430,33 @@ class Explorer:
         if not isinstance(scales, list) or not 1 <= len(scales) <= MAX_SCALES:
             raise BadInput(f"scales must be a list of 1 to {MAX_SCALES} numbers, got {scales!r}")
         scales = [_number({"scale": s}, "scale", None, 0.0) for s in scales]
-        run, pipe, kwargs = self._prepare(request)
-        try:
-            emit("start", {"scales": scales})
-            start = time.perf_counter()
-            for w in scales:
-                try:
-                    image = pipe(callback=lambda *step: run.check(), **{**kwargs, "guidance_scale": w})[0]
-                except Cancelled as e:
-                    emit("cancelled", {"reason": str(e)})
-                    return
-                emit("image", {"scale": w, "image": png(image), "seconds": round(time.perf_counter() - start, 4)})
-            emit("done", {"seconds": round(time.perf_counter() - start, 4)})
-        finally:
-            self._compute.release()
+        run = self._new_run(request)
+        self._on_worker(self._compare_guidance, run, request, scales, emit)
+
+    def _compare_guidance(self, run: Run, request: dict, scales: list, emit) -> None:
+        if run.reason is not None:
+            emit("cancelled", {"reason": run.reason})
+            return
+        pipe = self.pipeline(request.get("model"))
+        kwargs = self._sampling(request, pipe)
+        emit("start", {"scales": scales})
+        start = time.perf_counter()
+        for w in scales:
+            try:
+                image = pipe(callback=lambda *step: run.check(), **{**kwargs, "guidance_scale": w})[0]
+            except Cancelled as e:
+                emit("cancelled", {"reason": str(e)})
+                return
+            emit("image", {"scale": w, "image": png(image), "seconds": round(time.perf_counter() - start, 4)})
+        emit("done", {"seconds": round(time.perf_counter() - start, 4)})
 
     def noise(self, request: dict) -> dict:
+        """The forward process at timestep t (see _noise)."""
+        if not isinstance(request, dict):
+            raise BadInput("the request must be a JSON object")
+        return self._on_worker(self._noise, request)
+
+    def _noise(self, request: dict) -> dict:
         """The forward process at timestep t, in pixels and in the latent (DDPM eq. 4):
 
             x_t = sqrt(alpha_bar_t) x_0 + sqrt(1 - alpha_bar_t) epsilon,   SNR(t) = alpha_bar_t / (1 - alpha_bar_t)
@@ -455,42 +471,39 @@ class Explorer:
         from minisd.data import shapes
         from minisd.tensor import no_grad
 
-        if not isinstance(request, dict):
-            raise BadInput("the request must be a JSON object")
-        with self._compute:
-            pipe = self.pipeline(request.get("model"))
-            size = int(pipe.vae.config["sample_size"])
-            T = pipe.scheduler.num_train_timesteps
-            t = _whole(request, "t", 0, 0, T - 1, " (the model's training timesteps)")
-            seed = _whole(request, "seed", 0, 0)
-            if request.get("image"):
-                picture = read_image(request["image"], size)
-            else:
-                spec = request.get("shape") or {}
-                if not isinstance(spec, dict):
-                    raise BadInput("shape must be an object with color, shape, size and position")
-                try:
-                    picture = shapes.render(spec.get("color", "red"), spec.get("shape", "circle"),
-                                            spec.get("size", "large"), spec.get("position", "center"))
-                except (ValueError, KeyError) as e:
-                    raise BadInput(f"shape: {e.args[0] if e.args else e}") from None
-                if picture.shape[0] != size:
-                    from PIL import Image
+        pipe = self.pipeline(request.get("model"))
+        size = int(pipe.vae.config["sample_size"])
+        T = pipe.scheduler.num_train_timesteps
+        t = _whole(request, "t", 0, 0, T - 1, " (the model's training timesteps)")
+        seed = _whole(request, "seed", 0, 0)
+        if request.get("image"):
+            picture = read_image(request["image"], size)
+        else:
+            spec = request.get("shape") or {}
+            if not isinstance(spec, dict):
+                raise BadInput("shape must be an object with color, shape, size and position")
+            try:
+                picture = shapes.render(spec.get("color", "red"), spec.get("shape", "circle"),
+                                        spec.get("size", "large"), spec.get("position", "center"))
+            except (ValueError, KeyError) as e:
+                raise BadInput(f"shape: {e.args[0] if e.args else e}") from None
+            if picture.shape[0] != size:
+                from PIL import Image
 
-                    picture = np.asarray(Image.fromarray(picture).resize((size, size), Image.Resampling.NEAREST))
-            # The forward process is the same for every scheduler of this schedule; DDPM's add_noise
-            # is its formula (Euler's works in sigma-space instead).
-            forward = pipe.make_scheduler("ddpm")
-            a = float(forward.alphas_cumprod[t])
-            rng = np.random.default_rng(seed)
-            x0 = (picture.astype(np.float32) / np.float32(127.5) - 1).transpose(2, 0, 1)[None]
-            eps = rng.standard_normal(x0.shape).astype(np.float32)
-            xt = forward.add_noise(x0, eps, np.array([t]))
-            with no_grad():
-                z0 = pipe.vae.encode(x0).mean.numpy() * np.float32(pipe.vae.config["scaling_factor"])
-            eps_z = rng.standard_normal(z0.shape).astype(np.float32)
-            zt = forward.add_noise(z0, eps_z, np.array([t]))
-            decoded = pipe.decode_latents(np.concatenate([z0, zt]))
+                picture = np.asarray(Image.fromarray(picture).resize((size, size), Image.Resampling.NEAREST))
+        # The forward process is the same for every scheduler of this schedule; DDPM's add_noise
+        # is its formula (Euler's works in sigma-space instead).
+        forward = pipe.make_scheduler("ddpm")
+        a = float(forward.alphas_cumprod[t])
+        rng = np.random.default_rng(seed)
+        x0 = (picture.astype(np.float32) / np.float32(127.5) - 1).transpose(2, 0, 1)[None]
+        eps = rng.standard_normal(x0.shape).astype(np.float32)
+        xt = forward.add_noise(x0, eps, np.array([t]))
+        with no_grad():
+            z0 = pipe.vae.encode(x0).mean.numpy() * np.float32(pipe.vae.config["scaling_factor"])
+        eps_z = rng.standard_normal(z0.shape).astype(np.float32)
+        zt = forward.add_noise(z0, eps_z, np.array([t]))
+        decoded = pipe.decode_latents(np.concatenate([z0, zt]))
 
         def measured_snr(signal, noise):
             noise_power = float(np.sum((math.sqrt(1 - a) * noise.astype(np.float64)) ** 2))
