@@ -162,12 +162,18 @@ def run(args) -> int:
     report = {"model": os.path.abspath(pipe.path), "steps": steps, "guidance_scale": guidance, "scheduler": scheduler}
     start = time.perf_counter()
 
-    if "vae" not in args.skip:
-        report["vae"] = vae_psnr(pipe.vae, shapes.every_image("heldout").images)
-        print(f"VAE PSNR on {report['vae']['images']} held-out images: {report['vae']['psnr_db_overall']:.2f} dB "
-              f"(per-image mean {report['vae']['psnr_db_mean']:.2f} dB)")
+    from minisd.data import folder
 
-    if "adherence" not in args.skip or "clip" not in args.skip:
+    own = folder.validation_images(pipe.path)  # a model trained on a captioned folder: its images
+    if "vae" not in args.skip:
+        images, what = own if own is not None else (shapes.every_image("heldout").images, "held-out images")
+        report["vae"] = {**vae_psnr(pipe.vae, images), "on": what}
+        print(f"VAE PSNR on {what if own else f'{len(images)} {what}'}: {report['vae']['psnr_db_overall']:.2f} dB "
+              f"(per-image mean {report['vae']['psnr_db_mean']:.2f} dB)")
+    if own is not None and not {"adherence", "clip"} <= set(args.skip):
+        print("prompt adherence and CLIP score: skipped, they read shapes images (minisd/data/reader.py) and "
+              f"this model was trained on a folder ({folder.read_record(pipe.path)['dataset']})")
+    elif "adherence" not in args.skip or "clip" not in args.skip:
         report["adherence"] = {}
         generated, captions, real = [], [], []
         for split, seeds in (("seen", args.seeds), ("heldout", args.heldout_seeds)):

@@ -52,6 +52,7 @@ import re
 import shutil
 import sys
 import time
+import warnings
 
 import numpy as np
 
@@ -470,7 +471,7 @@ def train_vae(out: str, dataset: str = "shapes", steps: int | None = None, batch
         images, _ = load_dataset(dataset, "train", font)
     x_all = to_model_images(images)
     nn.manual_seed(seed)
-    vae = AutoencoderKL(**(config or VAE_CONFIG))
+    vae = AutoencoderKL(**{**(config or VAE_CONFIG), "sample_size": x_all.shape[-1]})
     start_with_narrow_posterior(vae)
 
     def loss_fn(rng, n):
@@ -518,6 +519,26 @@ def measure_scaling_factor(vae, x_all: np.ndarray, seed: int = 0, batch: int = 1
 # ---------------------------------------------------------------------------------------
 
 
+_WARNED_LONG = set()  # the captions already warned about in this process: once a run, not once a stage
+
+
+def caption_ids(tokenizer, captions) -> np.ndarray:
+    """tokenizer(captions), the captions too long for the 77-token context cut as SD cuts them;
+    warned once (on stderr, with the count and the first), not once per caption."""
+    room = tokenizer.max_length - 2  # <|startoftext|> and <|endoftext|> take two
+    unique = list(dict.fromkeys(captions))
+    long = [c for c in unique if len(tokenizer.tokenize(c)) > room]
+    key = frozenset(long)
+    if long and key not in _WARNED_LONG:
+        _WARNED_LONG.add(key)
+        print(f"minisd train: warning: {len(long)} of {len(unique)} captions have more than the {room} tokens "
+              f"that fit in the text encoder's {tokenizer.max_length}; only their first {room} are used, as in "
+              f"SD (the first: {long[0][:60]!r}...)", file=sys.stderr)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the tokenizer's own warning, once per caption: said above
+        return tokenizer(list(captions))
+
+
 def train_tokenizer(captions, out: str):
     """A BPE vocabulary learned from the captions (SD's CLIP: 49,408 tokens; here a few hundred)."""
     from minisd.tokenizer import Tokenizer
@@ -548,7 +569,7 @@ def train_clip(out: str, dataset: str = "shapes", steps: int | None = None, batc
         tok = train_tokenizer(captions, out)
         discard = tuple(p for p in discard if os.path.abspath(p) != os.path.abspath(tok_dir))  # just written
     x_all = to_model_images(images)
-    ids_all = tok(captions)
+    ids_all = caption_ids(tok, captions)
     # Group images by caption: a batch takes distinct captions, since two images of the same
     # caption in one batch would each be told that the other is a wrong match.
     groups = {}
@@ -596,10 +617,11 @@ def encode_dataset(vae, images: np.ndarray, batch: int = 128) -> tuple[np.ndarra
 
 def encode_prompts(text_encoder, tokenizer, prompts, batch: int = 64) -> np.ndarray:
     """The frozen text encoder's (len(prompts), 77, hidden) states, computed once."""
+    ids = caption_ids(tokenizer, prompts)
     out = []
     with no_grad():
         for i in range(0, len(prompts), batch):
-            out.append(text_encoder(tokenizer(prompts[i:i + batch])).numpy())
+            out.append(text_encoder(ids[i:i + batch]).numpy())
     return np.concatenate(out)
 
 
@@ -625,6 +647,10 @@ def train_unet(out: str, dataset: str = "shapes", steps: int | None = None, batc
     text_encoder = load_part(os.path.join(out, "text_encoder"), CLIPTextModel)
     tok = Tokenizer.from_folder(os.path.join(out, "tokenizer"))
     scale = float(vae.config["scaling_factor"])
+    if images.shape[1] != vae.config["sample_size"]:
+        raise ValueError(f"train unet: the images are {images.shape[1]} x {images.shape[1]} and "
+                         f"{os.path.join(out, 'vae')} was trained at {vae.config['sample_size']}: train both at one "
+                         "size (--resolution)")
 
     mean, std = encode_dataset(vae, images)
     prompts = sorted(set(captions))
@@ -688,16 +714,17 @@ def write_model_index(out: str) -> None:
 
 def train_all(out: str, dataset: str = "shapes", steps: dict | None = None, seed: int = 0, resume: bool = False,
               checkpoint_every: int = 200, progress: bool = True, keep_checkpoints: bool = False,
-              font: str | None = None, overwrite: bool = False) -> dict:
+              font: str | None = None, overwrite: bool = False, data=None) -> dict:
     """vae -> clip -> unet; a stage already finished in OUT is skipped when resuming.
 
     ``steps``: {stage: steps} for the stages not to run at their defaults. ``overwrite``
     removes what every stage wrote in OUT before (once the first stage passes its checks):
     a new VAE or text encoder makes the old UNet wrong, so nothing of the old model may
-    stay to be taken, on a later --resume, for a finished stage.
+    stay to be taken, on a later --resume, for a finished stage. ``data``: (images, captions)
+    to train on instead of the named dataset's (a captioned folder's).
     """
     steps = steps or {}
-    data = load_dataset(dataset, "train", font)
+    data = data if data is not None else load_dataset(dataset, "train", font)
     report = {"dataset": dataset, "seed": seed, "stages": {}}
     runners = {"vae": lambda **kw: train_vae(images=data[0], **kw),
                "clip": lambda **kw: train_clip(data=data, **kw),
@@ -859,14 +886,26 @@ def help_epilog() -> str:
 def add_arguments(parser) -> None:
     import argparse
 
-    from minisd.cli import non_negative_int, positive_float, positive_int
+    from minisd.cli import fraction, non_negative_int, positive_float, positive_int
 
     parser.description = ("Train the three networks of a Stable Diffusion: vae (the autoencoder), clip (the\n"
                           "text encoder, with an image tower), then unet (the denoiser, on the frozen two).")
     parser.epilog = help_epilog()
     parser.formatter_class = argparse.RawDescriptionHelpFormatter
     parser.add_argument("stage", choices=(*STAGES, "all"), help="which network to train (all: vae, clip, unet)")
-    parser.add_argument("--dataset", choices=DATASETS, default="shapes", help="default: shapes")
+    parser.add_argument("--dataset", default="shapes", metavar="shapes|emoji|PATH",
+                        help="shapes, emoji, or a folder of captioned images: metadata.jsonl / metadata.csv "
+                        "(file_name + a caption column) or a .txt caption beside each image (default: shapes)")
+    parser.add_argument("--caption-column", metavar="NAME", help="a folder's metadata column holding the captions "
+                        "(default: \"text\", else the first column besides file_name)")
+    parser.add_argument("--resolution", type=positive_int, metavar="PX",
+                        help="a folder's images are resized (shorter side) and centre-cropped to PX x PX; a "
+                        "multiple of 8 at the default sizes (default: the VAE's, 32)")
+    parser.add_argument("--validation-split", type=fraction, metavar="F",
+                        help="hold out a fraction F of a folder's images (drawn by --seed) for `minisd eval`; "
+                        "recorded in OUT/logs/dataset.json and kept by later stages in OUT")
+    parser.add_argument("--skip-bad", action="store_true", help="train without a folder's unreadable or "
+                        "uncaptioned images, and say which (default: stop, exit status 2)")
     parser.add_argument("--font", metavar="PATH", help="the emoji font for --dataset emoji "
                         "(default: Noto Color Emoji, Debian's fonts-noto-color-emoji)")
     parser.add_argument("--out", default="checkpoints/mine", help="model folder to write (default: checkpoints/mine)")
@@ -908,6 +947,90 @@ def check_out(out: str, stage: str, resume: bool, overwrite: bool) -> None:
                          "pass --overwrite to train it again")
 
 
+# ---------------------------------------------------------------------------------------
+# Your own data: a folder of captioned images (minisd/data/folder.py reads it)
+# ---------------------------------------------------------------------------------------
+
+FOLDER_OPTIONS = ("caption_column", "validation_split", "skip_bad")
+
+
+def resolution_multiple(vae_config: dict, unet_config: dict, vision_config: dict) -> int:
+    """The image sizes every part can take are the multiples of this: the VAE halves the image
+    len(block_out_channels) - 1 times, the UNet halves the latents len(its block_out_channels) - 1
+    times, and the CLIP image tower cuts the image into patch_size squares (defaults: 4 * 2 and 8: 8)."""
+    vae = 2 ** (len(vae_config["block_out_channels"]) - 1)
+    unet = 2 ** (len(unet_config["block_out_channels"]) - 1)
+    return math.lcm(vae * unet, int(vision_config.get("patch_size", 1)))
+
+
+def pick_resolution(args, out: str) -> int:
+    """--resolution, else that of the VAE already trained in OUT (clip and unet train on it), else 32.
+    Refused (UsageError) where it is not a size the parts can take, or not the trained VAE's."""
+    from minisd.cli import UsageError
+
+    trained = None
+    if args.stage in ("clip", "unet") and finished(out, "vae"):
+        with open(os.path.join(out, "vae", "config.json")) as f:
+            trained = int(json.load(f).get("sample_size", 32))
+    resolution = args.resolution or trained or 32
+    if trained is not None and resolution != trained:
+        raise UsageError(f"minisd train {args.stage}: --resolution {resolution}, but {os.path.join(out, 'vae')} "
+                         f"was trained at {trained} x {trained}: give --resolution {trained}")
+    multiple = resolution_multiple(VAE_CONFIG, UNET_CONFIG, VISION_CONFIG)
+    if resolution % multiple:
+        raise UsageError(f"minisd train {args.stage}: --resolution {resolution} is not a multiple of {multiple} "
+                         f"(the VAE's and the UNet's downsampling, and the CLIP image tower's patches); "
+                         f"try {max(multiple, resolution // multiple * multiple)}")
+    return resolution
+
+
+def load_own_data(args, out: str):
+    """The captioned folder --dataset names, read and checked before any training (None for shapes/emoji).
+
+    Bad data is a UsageError (exit 2) naming each kind of problem and its first files; with
+    --skip-bad those images are left out and said. A split recorded in OUT/logs/dataset.json
+    by an earlier stage on the same folder is kept, so that no stage trains on what another
+    held out (unless ``all --overwrite`` starts the whole model over)."""
+    from minisd.cli import UsageError
+    from minisd.data import folder
+
+    where = f"minisd train {args.stage}"
+    if args.dataset in DATASETS:
+        given = [o for o in FOLDER_OPTIONS if getattr(args, o) not in (None, False)]
+        if given:
+            raise UsageError(f"{where}: --{given[0].replace('_', '-')} is for a --dataset folder; "
+                             f"{args.dataset} is built in")
+        if args.resolution not in (None, 32):
+            raise UsageError(f"{where}: --resolution {args.resolution}: the {args.dataset} images are 32 x 32; "
+                             "--resolution is for a --dataset folder")
+        return None
+    if not os.path.isdir(args.dataset):
+        raise UsageError(f"{where}: --dataset {args.dataset} is neither {' nor '.join(DATASETS)} nor a folder")
+    resolution = pick_resolution(args, out)
+    record = folder.read_record(out)
+    held = None
+    if record is not None and record["dataset"] == os.path.abspath(args.dataset) \
+            and not (args.overwrite and args.stage == "all"):
+        recorded = record.get("validation_split") or 0.0
+        if args.validation_split is not None and args.validation_split != recorded:
+            raise UsageError(f"{where}: --validation-split {args.validation_split:g}, but the stages already "
+                             f"trained in {out} held out {recorded:g} of {args.dataset} "
+                             f"({os.path.join(out, folder.RECORD)}); give the same, or another --out")
+        held, args.validation_split = record.get("validation", []), recorded
+    try:
+        data = folder.load_folder(args.dataset, resolution, args.caption_column, args.skip_bad,
+                                  args.validation_split or 0.0, args.seed, held)
+    except folder.BadData as e:
+        raise UsageError(f"{where}: --dataset {e}") from None
+    if data.skipped:
+        print(f"{where}: --skip-bad: left out {folder.describe(data.skipped)}; training on "
+              f"{len(set(data.files))} images ({len(data.files)} pairs)", file=sys.stderr)
+    if data.validation_files:
+        print(f"{where}: holding out {len(data.validation_files)} of {args.dataset}'s images for `minisd eval` "
+              f"({os.path.join(out, folder.RECORD)} lists them)")
+    return data
+
+
 def run(args) -> int:
     from minisd.cli import UsageError
 
@@ -927,28 +1050,35 @@ def run(args) -> int:
             raise UsageError(f"minisd train: --font {args.font}: no such file")
     out = args.out
     check_out(out, stage, args.resume, args.overwrite)
+    own = load_own_data(args, out)
+    data = None if own is None else (own.images, list(own.captions))
     try:
         os.makedirs(out, exist_ok=True)
     except OSError as e:
         raise OSError(f"cannot create --out {out}: {e.strerror}") from None
     if not os.access(out, os.W_OK):
         raise PermissionError(f"--out {out} is not writable")
+    if own is not None:
+        from minisd.data import folder
+
+        folder.write_record(out, args.dataset, own, args.validation_split or 0.0, args.seed)
     progress = not args.no_progress
     began, start, cpu_start = time.time(), time.perf_counter(), time.process_time()
     try:
         if stage == "all":
             report = train_all(out, args.dataset, {s: n for s, n in stage_steps.items() if n}, args.seed,
                                args.resume, args.checkpoint_every, progress, args.keep_checkpoints,
-                               font=args.font, overwrite=args.overwrite)
+                               font=args.font, overwrite=args.overwrite, data=data)
         else:
             if args.overwrite and stage in ("vae", "clip") and finished(out, "unet"):
                 print(f"minisd train {stage}: note: {os.path.join(out, 'unet')} was trained on the {stage} this "
                       "run replaces; train unet again (--overwrite) to match it", file=sys.stderr)
             fn = {"vae": train_vae, "clip": train_clip, "unet": train_unet}[stage]
+            given = {} if data is None else {"images": data[0]} if stage == "vae" else {"data": data}
             rec = fn(out=out, dataset=args.dataset, steps=args.steps, batch_size=args.batch_size, lr=args.lr,
                      seed=args.seed, resume=args.resume, checkpoint_every=args.checkpoint_every,
                      progress=progress, font=args.font,
-                     discard=tuple(stage_outputs(out, stage)) if args.overwrite else ())
+                     discard=tuple(stage_outputs(out, stage)) if args.overwrite else (), **given)
             report = {"dataset": args.dataset, "seed": args.seed, "stages": {stage: summarise(stage, rec)}}
             print(f"minisd train {stage}: {describe(report['stages'][stage], rec)}")
     except BatchTooLarge as e:

@@ -1,0 +1,195 @@
+"""`minisd train` on your own data: a captioned folder trains every stage and generates, bad data
+is named and stops the run (exit 2) or is left out with --skip-bad, and the held-out images
+reach `minisd eval`.
+
+The CLI trains the tiny models of test_train.py for a few steps (a second or two a stage).
+"""
+
+import json
+import os
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from minisd import train as T
+from minisd.cli import main
+from test_data_folder import broken_folder, make_folder, odd_images
+from test_train import TINY_TEXT, TINY_UNET, TINY_VAE, TINY_VISION
+
+QUIET = ("--no-progress",)
+FEW = ("--vae-steps", 2, "--clip-steps", 2, "--unet-steps", 2)
+
+
+@pytest.fixture
+def tiny(monkeypatch):
+    """The tiny sizes, batch 4, and no loss-curve PNGs (test_train checks them)."""
+    for name, config in (("VAE_CONFIG", TINY_VAE), ("TEXT_CONFIG", TINY_TEXT), ("VISION_CONFIG", TINY_VISION),
+                         ("UNET_CONFIG", TINY_UNET)):
+        monkeypatch.setattr(T, name, config)
+    monkeypatch.setattr(T, "DEFAULT_BATCH", dict.fromkeys(T.STAGES, 4))
+    monkeypatch.setattr(T, "plot_loss_curve", lambda path, stage, losses: None)
+
+
+def cli(capsys, *argv):
+    code = main([str(a) for a in argv])
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def one_line(err: str) -> str:
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert len(lines) == 1 and "Traceback" not in err, f"expected one line on stderr, got:\n{err}"
+    return lines[0]
+
+
+def generate(out, n=2):
+    import minisd
+
+    pipe = minisd.load_pipeline(str(out))
+    return pipe(["a red half on white"] * n, steps=2, guidance_scale=2.0, seed=0)
+
+
+# --- a folder trains every stage and generates ------------------------------------------------
+
+
+@pytest.mark.parametrize("layout", ["txt", "jsonl"])
+def test_a_captioned_folder_with_odd_and_bad_images_trains_and_generates(tiny, tmp_path, capsys, layout):
+    data = make_folder(tmp_path / "data", layout)
+    with open(os.path.join(data, "broken.png"), "wb") as f:
+        f.write(b"not an image")
+    if layout == "txt":
+        (tmp_path / "data" / "broken.txt").write_text("broken")
+    Image.new("RGB", (8, 8)).save(tmp_path / "data" / "uncaptioned.png")
+    out = tmp_path / "m"
+    code, stdout, err = cli(capsys, "train", "all", "--dataset", data, "--skip-bad", *FEW, "--out", out, *QUIET)
+    assert code == 0, err
+    assert "--skip-bad: left out" in err and "broken.png" in err and "uncaptioned.png" in err
+    assert "training on 6 images" in err
+    images = generate(out)
+    assert images.shape == (2, 32, 32, 3) and images.dtype == np.uint8
+    record = json.loads((out / "logs" / "dataset.json").read_text())
+    assert record["dataset"] == os.path.abspath(data) and record["train_images"] == 6
+    assert sorted(s["file"] for s in record["skipped"]) == ["broken.png", "uncaptioned.png"]
+    report = json.loads((out / "logs" / "train_all.json").read_text())
+    assert report["dataset"] == data
+
+
+def test_stage_by_stage_at_resolution_64(tiny, tmp_path, capsys):
+    data = make_folder(tmp_path / "data", "csv")
+    out = tmp_path / "m"
+    for stage in ("vae", "clip", "unet"):
+        extra = ("--resolution", 64) if stage == "vae" else ()  # the later stages take the VAE's
+        code, _, err = cli(capsys, "train", stage, "--dataset", data, *extra, "--steps", 2, "--out", out, *QUIET)
+        assert code == 0, err
+    assert json.loads((out / "vae" / "config.json").read_text())["sample_size"] == 64
+    assert generate(out, 1).shape == (1, 64, 64, 3)
+    code, _, err = cli(capsys, "train", "unet", "--dataset", data, "--resolution", 32, "--steps", 2, "--overwrite",
+                       "--out", out, *QUIET)
+    assert code == 2 and "trained at 64 x 64: give --resolution 64" in one_line(err)
+
+
+# --- bad data: one line, exit 2, nothing written ----------------------------------------------------
+
+
+@pytest.mark.parametrize("layout", ["txt", "jsonl"])
+def test_bad_data_exits_2_naming_each_problem(tiny, tmp_path, capsys, layout):
+    data = broken_folder(tmp_path / "data", layout)
+    code, _, err = cli(capsys, "train", "vae", "--dataset", data, "--steps", 2, "--out", tmp_path / "m", *QUIET)
+    assert code == 2
+    line = one_line(err)
+    assert line.startswith(f"minisd train vae: --dataset {data}: ")
+    for part in ("cannot be read (broken.png", "no caption (nocap.png", "an empty caption (empty.png)",
+                 "--skip-bad"):
+        assert part in line, part
+    if layout == "jsonl":
+        assert "not there (gone.png)" in line and "metadata that cannot be read" in line
+    assert not (tmp_path / "m").exists()
+    code, _, err = cli(capsys, "train", "vae", "--dataset", data, "--skip-bad", "--steps", 2, "--out", tmp_path / "m",
+                       *QUIET)
+    assert code == 0 and "left out" in err and "training on 2 images" in err
+
+
+@pytest.mark.parametrize("make, message", [
+    (lambda root: root.mkdir(), "holds no images"),
+    (lambda root: (root.mkdir(), (root / "a.png").write_bytes(b"junk"), (root / "a.txt").write_text("x")),
+     "no image is left"),
+    (lambda root: None, "neither shapes nor emoji nor a folder"),
+])
+def test_no_images_exits_2_even_with_skip_bad(tiny, tmp_path, capsys, make, message):
+    root = tmp_path / "data"
+    make(root)
+    code, _, err = cli(capsys, "train", "vae", "--dataset", root, "--skip-bad", "--out", tmp_path / "m", *QUIET)
+    assert code == 2 and message in one_line(err)
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--dataset", "shapes", "--skip-bad"], "--skip-bad is for a --dataset folder"),
+    (["--dataset", "shapes", "--validation-split", "0.1"], "--validation-split is for a --dataset folder"),
+    (["--dataset", "emoji", "--resolution", "64"], "the emoji images are 32 x 32"),
+    (["--resolution", "36", "--dataset", "DATA"], "--resolution 36 is not a multiple of 8"),
+    (["--validation-split", "1.5", "--dataset", "DATA"], "--validation-split"),
+    (["--caption-column", "caption", "--dataset", "DATA"], "no caption column 'caption' (--caption-column)"),
+])
+def test_folder_options_are_checked(tiny, tmp_path, capsys, args, message):
+    data = make_folder(tmp_path / "data", "jsonl")
+    args = [data if a == "DATA" else a for a in args]
+    code, _, err = cli(capsys, "train", "vae", *args, "--out", tmp_path / "m", *QUIET)
+    assert code == 2 and message in one_line(err)
+
+
+def test_long_captions_are_warned_once_with_the_count(tiny, tmp_path, capsys):
+    images = {name: (image, caption) for name, (image, caption) in odd_images().items()}
+    images["long.png"] = (Image.new("RGB", (8, 8)), " ".join(["word"] * 90))
+    images["longer.png"] = (Image.new("RGB", (8, 8)), " ".join(["other"] * 100))
+    data = make_folder(tmp_path / "data", images=images)
+    code, _, err = cli(capsys, "train", "all", "--dataset", data, *FEW, "--out", tmp_path / "m", *QUIET)
+    assert code == 0, err
+    warned = [line for line in err.splitlines() if "tokens" in line]
+    assert len(warned) == 1 and "2 of 8 captions have more than the 75 tokens" in warned[0]
+
+
+# --- the validation split reaches eval ----------------------------------------------------------------
+
+
+def test_validation_split_is_kept_by_later_stages_and_used_by_eval(tiny, tmp_path, capsys):
+    images = {f"{i}.png": (Image.new("RGB", (16, 16), (20 * i, 100, 0)), f"image {i % 3}") for i in range(10)}
+    data = make_folder(tmp_path / "data", images=images)
+    out = tmp_path / "m"
+    code, stdout, err = cli(capsys, "train", "vae", "--dataset", data, "--validation-split", 0.2, "--steps", 2,
+                            "--out", out, *QUIET)
+    assert code == 0, err
+    assert "holding out 2" in stdout
+    held = json.loads((out / "logs" / "dataset.json").read_text())["validation"]
+    assert len(held) == 2
+    # a later stage with another seed keeps the split; another fraction is refused
+    code, _, err = cli(capsys, "train", "clip", "--dataset", data, "--validation-split", 0.5, "--steps", 2,
+                       "--out", out, *QUIET)
+    assert code == 2 and "held out 0.2" in one_line(err)
+    for stage in ("clip", "unet"):
+        code, _, err = cli(capsys, "train", stage, "--dataset", data, "--seed", 5, "--steps", 2, "--out", out, *QUIET)
+        assert code == 0, err
+    assert json.loads((out / "logs" / "dataset.json").read_text())["validation"] == held
+    code, stdout, err = cli(capsys, "eval", "--model", out, "--out", tmp_path / "eval")
+    assert code == 0, err
+    report = json.loads((tmp_path / "eval" / "report.json").read_text())
+    assert report["vae"]["images"] == 2 and "2 held-out images" in report["vae"]["on"]
+    assert "adherence" not in report and "skipped" in stdout
+
+
+def test_resume_on_a_folder_is_bit_exact(tmp_path):
+    from minisd.data import folder
+
+    d = folder.load_folder(make_folder(tmp_path / "data"))
+    data = (d.images, list(d.captions))
+    for out in ("full", "cut"):
+        T.train_vae(str(tmp_path / out), steps=2, batch_size=4, config=TINY_VAE, progress=False, images=d.images)
+        T.train_clip(str(tmp_path / out), steps=2, batch_size=4, text_config=TINY_TEXT, vision_config=TINY_VISION,
+                     progress=False, data=data)
+    kw = dict(steps=6, batch_size=4, lr=3e-3, config=TINY_UNET, progress=False, data=data, checkpoint_every=2)
+    full = T.train_unet(str(tmp_path / "full"), **kw)
+    T.train_unet(str(tmp_path / "cut"), stop_after=4, **kw)
+    resumed = T.train_unet(str(tmp_path / "cut"), resume=True, **kw)
+    assert resumed["losses"] == full["losses"]
+    for a, b in zip(full["ema"].shadow, resumed["ema"].shadow):
+        np.testing.assert_array_equal(a, b)
