@@ -201,6 +201,9 @@ class Scheduler:
     # sampling something else. Keys the diffusers class does not have are ignored, as
     # diffusers ignores them (DDIM.from_config of a Karras DPM++ config is plain DDIM).
     _unsupported: dict[str, Any] = {"thresholding": False, "rescale_betas_zero_snr": False}
+    # diffusers' ``order``: timesteps per step (Heun's come in pairs). img2img starts at
+    # timesteps[t_start * order], as diffusers' pipelines do.
+    order = 1
 
     def __init__(self, **config):
         unknown = sorted(set(config) - set(self._defaults))
@@ -854,6 +857,7 @@ class HeunDiscreteScheduler(KDiffusionScheduler):
     is unchanged; step() knows from its state which call this is.
     """
 
+    order = 2
     _defaults = {**_SHARED, **_KARRAS, "beta_start": 0.00085, "beta_end": 0.012,
                  "clip_sample": False, "clip_sample_range": 1.0}
     _unsupported = dict(_OTHER_SIGMAS)
