@@ -729,14 +729,15 @@ class Linear(Function):
         if x.shape[-1] != w.shape[1]:
             raise ValueError(f"linear: input of shape {tuple(x.shape)} has {x.shape[-1]} features, "
                              f"the weight {tuple(w.shape)} expects {w.shape[1]}")
-        self.x2, self.w, self.x_shape = x.reshape(-1, x.shape[-1]), w, x.shape
+        # rows counted, not -1: NumPy cannot infer -1 when a row holds no numbers (x of shape (2, 0))
+        self.x2, self.w, self.x_shape = x.reshape(math.prod(x.shape[:-1]), x.shape[-1]), w, x.shape
         y = _product(self.x2, w.T)
         if b is not None:
             y += b
         return y.reshape(x.shape[:-1] + (w.shape[0],))
 
     def backward(self, g):
-        g2 = g.reshape(-1, g.shape[-1])
+        g2 = g.reshape(len(self.x2), g.shape[-1])
         dx = _product(g2, self.w).reshape(self.x_shape) if self.needs_input_grad[0] else None
         dw = _product(g2.T, self.x2) if self.needs_input_grad[1] else None
         db = _column_sums(g2) if len(self.needs_input_grad) > 2 and self.needs_input_grad[2] else None
@@ -754,7 +755,9 @@ def matmul(a, b):
 
 
 def linear(x, weight, bias=None):
+    x, weight = _as_input(x, ()), _as_input(weight, ())
     _check_param_shapes("linear", x, weight.shape[:1], bias=bias)
+    _check_dtypes("linear", x, weight=weight, bias=bias)
     return Linear.apply(x, weight) if bias is None else Linear.apply(x, weight, bias)
 
 
@@ -1208,6 +1211,9 @@ def layer_norm(x, normalized_shape, weight=None, bias=None, eps=1e-5):
     if tuple(x.shape[-len(shape):]) != shape:
         raise ValueError(f"layer_norm: normalized_shape {shape} does not match the trailing axes of {tuple(x.shape)}")
     _check_param_shapes("layer_norm", x, shape, weight=weight, bias=bias)
+    _check_dtypes("layer_norm", x, weight=weight, bias=bias)
+    if x.size == 0:  # no rows, or rows of no numbers: nothing to normalise
+        return Empty.apply(*(t for t in (x, weight, bias) if t is not None), shape=x.shape)
     return LayerNorm.apply(x, *_scale_and_shift(x, weight, bias, shape), normalized_ndim=len(shape), eps=eps)
 
 
@@ -1322,10 +1328,10 @@ def conv2d(x, weight, bias=None, stride=1, padding=0, dilation=1, groups=1):
     _check_dtypes("conv2d", x, weight=weight, bias=bias)
     args = (x, weight) if bias is None else (x, weight, bias)
     out_shape = (x.shape[0], weight.shape[0], (H - weight.shape[2]) // stride + 1, (W - weight.shape[3]) // stride + 1)
-    if math.prod(out_shape) == 0:  # an empty batch, or no filters
+    if 0 in weight.shape[:2]:  # (torch refuses these too)
+        raise ValueError(f"conv2d: a weight {tuple(weight.shape)} with no filters or no channels is not supported")
+    if x.shape[0] == 0:  # an empty batch
         return Empty.apply(*args, shape=out_shape)
-    if x.shape[1] == 0:
-        raise ValueError(f"conv2d: an input with 0 channels is not supported, got {tuple(x.shape)}")
     return Conv2d.apply(*args, stride=stride, padding=padding)
 
 
@@ -1370,29 +1376,27 @@ class ResizeNearest(Function):
         y[..., i, ...] = x[..., src[i], ...],   src[i] = min(floor(i * scale), n_in - 1)
     with scale = n_in / n_out, or 1 / scale_factor when torch is given one (and does not
     recompute it), rounded to float32 and the product taken in float32, as ATen computes
-    it; n_out = n_in copies and n_out = 2 n_in takes i // 2, ATen's two exact cases. The
-    backward adds each gradient onto the element it was copied from: for each axis, a
-    product with the 0/1 matrix S (n_out, n_in), S[i, src[i]] = 1, which runs on NumPy and
+    it (in float64 for a float64 tensor), so that the same pixels are picked where
+    i * scale falls on a whole number (and a factor of 1.1 on 2 pixels picks pixel 0
+    twice). The backward adds each gradient onto the element it was copied from: for each
+    axis, a product with the 0/1 matrix S (n_out, n_in), S[i, src[i]] = 1, which runs on NumPy and
     CuPy alike.
     """
 
     def forward(self, x, size=(1, 1), scales=(None, None)):
         xp = _xp(x)
         self.shape = x.shape
-        self.picks = [self.nearest(n_in, n_out, xp, scale) for n_in, n_out, scale in zip(x.shape[2:], size, scales)]
+        self.picks = [self.nearest(n_in, n_out, xp, scale, x.dtype)
+                      for n_in, n_out, scale in zip(x.shape[2:], size, scales)]
         for axis, src in enumerate(self.picks, start=2):
             x = x.take(src, axis=axis)
         return x
 
     @staticmethod
-    def nearest(n_in: int, n_out: int, xp, scale_factor=None):
-        if n_out == n_in:
-            index = np.arange(n_out)
-        elif n_out == 2 * n_in:
-            index = np.arange(n_out) // 2
-        else:
-            scale = np.float32(1.0 / scale_factor) if scale_factor else np.float32(n_in) / np.float32(n_out)
-            index = np.floor(np.arange(n_out, dtype=np.float32) * scale).astype(np.int64)
+    def nearest(n_in: int, n_out: int, xp, scale_factor=None, dtype=np.float32):
+        f = np.float64 if dtype == np.float64 else np.float32  # ATen's arithmetic type for the tensor's dtype
+        scale = f(1.0 / scale_factor) if scale_factor else f(n_in) / f(n_out)
+        index = np.floor(np.arange(n_out, dtype=f) * scale).astype(np.int64)
         return xp.asarray(np.minimum(index, n_in - 1))
 
     def backward(self, g):

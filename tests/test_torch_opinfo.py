@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import re
 import sys
-import traceback
 from dataclasses import dataclass
 
 import numpy as np
@@ -32,6 +31,9 @@ from minisd import Tensor, functional as F
 torch = pytest.importorskip("torch")
 cmi = pytest.importorskip("torch.testing._internal.common_methods_invocations",
                           reason="torch's OpInfo database (needs the expecttest module)")
+
+from test_edge_shapes import (  # noqa: E402, F401  (_torch_on_one_thread: the fixture, used here too)
+    _torch_on_one_thread, assert_same_gradients, assert_same_results, why_not_a_clear_refusal)
 
 
 # ------------------------------------------------------------------------------------
@@ -138,23 +140,6 @@ def _to_minisd(obj, pairs: dict):
     return obj
 
 
-def _outputs(result):
-    return list(result) if isinstance(result, (tuple, list)) else [result]
-
-
-def _raw_error(exc: BaseException) -> str | None:
-    """Why an exception is not a clear refusal (None when it is one)."""
-    message = str(exc)
-    if not isinstance(exc, (ValueError, TypeError, NotImplementedError)):
-        return f"{type(exc).__name__}"
-    if not message or "\n" in message.strip():
-        return "not one line"
-    innermost = traceback.extract_tb(exc.__traceback__)[-1].filename
-    if "numpy" in innermost.replace("\\", "/").split("/minisd/")[0] and "/minisd/" not in innermost:
-        return f"raised inside NumPy ({innermost})"
-    return None
-
-
 def _run_sample(op: Op, opinfo, sample, rng) -> str:
     """'matched' or 'refused'; anything else raises AssertionError with what differed."""
     want = opinfo(sample.input, *sample.args, **sample.kwargs)
@@ -166,42 +151,13 @@ def _run_sample(op: Op, opinfo, sample, rng) -> str:
         call = getattr(F, op.call) if isinstance(op.call, str) else op.call
         got = call(x, *args, **kwargs)
     except Exception as exc:  # noqa: BLE001  (what it raised is what is checked)
-        why = _raw_error(exc)
+        why = why_not_a_clear_refusal(exc)
         assert why is None, f"{why}: {type(exc).__name__}: {exc}"
         assert op.refuses and re.search(op.refuses, str(exc)), \
             f"refused with a feature not in this op's list ({op.refuses!r}): {exc}"
         return "refused"
-
-    wants, gots = _outputs(want), _outputs(got)
-    assert len(gots) == len(wants), f"{len(gots)} outputs, torch gives {len(wants)}"
-    upstream = []
-    for g, w in zip(gots, wants):
-        assert isinstance(g, Tensor), f"output is a {type(g).__name__}"
-        assert g.shape == tuple(w.shape), f"shape {g.shape}, torch {tuple(w.shape)}"
-        assert g.dtype == np.dtype(str(w.dtype).removeprefix("torch.")), f"dtype {g.dtype}, torch {w.dtype}"
-        np.testing.assert_allclose(g.numpy(), w.detach().numpy(), rtol=1e-9, atol=1e-12, equal_nan=True)
-        upstream.append(rng.standard_normal(g.shape) if w.requires_grad else None)
-
-    differentiated = [(g, w, u) for g, w, u in zip(gots, wants, upstream) if u is not None]
-    pairs = [(tt, t) for tt, t in pairs.values() if tt.requires_grad]
-    if not differentiated or not pairs:
-        return "matched"
-    # torch.autograd.grad, not backward(): OpInfo shares weights between samples, whose .grad would add up
-    want_grads = torch.autograd.grad([w for _, w, _ in differentiated], [tt for tt, _ in pairs],
-                                     [torch.from_numpy(u) for _, _, u in differentiated], allow_unused=True)
-    loss = None
-    for g, _, u in differentiated:
-        if g.requires_grad:
-            term = F.sum(g * Tensor(u))
-            loss = term if loss is None else loss + term
-    if loss is not None:
-        loss.backward()
-    for i, ((tt, t), want_grad) in enumerate(zip(pairs, want_grads)):
-        want_grad = np.zeros(tt.shape) if want_grad is None else want_grad.numpy()
-        got_grad = np.zeros(t.shape) if t.grad is None else t.grad
-        assert got_grad.shape == want_grad.shape, f"gradient {i}: shape {got_grad.shape}, torch {want_grad.shape}"
-        np.testing.assert_allclose(got_grad, want_grad, rtol=1e-9, atol=1e-10, equal_nan=True,
-                                   err_msg=f"gradient of differentiated input {i}")
+    differentiated = assert_same_results(got, want, rng)
+    assert_same_gradients(differentiated, [(tt, t) for tt, t in pairs.values() if tt.requires_grad])
     return "matched"
 
 
@@ -233,14 +189,6 @@ def run_op(name: str) -> dict:
             kind = "" if isinstance(exc, AssertionError) else f"{type(exc).__name__}: "
             counts["failures"].append(f"{_describe(sample)}: {kind}{what}")
     return counts
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _torch_on_one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def test_every_mapped_op_is_in_torchs_database():
