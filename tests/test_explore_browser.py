@@ -19,6 +19,7 @@ import fcntl
 import io
 import json
 import os
+import re
 import select
 import shutil
 import subprocess
@@ -264,6 +265,40 @@ def test_bad_input_shows_a_message_in_the_page(browser, server):
     browser.click("#load")
     browser.wait_for("!document.getElementById('generate').disabled", what="the model to load again")
     assert not generate(browser, PROMPT, 2)["bad"]
+
+
+@pytest.mark.slow
+def test_guidance_row_supersedes_a_long_run_in_the_page(browser, server):
+    open_page(browser, url_of(server))
+    browser.type_into("#steps", "900")  # minutes, if it ran to the end
+    browser.click("#generate")
+    browser.wait_for("Number(document.getElementById('progress').dataset.done) >= 1", what="the first step")
+    browser.type_into("#g-steps", "2")
+    browser.type_into("#g-scales", "1, 5")
+    browser.click("#compare")
+    browser.wait_for("document.querySelectorAll('#g-row img').length == 2", what="the guidance row")
+    assert re.fullmatch(r"2 images in \d+\.\d\d s", browser.js("document.getElementById('g-msg').textContent"))
+    assert browser.js("[...document.querySelectorAll('#g-row figcaption')].map(c => c.textContent)") \
+        == ["w = 1 (no guidance)", "w = 5"]
+    # the long run stopped where the guidance row began, and stays stopped
+    done = browser.js("Number(document.getElementById('progress').dataset.done)")
+    time.sleep(0.5)
+    assert browser.js("Number(document.getElementById('progress').dataset.done)") == done < 900
+    assert browser.js("document.getElementById('stop').disabled")
+
+
+@pytest.mark.slow
+def test_stop_ends_the_run_and_frees_the_server(browser, server):
+    open_page(browser, url_of(server))
+    browser.type_into("#steps", "900")
+    browser.click("#generate")
+    browser.wait_for("Number(document.getElementById('progress').dataset.done) >= 1", what="the first step")
+    browser.click("#stop")
+    assert browser.js("document.getElementById('t2i-msg').textContent") == "stopped"
+    # the noise panel needs the model: it answers once the server has seen the page go
+    before = browser.wait_for("document.getElementById('n-xt').src", what="the noise panel")
+    browser.js("(s => { s.value = 123; s.dispatchEvent(new Event('input')); })(document.getElementById('n-t'))")
+    browser.wait_for(f"document.getElementById('n-xt').src != {json.dumps(before)}", 20, "x_t at t = 123")
 
 
 def main(argv) -> int:
