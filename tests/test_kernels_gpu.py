@@ -104,3 +104,36 @@ def test_gpu_launch_checks_argument_types(gpu):
         kernel(1, 32, (dy, cupy.zeros(2, cupy.float32), 1, 2, 3, 3))
     with pytest.raises(TypeError, match="must be a cupy array"):
         kernel(1, 32, (np.zeros((1, 2, 3, 3), np.float32), cupy.zeros(2, cupy.float32), 1, 2, 3, 3))
+
+
+@pytest.mark.parametrize("name", ["conv2d", "group_norm", "attention"])
+def test_the_cupy_backend_agrees_with_naive_through_the_engine(gpu, name):
+    """F.conv2d, F.group_norm and causal F.scaled_dot_product_attention, forward and every
+    input's gradient, with the cupy backend and with the naive one (the float32 inputs)."""
+    import minisd
+    from minisd import Tensor, functional as F
+    from minisd.backends import to_numpy
+
+    cupy, _ = gpu
+    rng = np.random.default_rng(4)
+    f = lambda *shape: rng.standard_normal(shape).astype(np.float32)  # noqa: E731
+    fn, arrays = {
+        "conv2d": (lambda x, w, b: F.conv2d(x, w, b, stride=2, padding=1), [f(2, 3, 7, 6), f(4, 3, 3, 3), f(4)]),
+        "group_norm": (lambda x, w, b: F.group_norm(x, 2, w, b), [f(2, 4, 5, 3), f(4), f(4)]),
+        "attention": (lambda q, k, v: F.scaled_dot_product_attention(q, k, v, is_causal=True),
+                      [f(1, 2, 9, 40), f(1, 2, 11, 40), f(1, 2, 11, 40)]),
+    }[name]
+    previous, results = minisd.get_backend().name, {}
+    try:
+        for backend in ("naive", "cupy"):
+            active = minisd.set_backend(backend)
+            inputs = [Tensor(active.asarray(a), requires_grad=True) for a in arrays]
+            out = fn(*inputs)
+            g = np.random.default_rng(7).standard_normal(out.shape).astype(np.float32)
+            (out * Tensor(active.asarray(g))).sum().backward()
+            results[backend] = [to_numpy(out.data)] + [to_numpy(t.grad) for t in inputs]
+    finally:
+        minisd.set_backend(previous)
+    for what, got, want in zip(("output", "grad 0", "grad 1", "grad 2"), results["cupy"], results["naive"]):
+        err = np.abs(got.astype(np.float64) - want)
+        assert (err <= ATOL + RTOL * np.abs(want)).all(), f"{name} {what}: max error {err.max():.3g}"
