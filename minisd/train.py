@@ -662,6 +662,7 @@ def train_unet(out: str, dataset: str = "shapes", steps: int | None = None, batc
     unet_config = dict(config or UNET_CONFIG)
     unet_config["cross_attention_dim"] = embeddings.shape[-1]
     unet_config["sample_size"] = mean.shape[-1]
+    unet_config["in_channels"] = unet_config["out_channels"] = mean.shape[1]
     nn.manual_seed(seed + 2)
     unet = UNet2DConditionModel(**unet_config)
 
@@ -714,21 +715,23 @@ def write_model_index(out: str) -> None:
 
 def train_all(out: str, dataset: str = "shapes", steps: dict | None = None, seed: int = 0, resume: bool = False,
               checkpoint_every: int = 200, progress: bool = True, keep_checkpoints: bool = False,
-              font: str | None = None, overwrite: bool = False, data=None) -> dict:
+              font: str | None = None, overwrite: bool = False, data=None, configs: dict | None = None) -> dict:
     """vae -> clip -> unet; a stage already finished in OUT is skipped when resuming.
 
     ``steps``: {stage: steps} for the stages not to run at their defaults. ``overwrite``
     removes what every stage wrote in OUT before (once the first stage passes its checks):
     a new VAE or text encoder makes the old UNet wrong, so nothing of the old model may
     stay to be taken, on a later --resume, for a finished stage. ``data``: (images, captions)
-    to train on instead of the named dataset's (a captioned folder's).
+    to train on instead of the named dataset's (a captioned folder's); ``configs``: {part: config}
+    sizes instead of the defaults (see read_model_config).
     """
     steps = steps or {}
     data = data if data is not None else load_dataset(dataset, "train", font)
     report = {"dataset": dataset, "seed": seed, "stages": {}}
-    runners = {"vae": lambda **kw: train_vae(images=data[0], **kw),
-               "clip": lambda **kw: train_clip(data=data, **kw),
-               "unet": lambda **kw: train_unet(data=data, **kw)}
+    configs = configs or {}
+    runners = {"vae": lambda **kw: train_vae(images=data[0], **stage_configs("vae", configs), **kw),
+               "clip": lambda **kw: train_clip(data=data, **stage_configs("clip", configs), **kw),
+               "unet": lambda **kw: train_unet(data=data, **stage_configs("unet", configs), **kw)}
     discard = tuple(p for stage in STAGES for p in stage_outputs(out, stage)) if overwrite else ()
     for stage in STAGES:
         if resume and finished(out, DONE_MARKER[stage]):
@@ -742,6 +745,13 @@ def train_all(out: str, dataset: str = "shapes", steps: dict | None = None, seed
     if not keep_checkpoints:
         shutil.rmtree(os.path.join(out, "checkpoints"), ignore_errors=True)
     return report
+
+
+def stage_configs(stage: str, configs: dict) -> dict:
+    """The keyword arguments that give a stage's function the sizes of --config's parts."""
+    names = {"vae": {"config": "vae"}, "clip": {"text_config": "text_encoder", "vision_config": "vision_config"},
+             "unet": {"config": "unet"}}[stage]
+    return {arg: configs[part] for arg, part in names.items() if part in configs}
 
 
 def summarise(stage: str, rec: dict) -> dict:
@@ -904,6 +914,9 @@ def add_arguments(parser) -> None:
     parser.add_argument("--validation-split", type=fraction, metavar="F",
                         help="hold out a fraction F of a folder's images (drawn by --seed) for `minisd eval`; "
                         "recorded in OUT/logs/dataset.json and kept by later stages in OUT")
+    parser.add_argument("--config", metavar="FILE.json", help="model sizes: diffusers/transformers config keys "
+                        "per part, laid over the defaults: {\"vae\": {...}, \"text_encoder\": {...}, "
+                        "\"vision_config\": {...}, \"unet\": {...}} (a file, or the JSON itself)")
     parser.add_argument("--skip-bad", action="store_true", help="train without a folder's unreadable or "
                         "uncaptioned images, and say which (default: stop, exit status 2)")
     parser.add_argument("--font", metavar="PATH", help="the emoji font for --dataset emoji "
@@ -948,6 +961,84 @@ def check_out(out: str, stage: str, resume: bool, overwrite: bool) -> None:
 
 
 # ---------------------------------------------------------------------------------------
+# Model sizes: --config FILE.json, diffusers' / transformers' config keys per part
+# ---------------------------------------------------------------------------------------
+
+# The parts a --config file may size, and the default each one's keys are laid over.
+CONFIG_PARTS = {"vae": "VAE_CONFIG", "text_encoder": "TEXT_CONFIG", "vision_config": "VISION_CONFIG",
+                "unet": "UNET_CONFIG"}
+# Keys that training sets from the data or from the other parts; a value given for one is not used.
+DERIVED_KEYS = {
+    "vae": {"sample_size": "--resolution"},
+    "text_encoder": dict.fromkeys(("vocab_size", "bos_token_id", "eos_token_id", "pad_token_id"), "the tokenizer"),
+    "vision_config": {"image_size": "--resolution", "num_channels": "the images (RGB)"},
+    "unet": {"sample_size": "the VAE's latents", "in_channels": "the VAE's latent_channels",
+             "out_channels": "the VAE's latent_channels", "cross_attention_dim": "the text encoder's hidden_size"},
+}
+
+
+def read_model_config(text: str, stage: str) -> dict:
+    """--config: a JSON file (or JSON written inline, starting with "{") of config dicts per part,
+
+        {"vae": {...}, "text_encoder": {...}, "vision_config": {...}, "unet": {...}}
+
+    with diffusers' keys (AutoencoderKL, UNet2DConditionModel: their config.json) and
+    transformers' (CLIPTextConfig; vision_config: CLIPVisionConfig, CLIP's image tower). Each
+    part given is laid over minisd's default and checked key by key as the model's own
+    config.json would be (minisd.models.config), without building the weights. Returns
+    {part: full config} for the parts given; a bad file is a UsageError naming the file and key."""
+    from minisd import io
+    from minisd.cli import UsageError
+    from minisd.models.clip import CLIPModel, CLIPTextModel
+    from minisd.models.unet import UNet2DConditionModel
+    from minisd.models.vae import AutoencoderKL
+
+    inline = text.lstrip().startswith("{")
+    where = "--config (inline JSON)" if inline else f"--config {text}"
+    fail = f"minisd train {stage}: {where}"
+    try:
+        if inline:
+            given = json.loads(text)
+        else:
+            with open(text, encoding="utf-8") as f:
+                given = json.load(f)
+    except OSError as e:
+        raise UsageError(f"{fail}: {e.strerror}") from None
+    except (ValueError, UnicodeDecodeError) as e:
+        raise UsageError(f"{fail}: not JSON ({e})") from None
+    if not isinstance(given, dict):
+        raise UsageError(f"{fail}: expected a JSON object of parts ({', '.join(CONFIG_PARTS)}), "
+                         f"got a {type(given).__name__}")
+    configs = {}
+    for part, value in given.items():
+        if part not in CONFIG_PARTS:
+            raise UsageError(f"{fail}: unknown part {part!r} (the parts are {', '.join(CONFIG_PARTS)})")
+        if not isinstance(value, dict):
+            raise UsageError(f"{fail}: {part} must be a JSON object of config keys, got {value!r}"[:200])
+        for key, source in DERIVED_KEYS[part].items():
+            if key in value:
+                print(f"minisd train {stage}: note: {where}: {part}.{key} is set from {source} in training; "
+                      f"the {value[key]!r} given is not used", file=sys.stderr)
+        configs[part] = {**globals()[CONFIG_PARTS[part]],
+                         **{k: v for k, v in value.items() if k not in DERIVED_KEYS[part]}}
+    text_config = {**TEXT_CONFIG, **configs.get("text_encoder", {}), "vocab_size": 1024}
+    build = {"vae": lambda c: AutoencoderKL(**c), "text_encoder": lambda c: CLIPTextModel(**text_config),
+             "vision_config": lambda c: CLIPModel(text_config=text_config, vision_config=c,
+                                                  projection_dim=text_config["hidden_size"]),
+             "unet": lambda c: UNet2DConditionModel(**c)}
+    for part, config in configs.items():
+        try:
+            with io._uninitialised():  # the sizes are checked, and no weight is drawn
+                build[part](config)
+        except (ValueError, TypeError) as e:
+            # a class without minisd's config check says it as Python does: name it as the others do
+            message = re.sub(r"(\w+)\.__init__\(\) got an unexpected keyword argument '(\w+)'",
+                             r"\1: unknown config key '\2'", str(e))
+            raise UsageError(f"{fail}: {part}: {message}") from None
+    return configs
+
+
+# ---------------------------------------------------------------------------------------
 # Your own data: a folder of captioned images (minisd/data/folder.py reads it)
 # ---------------------------------------------------------------------------------------
 
@@ -963,7 +1054,16 @@ def resolution_multiple(vae_config: dict, unet_config: dict, vision_config: dict
     return math.lcm(vae * unet, int(vision_config.get("patch_size", 1)))
 
 
-def pick_resolution(args, out: str) -> int:
+def sizes_in_effect(stage: str, out: str, configs: dict) -> dict:
+    """{part: config} the run will train with: --config's parts, OUT's trained VAE (for clip and unet), the defaults."""
+    sizes = {part: configs.get(part) or globals()[name] for part, name in CONFIG_PARTS.items()}
+    if stage in ("clip", "unet") and finished(out, "vae"):
+        with open(os.path.join(out, "vae", "config.json")) as f:
+            sizes["vae"] = json.load(f)
+    return sizes
+
+
+def pick_resolution(args, out: str, configs: dict) -> int:
     """--resolution, else that of the VAE already trained in OUT (clip and unet train on it), else 32.
     Refused (UsageError) where it is not a size the parts can take, or not the trained VAE's."""
     from minisd.cli import UsageError
@@ -976,7 +1076,8 @@ def pick_resolution(args, out: str) -> int:
     if trained is not None and resolution != trained:
         raise UsageError(f"minisd train {args.stage}: --resolution {resolution}, but {os.path.join(out, 'vae')} "
                          f"was trained at {trained} x {trained}: give --resolution {trained}")
-    multiple = resolution_multiple(VAE_CONFIG, UNET_CONFIG, VISION_CONFIG)
+    sizes = sizes_in_effect(args.stage, out, configs)
+    multiple = resolution_multiple(sizes["vae"], sizes["unet"], sizes["vision_config"])
     if resolution % multiple:
         raise UsageError(f"minisd train {args.stage}: --resolution {resolution} is not a multiple of {multiple} "
                          f"(the VAE's and the UNet's downsampling, and the CLIP image tower's patches); "
@@ -984,7 +1085,7 @@ def pick_resolution(args, out: str) -> int:
     return resolution
 
 
-def load_own_data(args, out: str):
+def load_own_data(args, out: str, configs: dict):
     """The captioned folder --dataset names, read and checked before any training (None for shapes/emoji).
 
     Bad data is a UsageError (exit 2) naming each kind of problem and its first files; with
@@ -1006,7 +1107,7 @@ def load_own_data(args, out: str):
         return None
     if not os.path.isdir(args.dataset):
         raise UsageError(f"{where}: --dataset {args.dataset} is neither {' nor '.join(DATASETS)} nor a folder")
-    resolution = pick_resolution(args, out)
+    resolution = pick_resolution(args, out, configs)
     record = folder.read_record(out)
     held = None
     if record is not None and record["dataset"] == os.path.abspath(args.dataset) \
@@ -1050,7 +1151,8 @@ def run(args) -> int:
             raise UsageError(f"minisd train: --font {args.font}: no such file")
     out = args.out
     check_out(out, stage, args.resume, args.overwrite)
-    own = load_own_data(args, out)
+    configs = read_model_config(args.config, stage) if args.config else {}
+    own = load_own_data(args, out, configs)
     data = None if own is None else (own.images, list(own.captions))
     try:
         os.makedirs(out, exist_ok=True)
@@ -1068,13 +1170,14 @@ def run(args) -> int:
         if stage == "all":
             report = train_all(out, args.dataset, {s: n for s, n in stage_steps.items() if n}, args.seed,
                                args.resume, args.checkpoint_every, progress, args.keep_checkpoints,
-                               font=args.font, overwrite=args.overwrite, data=data)
+                               font=args.font, overwrite=args.overwrite, data=data, configs=configs)
         else:
             if args.overwrite and stage in ("vae", "clip") and finished(out, "unet"):
                 print(f"minisd train {stage}: note: {os.path.join(out, 'unet')} was trained on the {stage} this "
                       "run replaces; train unet again (--overwrite) to match it", file=sys.stderr)
             fn = {"vae": train_vae, "clip": train_clip, "unet": train_unet}[stage]
             given = {} if data is None else {"images": data[0]} if stage == "vae" else {"data": data}
+            given.update(stage_configs(stage, configs))
             rec = fn(out=out, dataset=args.dataset, steps=args.steps, batch_size=args.batch_size, lr=args.lr,
                      seed=args.seed, resume=args.resume, checkpoint_every=args.checkpoint_every,
                      progress=progress, font=args.font,

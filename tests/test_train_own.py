@@ -193,3 +193,60 @@ def test_resume_on_a_folder_is_bit_exact(tmp_path):
     assert resumed["losses"] == full["losses"]
     for a, b in zip(full["ema"].shadow, resumed["ema"].shadow):
         np.testing.assert_array_equal(a, b)
+
+
+# --- model sizes: --config ------------------------------------------------------------------------------
+
+
+def test_config_file_sizes_each_part(tiny, tmp_path, capsys):
+    sizes = {"vae": {"block_out_channels": [8, 8, 16], "down_block_types": ["DownEncoderBlock2D"] * 3,
+                     "up_block_types": ["UpDecoderBlock2D"] * 3, "latent_channels": 3},
+             "text_encoder": {"hidden_size": 32, "num_attention_heads": 2, "_class_name": "ignored"},
+             "vision_config": {"hidden_size": 32, "num_attention_heads": 2, "patch_size": 4},
+             "unet": {"block_out_channels": [16, 16], "cross_attention_dim": 768}}
+    config = tmp_path / "sizes.json"
+    config.write_text(json.dumps(sizes))
+    data = make_folder(tmp_path / "data")
+    out = tmp_path / "m"
+    code, _, err = cli(capsys, "train", "all", "--dataset", data, "--config", config, *FEW, "--out", out, *QUIET)
+    assert code == 0, err
+    assert "unet.cross_attention_dim is set from the text encoder's hidden_size" in err  # said, not silently
+    saved = {part: json.loads((out / part / "config.json").read_text()) for part in ("vae", "text_encoder", "unet")}
+    assert saved["vae"]["block_out_channels"] == [8, 8, 16] and saved["vae"]["latent_channels"] == 3
+    assert saved["text_encoder"]["hidden_size"] == 32
+    assert saved["unet"]["block_out_channels"] == [16, 16] and saved["unet"]["cross_attention_dim"] == 32
+    assert saved["unet"]["in_channels"] == 3 and saved["unet"]["sample_size"] == 8  # 32 / 4 (VAE: f = 4)
+    clip = json.loads((out / "clip" / "config.json").read_text())
+    assert clip["vision_config"]["patch_size"] == 4
+    assert generate(out, 1).shape == (1, 32, 32, 3)
+    # the same sizes written inline
+    code, _, err = cli(capsys, "train", "vae", "--dataset", data, "--config", json.dumps({"vae": sizes["vae"]}),
+                       "--steps", 1, "--out", tmp_path / "inline", *QUIET)
+    assert code == 0, err
+
+
+@pytest.mark.parametrize("content, message", [
+    ('{"unet": {"block_out_channels": "abc"}}', "unet: UNet2DConditionModel: config block_out_channels must be"),
+    ('{"unet": {"block_out_channels": [32, 64, 128]}}', "down_block_types has 2 entries and block_out_channels 3"),
+    ('{"vae": {"norm_num_groups": 5}}', "does not split into norm_num_groups=5"),
+    ('{"text_encoder": {"hiden_size": 32}}', "text_encoder: CLIPTextModel: unknown config key 'hiden_size'"),
+    ('{"vision_config": {"layers": 3}}', "vision_config:"),
+    ('{"unet": {"layers_per_block": 100000000000}}', "more than this machine's memory"),
+    ('{"decoder": {}}', "unknown part 'decoder' (the parts are vae, text_encoder, vision_config, unet)"),
+    ('{"vae": [1, 2]}', "vae must be a JSON object"),
+    ('[1, 2]', "expected a JSON object of parts"),
+    ('{"vae": ', "not JSON"),
+])
+def test_a_bad_config_exits_2_naming_the_file_and_the_key(tiny, tmp_path, capsys, content, message):
+    config = tmp_path / "sizes.json"
+    config.write_text(content)
+    code, _, err = cli(capsys, "train", "all", "--config", config, "--out", tmp_path / "m", *QUIET)
+    assert code == 2
+    line = one_line(err)
+    assert f"--config {config}" in line and message in line
+    assert not (tmp_path / "m").exists()
+
+
+def test_a_missing_config_file_is_named(tmp_path, capsys):
+    code, _, err = cli(capsys, "train", "vae", "--config", tmp_path / "no.json", "--out", tmp_path / "m", *QUIET)
+    assert code == 2 and f"--config {tmp_path / 'no.json'}: No such file" in one_line(err)
