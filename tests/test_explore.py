@@ -155,6 +155,18 @@ def test_cli_bad_port_and_bad_model_are_one_line(tmp_path, capsys):
     assert "not a complete model folder" in err and len(err.strip().splitlines()) == 1
 
 
+def test_cli_port_taken_is_one_line(capsys):
+    from minisd.cli import main
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        assert main(["explore", "--port", str(port)]) == 1
+    err = capsys.readouterr().err
+    assert err.strip() == f"minisd: error: cannot listen on 127.0.0.1:{port}: Address already in use"
+
+
 # ---- the page and what it is told about the model --------------------------------------------
 
 def test_page_and_info(server, pipe):

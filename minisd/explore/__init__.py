@@ -36,7 +36,8 @@ def add_arguments(parser) -> None:
     parser.add_argument("--model", default=None,
                         help="a model folder (default: the shipped shapes model); the page can pick another")
     parser.add_argument("--host", default="127.0.0.1",
-                        help="address to listen on (default 127.0.0.1: this machine only; 0.0.0.0 opens it to the network)")
+                        help="address to listen on (default 127.0.0.1: this machine only; 0.0.0.0 opens it to "
+                        "the network, and with it the page's model-folder field, which loads any folder here)")
     parser.add_argument("--port", type=_port, default=7860, help="port (default 7860; 0: any free port)")
     parser.add_argument("--verbose", action="store_true", help="log every request on stderr")
 

@@ -199,7 +199,10 @@ def serve(model: str | None = None, host: str = "127.0.0.1", port: int = 7860, v
     """Load the model, serve until SIGINT or SIGTERM, then stop: the running request is cancelled."""
     explorer = Explorer(model)
     pipe = explorer.load()  # a bad --model fails here, before the server says it is up
-    server = make_server(explorer, host, port, verbose)
+    try:
+        server = make_server(explorer, host, port, verbose)
+    except OSError as e:  # the port taken, an address not of this machine
+        raise OSError(f"cannot listen on {_url_host(host.strip('[]'))}:{port}: {e.strerror or e}") from None
 
     def stop(signum, frame):
         explorer.cancel_all("the server is stopping")
