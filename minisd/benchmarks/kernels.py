@@ -10,15 +10,16 @@ moves data and does little arithmetic; counted as one read of each input and one
 write of each output, a lower bound on the traffic).
 
 On a CPU: there is no GPU to time, so it says so and times the CPU emulator on small
-shapes instead, each version beside the NumPy reference. Those figures measure the
-emulator (about a fiber switch per thread per barrier), not the kernels' speed on a GPU.
+shapes instead, each version beside the numpy backend and the naive one (the formulas as
+written). Those figures measure the emulator (about a fiber switch per thread per
+barrier), not the kernels' speed on a GPU.
 """
 
 from __future__ import annotations
 
 import numpy as np
 
-from minisd.backends import BackendUnavailable, cuda_build, cuda_launch, fast_cpu
+from minisd.backends import BackendUnavailable, cuda_build, cuda_launch, fast_cpu, naive
 from minisd.benchmarks import timeit, torch_or_none
 
 # (label, op, shape arguments) at SD 1.5's sizes (batch 2: classifier-free guidance)
@@ -195,9 +196,12 @@ def _run_emulator(args) -> int:
     for label, op, shape in CPU_CASES:
         arrays, extra, *_ = _inputs(np, op, shape, rng)
         base = _numpy_baseline(op, arrays, extra)
+        formulas = _ours(naive, op, arrays, extra)
         for pass_index, pass_name in enumerate(("forward", "backward")):
             base_t = timeit(base[pass_index], repeat=args.repeat)
             print(f"{label:34s} {pass_name:8s} {'numpy':9s} {base_t * 1e3:9.2f}")
+            t = timeit(formulas[pass_index], repeat=args.repeat)
+            print(f"{'':34s} {'':8s} {'naive':9s} {t * 1e3:9.2f} {t / base_t:9.1f}")
             for v in cuda_launch.VERSIONS:
                 with cuda_launch.settings(version=v):
                     fn = _ours(ops, op, arrays, extra)[pass_index]

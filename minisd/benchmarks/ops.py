@@ -9,7 +9,8 @@ convolutions do not go through that BLAS, and can run above it.
 
 minisd and PyTorch take turns in blocks of runs (``side_by_side``), so that a spell of
 other work on a shared machine slows both alike; the load average is printed before and
-after.
+after. ``--naive`` adds the naive backend (minisd/backends/naive.py, the formulas as
+written) to the turns: its time, and how many times minisd's (the numpy backend) it is.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ import os
 import numpy as np
 
 from minisd import functional as F
+from minisd.backends import get_backend, set_backend
 from minisd.benchmarks import side_by_side, timeit, torch_or_none
 from minisd.tensor import Tensor
 
@@ -41,15 +43,17 @@ def add_arguments(parser) -> None:
     parser.add_argument("--repeat", type=int, default=5, help="timed runs per case and round, 3 rounds (the median is shown)")
     parser.add_argument("--only", metavar="TEXT", default="",
                         help="time only the cases whose label contains TEXT (e.g. conv2d, 'k3 s2')")
+    parser.add_argument("--naive", action="store_true",
+                        help="also time the naive backend (the formulas as written: many times slower)")
 
 
 def matmul_peak_gflops(n: int = 1024, repeat: int = 5) -> float:
     """Float32 GFLOP/s of one large NumPy matrix product, on all the cores: the ceiling for
     conv2d here. (On the BLAS's own threads, which minisd otherwise holds to one.)"""
-    from minisd.backends.fast_cpu import _blas_on_all_cores
+    from minisd.backends.cpu_settings import blas_on_all_cores
 
     a = np.random.default_rng(0).standard_normal((n, n), dtype=np.float32)
-    with _blas_on_all_cores():
+    with blas_on_all_cores():
         seconds = timeit(lambda: a @ a, repeat=repeat)
     return 2 * n ** 3 / seconds / 1e9
 
@@ -60,6 +64,18 @@ def _minisd_step(fn, arrays, grad_out):
         tensors = [Tensor(a, requires_grad=True) for a in arrays]
         fn(*tensors).backward(grad_out)
     return run
+
+
+def _on_backend(name, run):
+    """run() with backend ``name`` active, the previous one restored after."""
+    def on():
+        previous = get_backend().name
+        set_backend(name)
+        try:
+            run()
+        finally:
+            set_backend(previous)
+    return on
 
 
 def _torch_step(torch, fn, arrays, grad_out):
@@ -117,7 +133,7 @@ def run(args) -> int:
     else:
         print(f"PyTorch {torch.__version__} CPU, {torch.get_num_threads()} threads")
     header = (f"{'forward + backward':48s} {'minisd ms':>10s} {'torch ms':>9s} {'ratio':>6s} {'GFLOP/s':>8s} {'of peak':>7s}"
-              f" {'torch of peak':>13s}")
+              f" {'torch of peak':>13s}" + (f" {'naive ms':>9s} {'naive/minisd':>12s}" if args.naive else ""))
     print(header)
     print("-" * len(header))
     worst = 0.0
@@ -126,11 +142,17 @@ def run(args) -> int:
             continue
         out = fn(*[Tensor(a) for a in arrays])
         grad_out = rng.standard_normal(out.shape, dtype=np.float32)
+        steps = [_minisd_step(fn, arrays, grad_out)]
         if torch is not None:
-            ours, theirs = side_by_side([_minisd_step(fn, arrays, grad_out),
-                                         _torch_step(torch, torch_fn(torch), arrays, grad_out)], args.repeat)
+            steps.append(_torch_step(torch, torch_fn(torch), arrays, grad_out))
+        if args.naive:
+            steps.append(_on_backend("naive", _minisd_step(fn, arrays, grad_out)))
+        if len(steps) > 1:
+            times = side_by_side(steps, args.repeat)
         else:
-            ours = timeit(_minisd_step(fn, arrays, grad_out), repeat=args.repeat)
+            times = [timeit(steps[0], repeat=args.repeat)]
+        ours = times[0]
+        theirs = times[1] if torch is not None else None
         line = f"{label:48s} {ours * 1e3:10.2f}"
         if torch is not None:
             ratio = ours / theirs
@@ -141,8 +163,11 @@ def run(args) -> int:
             line += f" {'-':>9s} {'-':>6s}"
         if flops:
             line += f" {flops / ours / 1e9:8.1f} {flops / ours / 1e9 / peak:7.0%}"
-            if torch is not None:
-                line += f" {flops / theirs / 1e9 / peak:13.0%}"
+            line += f" {flops / theirs / 1e9 / peak:13.0%}" if torch is not None else f" {'-':>13s}"
+        elif args.naive:
+            line += f" {'-':>8s} {'-':>7s} {'-':>13s}"
+        if args.naive:
+            line += f" {times[-1] * 1e3:9.2f} {times[-1] / ours:11.1f}x"
         print(line)
     if torch is not None:
         print(f"conv2d: worst time ratio minisd / PyTorch = {worst:.2f} (target <= 1.5)")
