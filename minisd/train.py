@@ -459,10 +459,12 @@ def finished(out: str, part: str) -> bool:
 def train_vae(out: str, dataset: str = "shapes", steps: int | None = None, batch_size: int | None = None,
               lr: float | None = None, seed: int = 0, config: dict | None = None, resume: bool = False,
               checkpoint_every: int = 200, progress: bool = True, stop_after: int | None = None,
-              images=None, font: str | None = None, discard=()) -> dict:
+              images=None, font: str | None = None, discard=(), init: str | None = None) -> dict:
     """Train AutoencoderKL on the dataset's images; writes OUT/vae/. Returns the stage's record.
 
-    ``discard``: an earlier run's output this one replaces, removed when training starts (see fit)."""
+    ``discard``: an earlier run's output this one replaces, removed when training starts (see fit).
+    ``init``: a trained VAE's folder to fine-tune (its sizes and weights) instead of starting from
+    random weights at ``config``'s sizes."""
     from minisd.models.vae import AutoencoderKL
 
     steps = steps or DEFAULT_STEPS["vae"]
@@ -471,8 +473,12 @@ def train_vae(out: str, dataset: str = "shapes", steps: int | None = None, batch
         images, _ = load_dataset(dataset, "train", font)
     x_all = to_model_images(images)
     nn.manual_seed(seed)
-    vae = AutoencoderKL(**{**(config or VAE_CONFIG), "sample_size": x_all.shape[-1]})
-    start_with_narrow_posterior(vae)
+    if init is not None:
+        vae = load_part(init, AutoencoderKL)
+        vae.config["sample_size"] = x_all.shape[-1]
+    else:
+        vae = AutoencoderKL(**{**(config or VAE_CONFIG), "sample_size": x_all.shape[-1]})
+        start_with_narrow_posterior(vae)
 
     def loss_fn(rng, n):
         x = x_all[rng.integers(0, len(x_all), size=n)]
@@ -539,11 +545,13 @@ def caption_ids(tokenizer, captions) -> np.ndarray:
         return tokenizer(list(captions))
 
 
-def train_tokenizer(captions, out: str):
-    """A BPE vocabulary learned from the captions (SD's CLIP: 49,408 tokens; here a few hundred)."""
+def train_tokenizer(captions, out: str, like: str | None = None):
+    """A BPE vocabulary learned from the captions (SD's CLIP: 49,408 tokens; here a few hundred), saved
+    in OUT/tokenizer/; or, fine-tuning a text encoder, the tokenizer folder ``like`` it was trained with
+    (its embeddings are rows of that vocabulary: words new to it are spelled in smaller pieces)."""
     from minisd.tokenizer import Tokenizer
 
-    tok = Tokenizer.train(sorted(set(captions)), vocab_size=1024)
+    tok = Tokenizer.from_folder(like) if like else Tokenizer.train(sorted(set(captions)), vocab_size=1024)
     tok.save(os.path.join(out, "tokenizer"))
     return tok
 
@@ -552,10 +560,11 @@ def train_clip(out: str, dataset: str = "shapes", steps: int | None = None, batc
                lr: float | None = None, seed: int = 0, text_config: dict | None = None,
                vision_config: dict | None = None, resume: bool = False, checkpoint_every: int = 200,
                progress: bool = True, stop_after: int | None = None, data=None, font: str | None = None,
-               discard=()) -> dict:
+               discard=(), init: str | None = None, tokenizer_from: str | None = None) -> dict:
     """Train CLIPModel contrastively; writes OUT/tokenizer/, OUT/clip/ and the text tower as OUT/text_encoder/.
 
-    Resuming from a checkpoint reuses OUT/tokenizer/: the checkpoint's embeddings are rows of its vocabulary."""
+    Resuming from a checkpoint reuses OUT/tokenizer/: the checkpoint's embeddings are rows of its vocabulary.
+    ``init``: a trained CLIPModel's folder (both towers) to fine-tune, with ``tokenizer_from`` its tokenizer."""
     from minisd.models.clip import CLIPModel
     from minisd.tokenizer import Tokenizer
 
@@ -566,7 +575,7 @@ def train_clip(out: str, dataset: str = "shapes", steps: int | None = None, batc
     if resume and os.path.isfile(checkpoint_path(out, "clip")) and os.path.isdir(tok_dir):
         tok = Tokenizer.from_folder(tok_dir)
     else:
-        tok = train_tokenizer(captions, out)
+        tok = train_tokenizer(captions, out, like=tokenizer_from)
         discard = tuple(p for p in discard if os.path.abspath(p) != os.path.abspath(tok_dir))  # just written
     x_all = to_model_images(images)
     ids_all = caption_ids(tok, captions)
@@ -581,7 +590,14 @@ def train_clip(out: str, dataset: str = "shapes", steps: int | None = None, batc
           "bos_token_id": tok.bos_id, "pad_token_id": tok.pad_id}
     vc = {**(vision_config or VISION_CONFIG), "image_size": x_all.shape[-1]}
     nn.manual_seed(seed + 1)
-    clip = CLIPModel(text_config=tc, vision_config=vc, projection_dim=tc["hidden_size"])
+    if init is not None:
+        clip = load_part(init, CLIPModel)
+        if clip.vision_model.config["image_size"] != x_all.shape[-1]:
+            raise ValueError(f"train clip: {init}'s image tower takes {clip.vision_model.config['image_size']} px "
+                             f"images and these are {x_all.shape[-1]}: give --resolution "
+                             f"{clip.vision_model.config['image_size']}")
+    else:
+        clip = CLIPModel(text_config=tc, vision_config=vc, projection_dim=tc["hidden_size"])
 
     def loss_fn(rng, n):
         chosen = rng.choice(len(groups), size=n, replace=False)
@@ -628,8 +644,10 @@ def encode_prompts(text_encoder, tokenizer, prompts, batch: int = 64) -> np.ndar
 def train_unet(out: str, dataset: str = "shapes", steps: int | None = None, batch_size: int | None = None,
                lr: float | None = None, seed: int = 0, config: dict | None = None, resume: bool = False,
                checkpoint_every: int = 200, progress: bool = True, stop_after: int | None = None,
-               data=None, font: str | None = None, discard=()) -> dict:
-    """Train UNet2DConditionModel on OUT/vae's latents and OUT/text_encoder's states; writes OUT/unet/ (EMA weights)."""
+               data=None, font: str | None = None, discard=(), init: str | None = None) -> dict:
+    """Train UNet2DConditionModel on OUT/vae's latents and OUT/text_encoder's states; writes OUT/unet/ (EMA weights).
+
+    ``init``: a trained UNet's folder to fine-tune (its sizes and weights; SD's noise schedule, as minisd's)."""
     from minisd.models.clip import CLIPTextModel
     from minisd.models.unet import UNet2DConditionModel
     from minisd.models.vae import AutoencoderKL
@@ -639,7 +657,7 @@ def train_unet(out: str, dataset: str = "shapes", steps: int | None = None, batc
     for part in ("vae", "text_encoder", "tokenizer"):
         if not os.path.isdir(os.path.join(out, part)):
             raise ValueError(f"train unet needs {os.path.join(out, part)}: run `minisd train "
-                             f"{'vae' if part == 'vae' else 'clip'} --out {out}` first")
+                             f"{'vae' if part == 'vae' else 'clip'} --out {out}` first, or --from MODEL")
     steps = steps or DEFAULT_STEPS["unet"]
     batch_size = batch_size or DEFAULT_BATCH["unet"]
     images, captions = data if data is not None else load_dataset(dataset, "train", font)
@@ -655,7 +673,8 @@ def train_unet(out: str, dataset: str = "shapes", steps: int | None = None, batc
     mean, std = encode_dataset(vae, images)
     prompts = sorted(set(captions))
     embeddings = encode_prompts(text_encoder, tok, [UNCONDITIONAL_PROMPT] + prompts)  # row 0: unconditional
-    caption_row = np.array([1 + prompts.index(c) for c in captions])
+    row_of = {p: 1 + i for i, p in enumerate(prompts)}
+    caption_row = np.array([row_of[c] for c in captions])
     del vae, text_encoder  # frozen, and no longer needed: their outputs are cached above
 
     scheduler = DDPMScheduler.from_config(SCHEDULER_CONFIG)  # from_config: DDIM-only keys are ignored
@@ -664,7 +683,17 @@ def train_unet(out: str, dataset: str = "shapes", steps: int | None = None, batc
     unet_config["sample_size"] = mean.shape[-1]
     unet_config["in_channels"] = unet_config["out_channels"] = mean.shape[1]
     nn.manual_seed(seed + 2)
-    unet = UNet2DConditionModel(**unet_config)
+    if init is not None:
+        unet = load_part(init, UNet2DConditionModel)
+        need = {"in_channels": mean.shape[1], "cross_attention_dim": embeddings.shape[-1]}
+        for key, value in need.items():
+            if unet.config[key] != value:
+                raise ValueError(f"train unet: {init} has {key}={unet.config[key]}, and the VAE and text encoder "
+                                 f"it is to work with need {value}: fine-tune it with the parts it was trained "
+                                 "with, or give its sizes in --config to train a new one")
+        unet.config["sample_size"] = mean.shape[-1]
+    else:
+        unet = UNet2DConditionModel(**unet_config)
 
     def loss_fn(rng, n):
         idx = rng.integers(0, len(mean), size=n)
@@ -715,7 +744,8 @@ def write_model_index(out: str) -> None:
 
 def train_all(out: str, dataset: str = "shapes", steps: dict | None = None, seed: int = 0, resume: bool = False,
               checkpoint_every: int = 200, progress: bool = True, keep_checkpoints: bool = False,
-              font: str | None = None, overwrite: bool = False, data=None, configs: dict | None = None) -> dict:
+              font: str | None = None, overwrite: bool = False, data=None, configs: dict | None = None,
+              source: str | None = None) -> dict:
     """vae -> clip -> unet; a stage already finished in OUT is skipped when resuming.
 
     ``steps``: {stage: steps} for the stages not to run at their defaults. ``overwrite``
@@ -723,15 +753,16 @@ def train_all(out: str, dataset: str = "shapes", steps: dict | None = None, seed
     a new VAE or text encoder makes the old UNet wrong, so nothing of the old model may
     stay to be taken, on a later --resume, for a finished stage. ``data``: (images, captions)
     to train on instead of the named dataset's (a captioned folder's); ``configs``: {part: config}
-    sizes instead of the defaults (see read_model_config).
+    sizes instead of the defaults (see read_model_config); ``source``: a model folder whose parts
+    the stages start from (--from).
     """
     steps = steps or {}
     data = data if data is not None else load_dataset(dataset, "train", font)
     report = {"dataset": dataset, "seed": seed, "stages": {}}
     configs = configs or {}
-    runners = {"vae": lambda **kw: train_vae(images=data[0], **stage_configs("vae", configs), **kw),
-               "clip": lambda **kw: train_clip(data=data, **stage_configs("clip", configs), **kw),
-               "unet": lambda **kw: train_unet(data=data, **stage_configs("unet", configs), **kw)}
+    runners = {"vae": lambda **kw: train_vae(images=data[0], **stage_kwargs("vae", configs, source), **kw),
+               "clip": lambda **kw: train_clip(data=data, **stage_kwargs("clip", configs, source), **kw),
+               "unet": lambda **kw: train_unet(data=data, **stage_kwargs("unet", configs, source), **kw)}
     discard = tuple(p for stage in STAGES for p in stage_outputs(out, stage)) if overwrite else ()
     for stage in STAGES:
         if resume and finished(out, DONE_MARKER[stage]):
@@ -747,11 +778,18 @@ def train_all(out: str, dataset: str = "shapes", steps: dict | None = None, seed
     return report
 
 
-def stage_configs(stage: str, configs: dict) -> dict:
-    """The keyword arguments that give a stage's function the sizes of --config's parts."""
+def stage_kwargs(stage: str, configs: dict, source: str | None = None) -> dict:
+    """The keyword arguments that give a stage's function the sizes of --config's parts, and the
+    trained parts of ``source`` (--from) it starts from."""
     names = {"vae": {"config": "vae"}, "clip": {"text_config": "text_encoder", "vision_config": "vision_config"},
              "unet": {"config": "unet"}}[stage]
-    return {arg: configs[part] for arg, part in names.items() if part in configs}
+    kwargs = {arg: configs[part] for arg, part in names.items() if part in configs}
+    parts = stage_parts(stage, configs)[stage] if source is not None else []
+    if parts:
+        kwargs["init"] = os.path.join(source, parts[0])
+    if "tokenizer" in parts:
+        kwargs["tokenizer_from"] = os.path.join(source, "tokenizer")
+    return kwargs
 
 
 def summarise(stage: str, rec: dict) -> dict:
@@ -917,6 +955,11 @@ def add_arguments(parser) -> None:
     parser.add_argument("--config", metavar="FILE.json", help="model sizes: diffusers/transformers config keys "
                         "per part, laid over the defaults: {\"vae\": {...}, \"text_encoder\": {...}, "
                         "\"vision_config\": {...}, \"unet\": {...}} (a file, or the JSON itself)")
+    parser.add_argument("--from", dest="model_from", metavar="MODEL",
+                        help="fine-tune: each stage starts from MODEL's part (a model folder, a diffusers SD "
+                        "folder, or 'shipped': minisd's own), and train unet takes MODEL's VAE, text encoder and "
+                        "tokenizer, frozen, where OUT has none (copied into OUT); a part --config sizes is trained "
+                        "new instead")
     parser.add_argument("--skip-bad", action="store_true", help="train without a folder's unreadable or "
                         "uncaptioned images, and say which (default: stop, exit status 2)")
     parser.add_argument("--font", metavar="PATH", help="the emoji font for --dataset emoji "
@@ -1039,6 +1082,80 @@ def read_model_config(text: str, stage: str) -> dict:
 
 
 # ---------------------------------------------------------------------------------------
+# Fine-tuning: --from MODEL
+# ---------------------------------------------------------------------------------------
+
+# What each part of a model folder is, for the messages that name a missing one.
+PART_NAMES = {"vae": "the VAE", "clip": "CLIP's two towers, which train clip fine-tunes",
+              "text_encoder": "the text encoder", "tokenizer": "the tokenizer", "unet": "the UNet"}
+SCHEDULE_KEYS = ("num_train_timesteps", "beta_schedule", "beta_start", "beta_end", "prediction_type")
+
+
+def stage_parts(stage: str, configs: dict) -> dict:
+    """{stage: [parts of --from's model it starts from]}: a part --config sizes is trained new instead."""
+    parts = {"vae": [] if "vae" in configs else ["vae"],
+             "clip": [] if {"text_encoder", "vision_config"} & set(configs) else ["clip", "tokenizer"],
+             "unet": [] if "unet" in configs else ["unet"]}
+    return {s: parts[s] for s in (STAGES if stage == "all" else (stage,))}
+
+
+def resolve_from(text: str, stage: str, out: str, configs: dict) -> str:
+    """--from's model folder ('shipped': the one in the package), checked for the parts this run takes
+    from it (UsageError naming the missing one) and for SD's noise schedule, the one minisd trains with."""
+    from minisd.cli import UsageError
+    from minisd.pipeline import DEFAULT_MODEL
+
+    where = f"minisd train {stage}: --from {text}"
+    source = DEFAULT_MODEL if text == "shipped" else text
+    if not os.path.isdir(source):
+        raise UsageError(f"{where}: no such model folder (give a model folder, or 'shipped' for minisd's own)")
+    needed = [p for parts in stage_parts(stage, configs).values() for p in parts]
+    if stage == "unet":  # the frozen parts, where OUT has none
+        needed += [p for p in ("vae", "text_encoder", "tokenizer") if not os.path.isdir(os.path.join(out, p))]
+    for part in dict.fromkeys(needed):
+        marker = os.path.join(source, part, "config.json" if part != "tokenizer" else "")
+        if not os.path.exists(marker):
+            hint = (" (a diffusers SD folder keeps the text tower alone: `train unet --from` takes it frozen)"
+                    if part == "clip" else "")
+            raise UsageError(f"{where}: {source} has no {part}/ ({PART_NAMES[part]}){hint}")
+    if stage in ("unet", "all") and os.path.isfile(os.path.join(source, "scheduler", "scheduler_config.json")):
+        with open(os.path.join(source, "scheduler", "scheduler_config.json")) as f:
+            schedule = {"prediction_type": "epsilon", **json.load(f)}
+        differ = [k for k in SCHEDULE_KEYS if schedule.get(k) != SCHEDULER_CONFIG[k]]
+        if differ:
+            raise UsageError(f"{where}: its UNet was trained with {differ[0]}={schedule.get(differ[0])!r}, and "
+                             f"minisd trains with SD v1's schedule ({differ[0]}={SCHEDULER_CONFIG[differ[0]]!r})")
+    return source
+
+
+def take_frozen_parts(out: str, source: str) -> None:
+    """train unet --from MODEL: MODEL's VAE, text encoder and tokenizer, copied into OUT where OUT has none
+    (and MODEL's clip/ with its text encoder, for eval's CLIP score); OUT's own are kept and used. The
+    package's files are only read. Each folder is copied whole under a temporary name, then renamed."""
+    from minisd import io
+
+    os.makedirs(out, exist_ok=True)
+    copied = []
+    for part in ("vae", "text_encoder", "tokenizer", "clip"):
+        target = os.path.join(out, part)
+        if os.path.exists(target) or (part == "clip" and "text_encoder" not in copied) \
+                or not os.path.isdir(os.path.join(source, part)):
+            continue
+        tmp = io.temporary_folder(target)
+        try:
+            shutil.copytree(os.path.join(source, part), tmp, dirs_exist_ok=True)
+            os.replace(tmp, target)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            if not os.path.isdir(target):  # (another process may have put it there first: that one is as good)
+                raise
+        copied.append(part)
+    kept = [p for p in ("vae", "text_encoder", "tokenizer") if p not in copied]
+    print(f"minisd train unet: frozen parts: " + ", ".join(
+        [f"{p} from {source} (copied)" for p in copied] + [f"{p} already in {out}" for p in kept]))
+
+
+# ---------------------------------------------------------------------------------------
 # Your own data: a folder of captioned images (minisd/data/folder.py reads it)
 # ---------------------------------------------------------------------------------------
 
@@ -1054,29 +1171,51 @@ def resolution_multiple(vae_config: dict, unet_config: dict, vision_config: dict
     return math.lcm(vae * unet, int(vision_config.get("patch_size", 1)))
 
 
-def sizes_in_effect(stage: str, out: str, configs: dict) -> dict:
-    """{part: config} the run will train with: --config's parts, OUT's trained VAE (for clip and unet), the defaults."""
+def sizes_in_effect(stage: str, out: str, configs: dict, source: str | None = None) -> dict:
+    """{part: config} the run will train with: --config's parts, OUT's trained VAE (for clip and unet),
+    --from's parts, the defaults."""
     sizes = {part: configs.get(part) or globals()[name] for part, name in CONFIG_PARTS.items()}
+    for part, file, key in (("vae", "vae", None), ("unet", "unet", None), ("vision_config", "clip", "vision_config")):
+        if source is not None and part not in configs and finished(source, file):
+            sizes[part] = read_config(source, file, key)
     if stage in ("clip", "unet") and finished(out, "vae"):
-        with open(os.path.join(out, "vae", "config.json")) as f:
-            sizes["vae"] = json.load(f)
+        sizes["vae"] = read_config(out, "vae")
     return sizes
 
 
-def pick_resolution(args, out: str, configs: dict) -> int:
-    """--resolution, else that of the VAE already trained in OUT (clip and unet train on it), else 32.
-    Refused (UsageError) where it is not a size the parts can take, or not the trained VAE's."""
+def read_config(model: str, part: str, key: str | None = None) -> dict:
+    """MODEL/part/config.json (or its ``key``), as a dict."""
+    with open(os.path.join(model, part, "config.json")) as f:
+        config = json.load(f)
+    return config[key] if key else config
+
+
+def fixed_resolution(stage: str, out: str, configs: dict, source: str | None) -> tuple[int, str] | None:
+    """(size, what fixes it) where a trained part the stage keeps decides the image size: OUT's VAE
+    (clip and unet train on its latents), --from's frozen VAE (unet) or image tower (clip); else None."""
+    if stage in ("clip", "unet") and finished(out, "vae"):
+        return int(read_config(out, "vae").get("sample_size", 32)), f"{os.path.join(out, 'vae')} was trained"
+    if source is not None and stage == "unet" and finished(source, "vae"):
+        return int(read_config(source, "vae").get("sample_size", 32)), f"{os.path.join(source, 'vae')} was trained"
+    if source is not None and stage == "clip" and not {"text_encoder", "vision_config"} & set(configs):
+        size = read_config(source, "clip", "vision_config").get("image_size", 224)
+        return int(size), f"{os.path.join(source, 'clip')}'s image tower takes images"
+    return None
+
+
+def pick_resolution(args, out: str, configs: dict, source: str | None = None) -> int:
+    """--resolution, else the size a trained part fixes (fixed_resolution), else --from's VAE's, else 32.
+    Refused (UsageError) where it is not a size the parts can take, or not the one a kept part fixes."""
     from minisd.cli import UsageError
 
-    trained = None
-    if args.stage in ("clip", "unet") and finished(out, "vae"):
-        with open(os.path.join(out, "vae", "config.json")) as f:
-            trained = int(json.load(f).get("sample_size", 32))
-    resolution = args.resolution or trained or 32
-    if trained is not None and resolution != trained:
-        raise UsageError(f"minisd train {args.stage}: --resolution {resolution}, but {os.path.join(out, 'vae')} "
-                         f"was trained at {trained} x {trained}: give --resolution {trained}")
-    sizes = sizes_in_effect(args.stage, out, configs)
+    fixed = fixed_resolution(args.stage, out, configs, source)
+    default = fixed[0] if fixed else int(read_config(source, "vae").get("sample_size", 32)) \
+        if source is not None and finished(source, "vae") else 32
+    resolution = args.resolution or default
+    if fixed is not None and resolution != fixed[0]:
+        raise UsageError(f"minisd train {args.stage}: --resolution {resolution}, but {fixed[1]} at {fixed[0]} x "
+                         f"{fixed[0]}: give --resolution {fixed[0]}")
+    sizes = sizes_in_effect(args.stage, out, configs, source)
     multiple = resolution_multiple(sizes["vae"], sizes["unet"], sizes["vision_config"])
     if resolution % multiple:
         raise UsageError(f"minisd train {args.stage}: --resolution {resolution} is not a multiple of {multiple} "
@@ -1085,7 +1224,7 @@ def pick_resolution(args, out: str, configs: dict) -> int:
     return resolution
 
 
-def load_own_data(args, out: str, configs: dict):
+def load_own_data(args, out: str, configs: dict, source: str | None = None):
     """The captioned folder --dataset names, read and checked before any training (None for shapes/emoji).
 
     Bad data is a UsageError (exit 2) naming each kind of problem and its first files; with
@@ -1107,7 +1246,7 @@ def load_own_data(args, out: str, configs: dict):
         return None
     if not os.path.isdir(args.dataset):
         raise UsageError(f"{where}: --dataset {args.dataset} is neither {' nor '.join(DATASETS)} nor a folder")
-    resolution = pick_resolution(args, out, configs)
+    resolution = pick_resolution(args, out, configs, source)
     record = folder.read_record(out)
     held = None
     if record is not None and record["dataset"] == os.path.abspath(args.dataset) \
@@ -1152,7 +1291,8 @@ def run(args) -> int:
     out = args.out
     check_out(out, stage, args.resume, args.overwrite)
     configs = read_model_config(args.config, stage) if args.config else {}
-    own = load_own_data(args, out, configs)
+    source = resolve_from(args.model_from, stage, out, configs) if args.model_from else None
+    own = load_own_data(args, out, configs, source)
     data = None if own is None else (own.images, list(own.captions))
     try:
         os.makedirs(out, exist_ok=True)
@@ -1160,6 +1300,8 @@ def run(args) -> int:
         raise OSError(f"cannot create --out {out}: {e.strerror}") from None
     if not os.access(out, os.W_OK):
         raise PermissionError(f"--out {out} is not writable")
+    if source is not None and stage == "unet":
+        take_frozen_parts(out, source)
     if own is not None:
         from minisd.data import folder
 
@@ -1170,14 +1312,15 @@ def run(args) -> int:
         if stage == "all":
             report = train_all(out, args.dataset, {s: n for s, n in stage_steps.items() if n}, args.seed,
                                args.resume, args.checkpoint_every, progress, args.keep_checkpoints,
-                               font=args.font, overwrite=args.overwrite, data=data, configs=configs)
+                               font=args.font, overwrite=args.overwrite, data=data, configs=configs,
+                               source=source)
         else:
             if args.overwrite and stage in ("vae", "clip") and finished(out, "unet"):
                 print(f"minisd train {stage}: note: {os.path.join(out, 'unet')} was trained on the {stage} this "
                       "run replaces; train unet again (--overwrite) to match it", file=sys.stderr)
             fn = {"vae": train_vae, "clip": train_clip, "unet": train_unet}[stage]
             given = {} if data is None else {"images": data[0]} if stage == "vae" else {"data": data}
-            given.update(stage_configs(stage, configs))
+            given.update(stage_kwargs(stage, configs, source))
             rec = fn(out=out, dataset=args.dataset, steps=args.steps, batch_size=args.batch_size, lr=args.lr,
                      seed=args.seed, resume=args.resume, checkpoint_every=args.checkpoint_every,
                      progress=progress, font=args.font,

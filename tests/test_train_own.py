@@ -250,3 +250,132 @@ def test_a_bad_config_exits_2_naming_the_file_and_the_key(tiny, tmp_path, capsys
 def test_a_missing_config_file_is_named(tmp_path, capsys):
     code, _, err = cli(capsys, "train", "vae", "--config", tmp_path / "no.json", "--out", tmp_path / "m", *QUIET)
     assert code == 2 and f"--config {tmp_path / 'no.json'}: No such file" in one_line(err)
+
+
+# --- fine-tuning: --from --------------------------------------------------------------------------------
+
+SHIPPED = os.path.join(os.path.dirname(os.path.abspath(T.__file__)), "weights", "shapes")
+
+
+def file_bytes(*path):
+    with open(os.path.join(*path), "rb") as f:
+        return f.read()
+
+
+def weights(folder):
+    from minisd.io import load_safetensors, weights_file
+
+    return load_safetensors(weights_file(folder))
+
+
+@pytest.fixture(scope="module")
+def exported(tmp_path_factory):
+    """The shipped model written by `minisd export` as a diffusers StableDiffusionPipeline folder (no clip/)."""
+    target = tmp_path_factory.mktemp("exported") / "sd"
+    assert main(["export", "--to", str(target)]) == 0
+    return target
+
+
+def package_listing():
+    return {os.path.join(d, f): os.stat(os.path.join(d, f)).st_mtime_ns
+            for d, _, files in os.walk(SHIPPED) for f in files}
+
+
+@pytest.mark.parametrize("source", ["shipped", "exported"])
+def test_unet_on_a_new_folder_with_the_shipped_vae_and_text_encoder(tiny, tmp_path, capsys, source, exported):
+    model = SHIPPED if source == "shipped" else str(exported)
+    before = package_listing()
+    data = make_folder(tmp_path / "data")
+    out = tmp_path / "m"
+    code, stdout, err = cli(capsys, "train", "unet", "--dataset", data, "--from", model if source != "shipped"
+                            else "shipped", "--steps", 2, "--out", out, *QUIET)
+    assert code == 0, err
+    assert "frozen parts: vae from" in stdout and "(copied)" in stdout
+    for part in ("vae", "text_encoder"):  # frozen: the source's, byte for byte
+        name = "model.safetensors" if part == "text_encoder" else "diffusion_pytorch_model.safetensors"
+        assert file_bytes(out, part, name) == file_bytes(model, part, name)
+    assert file_bytes(out, "tokenizer", "tokenizer.json") == file_bytes(model, "tokenizer", "tokenizer.json")
+    assert (out / "clip").is_dir() == (source == "shipped")
+    # the UNet is the source's, fine-tuned: same sizes, weights moved a little from its own
+    assert json.loads((out / "unet" / "config.json").read_text())["block_out_channels"] == [32, 64]
+    new, old = weights(out / "unet"), weights(os.path.join(model, "unet"))
+    assert new.keys() == old.keys()
+    moved = max(float(np.abs(new[k] - old[k]).max()) for k in new)
+    assert 0 < moved < 0.05
+    assert generate(out, 1).shape == (1, 32, 32, 3)
+    assert package_listing() == before  # the package is only read
+
+
+def test_from_with_a_new_unet_sized_in_config(tiny, tmp_path, capsys):
+    data = make_folder(tmp_path / "data")
+    unet = {"block_out_channels": [8, 16], "norm_num_groups": 4, "attention_head_dim": 2}
+    code, _, err = cli(capsys, "train", "unet", "--dataset", data, "--from", "shipped", "--config",
+                       json.dumps({"unet": unet}), "--steps", 2, "--out", tmp_path / "m", *QUIET)
+    assert code == 0, err
+    saved = json.loads((tmp_path / "m" / "unet" / "config.json").read_text())
+    assert saved["block_out_channels"] == [8, 16] and saved["cross_attention_dim"] == 64
+    assert generate(tmp_path / "m", 1).shape == (1, 32, 32, 3)
+
+
+def test_all_from_shipped_fine_tunes_every_part(tiny, tmp_path, capsys):
+    data = make_folder(tmp_path / "data")
+    out = tmp_path / "m"
+    code, _, err = cli(capsys, "train", "all", "--dataset", data, "--from", "shipped", *FEW, "--out", out, *QUIET)
+    assert code == 0, err
+    assert file_bytes(out, "tokenizer", "tokenizer.json") == file_bytes(SHIPPED, "tokenizer", "tokenizer.json")
+    for part in ("vae", "clip", "unet"):
+        new, old = weights(out / part), weights(os.path.join(SHIPPED, part))
+        assert new.keys() == old.keys(), part
+        assert max(float(np.abs(new[k] - old[k]).max()) for k in new) < 0.05, part  # near the start, not random
+    assert generate(out, 1).shape == (1, 32, 32, 3)
+
+
+def test_from_keeps_the_parts_out_already_has(tiny, tmp_path, capsys):
+    data = make_folder(tmp_path / "data")
+    out = tmp_path / "m"
+    assert cli(capsys, "train", "vae", "--dataset", data, "--steps", 2, "--out", out, *QUIET)[0] == 0
+    own_vae = file_bytes(out, "vae", "diffusion_pytorch_model.safetensors")
+    code, stdout, err = cli(capsys, "train", "unet", "--dataset", data, "--from", "shipped", "--steps", 2,
+                            "--out", out, *QUIET)
+    # OUT's VAE is tiny (latent 4 x 16 x 16): the shipped UNet takes its channels, and the sizes agree
+    assert code == 0, err
+    assert "vae already in" in stdout and "text_encoder from" in stdout
+    assert file_bytes(out, "vae", "diffusion_pytorch_model.safetensors") == own_vae
+
+
+@pytest.mark.parametrize("stage, args, message", [
+    ("unet", ["--from", "NOWHERE"], "no such model folder"),
+    ("clip", ["--from", "EXPORTED"], "has no clip/ (CLIP's two towers, which train clip fine-tunes)"),
+    ("all", ["--from", "EXPORTED"], "has no clip/"),
+    ("unet", ["--from", "shipped", "--resolution", "64"], "at 32 x 32: give --resolution 32"),
+    ("unet", ["--from", "BETAS"], "trained with beta_end=0.02"),
+])
+def test_from_refuses_what_it_cannot_fine_tune(tiny, tmp_path, capsys, exported, stage, args, message):
+    import shutil
+
+    betas = tmp_path / "betas"
+    shutil.copytree(SHIPPED, betas)
+    config = json.loads((betas / "scheduler" / "scheduler_config.json").read_text())
+    (betas / "scheduler" / "scheduler_config.json").write_text(json.dumps({**config, "beta_end": 0.02}))
+    names = {"NOWHERE": tmp_path / "nowhere", "EXPORTED": exported, "BETAS": betas}
+    args = [names.get(a, a) for a in args]
+    data = make_folder(tmp_path / "data")
+    code, _, err = cli(capsys, "train", stage, "--dataset", data, *args, "--out", tmp_path / "m", *QUIET)
+    assert code == 2 and message in one_line(err)
+    assert not (tmp_path / "m").exists()
+
+
+def test_resume_from_shipped_is_bit_exact(tmp_path):
+    from minisd.data import folder
+
+    d = folder.load_folder(make_folder(tmp_path / "data"))
+    kw = dict(steps=6, batch_size=4, lr=1e-4, progress=False, data=(d.images, list(d.captions)), checkpoint_every=2,
+              init=os.path.join(SHIPPED, "unet"))
+    for out in ("full", "cut"):
+        T.take_frozen_parts(str(tmp_path / out), SHIPPED)
+    full = T.train_unet(str(tmp_path / "full"), **kw)
+    T.train_unet(str(tmp_path / "cut"), stop_after=4, **kw)
+    resumed = T.train_unet(str(tmp_path / "cut"), resume=True, **kw)
+    assert resumed["losses"] == full["losses"]
+    for a, b in zip(full["ema"].shadow, resumed["ema"].shadow):
+        np.testing.assert_array_equal(a, b)

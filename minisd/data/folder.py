@@ -99,7 +99,8 @@ def describe(problems: list, shown: int = SHOWN) -> str:
         if not found:
             continue
         noun = _NOUNS.get(kind, "image")
-        names = ", ".join(p.name + (f": {p.detail}" if p.detail and i == 0 else "") for i, p in enumerate(found[:shown]))
+        first = found[0].name + (f": {found[0].detail}" if found[0].detail else "")  # why, once a kind
+        names = ", ".join([first] + [p.name for p in found[1:shown]])
         more = f", and {len(found) - shown} more" if len(found) > shown else ""
         parts.append(f"{len(found)} {noun}{'s' if len(found) != 1 else ''} {what} ({names}{more})")
     return "; ".join(parts)
