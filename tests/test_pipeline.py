@@ -10,15 +10,16 @@ import pytest
 
 import minisd
 from minisd import io, nn
-from minisd.pipeline import StableDiffusionPipeline, load_pipeline
+from minisd.pipeline import SCHEDULER_NAMES, StableDiffusionPipeline, load_pipeline
 from minisd.tensor import no_grad
 
 CAPTIONS = ["a small red circle in the top left", "a large blue square in the center",
             "a small green triangle in the bottom right", "a large purple circle in the top right"]
 
 
-def make_tiny_model(folder: str) -> str:
-    """A model folder in diffusers' layout with random weights: enough to test the plumbing."""
+def make_tiny_model(folder: str, in_channels: int = 4) -> str:
+    """A model folder in diffusers' layout with random weights: enough to test the plumbing.
+    in_channels 9: the inpainting UNet's layout (latent, mask, masked image's latent)."""
     from minisd import train as T
     from minisd.models import AutoencoderKL, CLIPTextModel, UNet2DConditionModel
     from minisd.schedulers import DDIMScheduler
@@ -30,7 +31,7 @@ def make_tiny_model(folder: str) -> str:
     te = CLIPTextModel(**dict(T.TEXT_CONFIG, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
                               num_attention_heads=2, vocab_size=tok.vocab_size, eos_token_id=tok.eos_id))
     unet = UNet2DConditionModel(**dict(T.UNET_CONFIG, block_out_channels=(8, 16), norm_num_groups=4,
-                                       attention_head_dim=2, cross_attention_dim=16))
+                                       attention_head_dim=2, cross_attention_dim=16, in_channels=in_channels))
     io.save_pretrained(vae, os.path.join(folder, "vae"))
     io.save_pretrained(te, os.path.join(folder, "text_encoder"))
     io.save_pretrained(unet, os.path.join(folder, "unet"))
@@ -67,17 +68,19 @@ def test_latents_argument_replaces_the_seeded_noise(pipe):
         pipe(CAPTIONS[:2], steps=3, latents=z[:1])
 
 
-def reference_ddim(pipe, prompts, z, steps, w):
+def reference_ddim(pipe, prompts, z, steps, w, negative=None, rescale=0.0, start=0):
     """Classifier-free guided DDIM written out from the formulas, independently of the pipeline:
-        eps = eps_u + w (eps_c - eps_u)
+        eps = eps_u + w (eps_c - eps_u)      (eps_u from the negative prompts, "" by default)
+        eps = phi * eps * std(eps_c) / std(eps) + (1 - phi) * eps     (guidance_rescale phi)
         x0 = (z_t - sqrt(1 - a_t) eps) / sqrt(a_t);  z_prev = sqrt(a_prev) x0 + sqrt(1 - a_prev) eps
-    with SD's "leading" timesteps (steps_offset 1) and alpha_bar_prev = alpha_bar_0 at the end."""
+    with SD's "leading" timesteps (steps_offset 1) and alpha_bar_prev = alpha_bar_0 at the end,
+    from the start-th timestep on (img2img)."""
     betas = np.linspace(0.00085 ** 0.5, 0.012 ** 0.5, 1000, dtype=np.float64) ** 2
     abar = np.cumprod(1 - betas)
     ratio = 1000 // steps
-    ts = (np.arange(steps) * ratio)[::-1] + 1
+    ts = ((np.arange(steps) * ratio)[::-1] + 1)[start:]
     ids = pipe.tokenizer(prompts)
-    empty = pipe.tokenizer([""] * len(prompts))
+    empty = pipe.tokenizer(negative or [""] * len(prompts))
     with no_grad():
         c = pipe.text_encoder(ids).numpy()
         u = pipe.text_encoder(empty).numpy()
@@ -85,6 +88,9 @@ def reference_ddim(pipe, prompts, z, steps, w):
             eps_c = pipe.unet(z, int(t), c).numpy().astype(np.float64)
             eps_u = pipe.unet(z, int(t), u).numpy().astype(np.float64)
             eps = eps_u + w * (eps_c - eps_u)
+            if rescale:
+                std = lambda e: e.std(axis=(1, 2, 3), ddof=1, keepdims=True)  # noqa: E731
+                eps = rescale * eps * std(eps_c) / std(eps) + (1 - rescale) * eps
             a_t = abar[t]
             a_prev = abar[t - ratio] if t - ratio >= 0 else abar[0]
             x0 = (z - np.sqrt(1 - a_t) * eps) / np.sqrt(a_t)
@@ -130,7 +136,7 @@ def test_attention_maps_per_step_and_token(pipe):
     assert pipe.attention_maps is None
 
 
-@pytest.mark.parametrize("scheduler", ["ddim", "ddpm", "euler"])
+@pytest.mark.parametrize("scheduler", SCHEDULER_NAMES)
 def test_each_scheduler_runs_and_is_seeded(pipe, scheduler):
     a = pipe(CAPTIONS[:1], steps=4, scheduler=scheduler, seed=2)
     b = pipe(CAPTIONS[:1], steps=4, scheduler=scheduler, seed=2)
@@ -149,7 +155,7 @@ def test_too_long_prompt_is_truncated_with_a_warning(pipe):
     (dict(steps=-3), "steps must be a positive integer"),
     (dict(guidance_scale=-1.0), "guidance_scale must be a number >= 0"),
     (dict(guidance_scale=float("nan")), "guidance_scale must be a number >= 0"),
-    (dict(scheduler="pndm"), "unknown scheduler"),
+    (dict(scheduler="nope"), "unknown scheduler"),
 ])
 def test_bad_arguments_are_clear_errors(pipe, kwargs, message):
     with pytest.raises(ValueError, match=message):
@@ -350,6 +356,277 @@ def test_corrupt_weights_are_a_clear_error(tiny_path, tmp_path):
         load_pipeline(str(broken))
 
 
+# ---- negative prompts, guidance rescale, eta, embeddings -----------------------------------
+
+
+def test_negative_prompt_takes_the_unconditional_branch(pipe):
+    z = np.random.default_rng(2).standard_normal((2, 4, 8, 8)).astype(np.float32)
+    negative = [CAPTIONS[2], CAPTIONS[3]]
+    got = pipe(CAPTIONS[:2], steps=4, guidance_scale=5.0, latents=z, output="latent", negative_prompt=negative)
+    np.testing.assert_allclose(got, reference_ddim(pipe, CAPTIONS[:2], z, 4, 5.0, negative=negative),
+                               rtol=1e-4, atol=1e-4)
+    kwargs = dict(steps=3, seed=1, output="latent")
+    np.testing.assert_array_equal(pipe(CAPTIONS[:2], negative_prompt="", **kwargs), pipe(CAPTIONS[:2], **kwargs))
+    np.testing.assert_array_equal(pipe(CAPTIONS[:2], negative_prompt=CAPTIONS[2], **kwargs),
+                                  pipe(CAPTIONS[:2], negative_prompt=[CAPTIONS[2]] * 2, **kwargs))
+    # w = 1 skips the unconditional branch, so the negative prompt has nothing to change
+    np.testing.assert_array_equal(pipe(CAPTIONS[:1], negative_prompt=CAPTIONS[2], guidance_scale=1.0, **kwargs),
+                                  pipe(CAPTIONS[:1], guidance_scale=1.0, **kwargs))
+
+
+@pytest.mark.parametrize("phi", [0.7, 1.0])
+def test_guidance_rescale_matches_the_formula(pipe, phi):
+    z = np.random.default_rng(3).standard_normal((2, 4, 8, 8)).astype(np.float32)
+    got = pipe(CAPTIONS[:2], steps=3, guidance_scale=9.0, latents=z, output="latent", guidance_rescale=phi)
+    np.testing.assert_allclose(got, reference_ddim(pipe, CAPTIONS[:2], z, 3, 9.0, rescale=phi), rtol=1e-4, atol=1e-4)
+
+
+def test_eta_is_ddims(pipe):
+    kwargs = dict(steps=3, seed=4, output="latent")
+    np.testing.assert_array_equal(pipe(CAPTIONS[:1], eta=0.0, **kwargs), pipe(CAPTIONS[:1], **kwargs))
+    a, b = (pipe(CAPTIONS[:1], eta=1.0, **kwargs) for _ in range(2))
+    np.testing.assert_array_equal(a, b)  # seeded
+    assert not np.allclose(a, pipe(CAPTIONS[:1], **kwargs))
+    with pytest.raises(ValueError, match="eta: EulerDiscreteScheduler has no eta"):
+        pipe(CAPTIONS[:1], eta=0.5, scheduler="euler")
+
+
+def test_prompt_embeddings_replace_the_text_encoder(pipe):
+    kwargs = dict(steps=2, seed=5, output="latent")
+    c, neg = pipe.encode_prompt(CAPTIONS[:2]), pipe.encode_prompt(CAPTIONS[2:4])
+    np.testing.assert_array_equal(pipe(prompt_embeds=c, **kwargs), pipe(CAPTIONS[:2], **kwargs))
+    np.testing.assert_array_equal(pipe(CAPTIONS[:2], negative_prompt_embeds=neg, **kwargs),
+                                  pipe(CAPTIONS[:2], negative_prompt=CAPTIONS[2:4], **kwargs))
+    np.testing.assert_allclose(pipe(prompt_embeds=c, num_images_per_prompt=2, **kwargs),  # (the text encoder
+                               pipe(CAPTIONS[:2], num_images_per_prompt=2, **kwargs), atol=1e-4)  # on 4 rows)
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    (dict(prompt=CAPTIONS[0], prompt_embeds=np.zeros((1, 77, 16), np.float32)), "give prompt or prompt_embeds"),
+    (dict(prompt_embeds=np.zeros((1, 77, 8), np.float32)), r"prompt_embeds must be a float array \(prompts, tokens, 16\)"),
+    (dict(prompt_embeds=np.zeros((77, 16), np.float32)), "prompt_embeds must be a float array"),
+    (dict(prompt_embeds=np.full((1, 77, 16), np.nan, np.float32)), "prompt_embeds must be finite"),
+    (dict(prompt=CAPTIONS[0], negative_prompt_embeds=np.zeros((2, 77, 16), np.float32)),
+     r"negative_prompt_embeds must have the shape of prompt_embeds \(1, 77, 16\)"),
+    (dict(prompt=CAPTIONS[0], negative_prompt="", negative_prompt_embeds=np.zeros((1, 77, 16), np.float32)),
+     "give negative_prompt or negative_prompt_embeds"),
+    (dict(prompt=CAPTIONS[:2], negative_prompt=["a", "b", "c"]), r"one string or one per prompt \(2\), got 3"),
+    (dict(prompt=CAPTIONS[0], negative_prompt=[3]), "negative_prompt 0 is int"),
+    (dict(prompt=CAPTIONS[0], guidance_rescale=1.5), "guidance_rescale must be a number from 0 to 1"),
+    (dict(prompt=CAPTIONS[0], eta=-1.0), "eta must be a number >= 0"),
+    (dict(prompt=CAPTIONS[0], height=30), "height must be a multiple of 4"),
+    (dict(prompt=CAPTIONS[0], width=0), "width must be a positive integer"),
+    (dict(prompt=CAPTIONS[0], strength=0.5), "strength needs an image"),
+    (dict(prompt=CAPTIONS[0], mask_image=np.zeros((32, 32), np.uint8)), "mask_image needs an image"),
+])
+def test_bad_new_arguments_are_clear_errors(pipe, kwargs, message):
+    with pytest.raises((ValueError, TypeError), match=message):
+        pipe(steps=1, **kwargs)
+
+
+# ---- sizes -----------------------------------------------------------------------------------
+
+
+def test_height_and_width(pipe):
+    """Any multiple of the VAE's factor (4): latents (h / 4, w / 4)."""
+    assert pipe.default_size == (32, 32) and pipe.vae_scale_factor == 4
+    images = pipe(CAPTIONS[:1], steps=2, height=24, width=40)
+    assert images.shape == (1, 24, 40, 3)
+    z = pipe(CAPTIONS[:1], steps=2, height=24, width=40, output="latent")
+    assert z.shape == (1, 4, 6, 10)
+    np.testing.assert_array_equal(pipe(CAPTIONS[:1], steps=2, height=32, width=32), pipe(CAPTIONS[:1], steps=2))
+
+
+def test_latent_size_comes_from_the_unet_not_the_vae(tiny_path, tmp_path):
+    """diffusers' rule: size = unet sample_size * 2^(VAE levels - 1). A VAE config whose own
+    sample_size says 64 does not change it (minisd drew 16 x 16 latents, 64 px images, here)."""
+    import shutil
+
+    folder = tmp_path / "model"
+    shutil.copytree(tiny_path, folder)
+    config = json.loads((folder / "vae" / "config.json").read_text())
+    (folder / "vae" / "config.json").write_text(json.dumps(dict(config, sample_size=64)))
+    other = load_pipeline(str(folder))
+    assert other.latent_shape == (4, 8, 8) and other.default_size == (32, 32)
+    assert other(CAPTIONS[:1], steps=1).shape == (1, 32, 32, 3)
+
+
+# ---- schedulers from the folder ----------------------------------------------------------
+
+
+def with_scheduler_config(tiny_path, tmp_path, config) -> str:
+    import shutil
+
+    folder = tmp_path / "model"
+    shutil.copytree(tiny_path, folder)
+    (folder / "scheduler" / "scheduler_config.json").write_text(json.dumps(config))
+    return str(folder)
+
+
+SD15_SCHEDULER = {"_class_name": "PNDMScheduler", "beta_end": 0.012, "beta_schedule": "scaled_linear",
+                  "beta_start": 0.00085, "num_train_timesteps": 1000, "set_alpha_to_one": False, "skip_prk_steps": True,
+                  "steps_offset": 1, "trained_betas": None, "clip_sample": False}
+
+
+def test_a_folder_naming_pndm_samples_with_pndm(pipe, tiny_path, tmp_path):
+    """SD v1.5's scheduler_config.json: PNDMScheduler (it used to be replaced by DDIM, silently).
+    Other kinds built from it take their own defaults for the keys it leaves out, as in
+    diffusers (timestep_spacing: "leading" for DDIM, "linspace" for Euler)."""
+    sd = load_pipeline(with_scheduler_config(tiny_path, tmp_path, SD15_SCHEDULER))
+    assert type(sd.scheduler).__name__ == "PNDMScheduler"
+    kwargs = dict(steps=3, seed=6, output="latent")
+    pndm = pipe.make_scheduler("pndm", skip_prk_steps=True)
+    np.testing.assert_array_equal(sd(CAPTIONS[:1], **kwargs), pipe(CAPTIONS[:1], scheduler=pndm, **kwargs))
+    assert not np.allclose(sd(CAPTIONS[:1], **kwargs), sd(CAPTIONS[:1], scheduler="ddim", **kwargs))
+    assert sd.make_scheduler("euler").config["timestep_spacing"] == "linspace"
+    assert sd.make_scheduler("ddim").config["timestep_spacing"] == "leading"
+    assert sd.make_scheduler("dpm++2m", use_karras_sigmas=True).config["use_karras_sigmas"] is True
+
+
+def test_an_unknown_scheduler_class_is_a_clear_error(tiny_path, tmp_path):
+    folder = with_scheduler_config(tiny_path, tmp_path, dict(SD15_SCHEDULER, _class_name="FancyScheduler"))
+    with pytest.raises(ValueError, match="cannot load scheduler from .*names 'FancyScheduler', which minisd does not"):
+        load_pipeline(folder)
+
+
+def test_scheduler_by_class_name_or_instance(pipe):
+    kwargs = dict(steps=3, seed=7, output="latent")
+    want = pipe(CAPTIONS[:1], scheduler="dpm++2m", **kwargs)
+    np.testing.assert_array_equal(pipe(CAPTIONS[:1], scheduler="DPMSolverMultistepScheduler", **kwargs), want)
+    np.testing.assert_array_equal(pipe(CAPTIONS[:1], scheduler=pipe.make_scheduler("dpm++2m"), **kwargs), want)
+    karras = pipe(CAPTIONS[:1], scheduler=pipe.make_scheduler("dpm++2m", use_karras_sigmas=True), **kwargs)
+    assert not np.allclose(karras, want)
+
+
+# ---- img2img -------------------------------------------------------------------------------
+
+
+def test_img2img_is_sdedit_from_the_timestep_strength_picks(pipe):
+    """z_{t_s} = sqrt(a) z_0 + sqrt(1 - a) eps at t_s, the first of the last int(steps * strength)
+    timesteps, then DDIM from there (the formulas, independently); z_0 is the VAE's sample,
+    drawn from the seed before anything else."""
+    from minisd.data import shapes
+
+    image = shapes.render("red", "circle", "large", "top left")
+    eps = np.random.default_rng(8).standard_normal((1, 4, 8, 8)).astype(np.float32)
+    seen = []
+    got = pipe(CAPTIONS[:1], image=image, strength=0.6, steps=5, latents=eps, seed=9, output="latent",
+               callback=lambda i, t, *arrays: seen.append(t))
+    assert seen == [401, 201, 1]  # of 801, 601, 401, 201, 1: the last int(5 * 0.6) = 3
+    z0 = pipe.encode_images(image[None], np.random.default_rng(9))
+    abar = np.cumprod(1 - np.linspace(0.00085 ** 0.5, 0.012 ** 0.5, 1000) ** 2)[401]
+    start = (np.sqrt(abar) * z0 + np.sqrt(1 - abar) * eps).astype(np.float32)
+    np.testing.assert_allclose(got, reference_ddim(pipe, CAPTIONS[:1], start, 5, 5.0, start=2), rtol=1e-4, atol=1e-4)
+
+
+def test_img2img_at_strength_0_and_1(pipe):
+    from minisd.data import shapes
+
+    image = shapes.render("blue", "square", "small", "center")
+    # 1: text to image from fresh noise, the very same draws
+    np.testing.assert_array_equal(pipe(CAPTIONS[:2], image=image, strength=1.0, steps=3, seed=3),
+                                  pipe(CAPTIONS[:2], steps=3, seed=3))
+    # 0: no step, the image through the VAE (its posterior sample, drawn from the seed)
+    calls = []
+    through = pipe(CAPTIONS[:1], image=image, strength=0.0, steps=3, seed=4, callback=lambda *a: calls.append(a))
+    np.testing.assert_array_equal(through, pipe.decode_latents(pipe.encode_images(image[None], np.random.default_rng(4))))
+    assert calls == []
+
+
+def test_images_as_arrays_pil_or_paths(pipe, tmp_path):
+    from PIL import Image
+
+    from minisd.data import shapes
+
+    images = np.stack([shapes.render("red", "circle", "small", "top left"),
+                       shapes.render("green", "triangle", "large", "center")])
+    Image.fromarray(images[0]).save(tmp_path / "a.png")
+    kwargs = dict(strength=0.5, steps=4, seed=1, output="latent")
+    want = pipe(CAPTIONS[:1], image=images[0], **kwargs)
+    for same in (images[:1], Image.fromarray(images[0]), str(tmp_path / "a.png"), tmp_path / "a.png",
+                 Image.fromarray(images[0]).convert("RGBA")):
+        np.testing.assert_array_equal(pipe(CAPTIONS[:1], image=same, **kwargs), want)
+    # one image per prompt: image i for prompt i
+    both = pipe(CAPTIONS[:2], image=images, num_images_per_prompt=2, **kwargs)
+    assert both.shape == (4, 4, 8, 8)
+    one = pipe(CAPTIONS[:2], image=images[1], num_images_per_prompt=2, **kwargs)
+    assert not np.allclose(both[:2], one[:2])
+
+
+@pytest.mark.parametrize("image, kwargs, message", [
+    (np.zeros((32, 32, 3), np.float32), {}, "image must be uint8 pixels"),
+    (np.zeros((32, 32), np.uint8), {}, r"image must be an array \(H, W, 3\) or \(N, H, W, 3\)"),
+    (np.zeros((30, 30, 3), np.uint8), {}, "height must be a multiple of 4"),
+    (np.zeros((32, 32, 3), np.uint8), dict(height=24), "height 24 does not match the image's 32 pixels"),
+    (np.zeros((32, 32, 3), np.uint8), dict(strength=1.5), "strength must be a number from 0 to 1, got 1.5"),
+    (np.zeros((32, 32, 3), np.uint8), dict(strength=float("nan")), "strength must be a number from 0 to 1"),
+    (np.zeros((3, 32, 32, 3), np.uint8), {}, "3 of them for 2 prompts"),
+    ("/nowhere/at/all.png", {}, "image: no file '/nowhere/at/all.png'"),
+    (np.zeros((32, 32, 3), np.uint8), dict(mask_image=np.zeros((16, 16), np.uint8)),
+     "mask_image is 16x16 pixels and the image 32x32"),
+    (np.zeros((32, 32, 3), np.uint8), dict(mask_image=np.zeros((32, 32), np.float32)), "mask_image must be uint8"),
+])
+def test_bad_images_and_masks_are_clear_errors(pipe, image, kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        pipe(CAPTIONS[:2], image=image, steps=1, **kwargs)
+
+
+def test_a_file_that_is_not_an_image(pipe, tmp_path):
+    (tmp_path / "x.png").write_text("not a picture")
+    with pytest.raises(ValueError, match="image: cannot read .*x.png' as an image"):
+        pipe(CAPTIONS[:1], image=tmp_path / "x.png", steps=1)
+
+
+# ---- inpainting ----------------------------------------------------------------------------
+
+
+def test_inpainting_keeps_the_known_latent(pipe):
+    """After the last step the unmasked latent pixels are the image's latent itself; the masked
+    ones were sampled (white = repaint, at latent resolution: every 4th pixel, as torch's nearest)."""
+    from minisd.data import shapes
+
+    image = shapes.render("red", "circle", "small", "top left")
+    mask = np.zeros((32, 32), np.uint8)
+    mask[:, 16:] = 255
+    for strength in (1.0, 0.6):
+        z = pipe(CAPTIONS[:1], image=image, mask_image=mask, strength=strength, steps=4, seed=2, output="latent")
+        z0 = pipe.encode_images(image[None], np.random.default_rng(2))
+        np.testing.assert_array_equal(z[..., :4], z0[..., :4])
+        assert np.abs(z[..., 4:] - z0[..., 4:]).max() > 0.1
+
+
+def test_masks_as_uint8_bool_pil_or_path(pipe, tmp_path):
+    from PIL import Image
+
+    image = np.full((32, 32, 3), 255, np.uint8)
+    mask = np.zeros((32, 32), np.uint8)
+    mask[4:20, 8:30] = 200  # grey levels from 128 up are "repaint"
+    Image.fromarray(mask).save(tmp_path / "m.png")
+    kwargs = dict(image=image, steps=2, seed=3, output="latent")
+    want = pipe(CAPTIONS[:1], mask_image=mask, **kwargs)
+    for same in (mask > 127, Image.fromarray(mask), str(tmp_path / "m.png"), np.repeat(mask[..., None], 3, axis=2),
+                 mask[None], mask[..., None]):
+        np.testing.assert_array_equal(pipe(CAPTIONS[:1], mask_image=same, **kwargs), want)
+    assert not np.allclose(pipe(CAPTIONS[:1], mask_image=mask // 2, **kwargs), want)  # 100: below half, kept
+
+
+def test_an_inpainting_unet_takes_nine_channels(tmp_path):
+    """latent, mask and masked image's latent, concatenated: the UNet sees (N, 9, h, w)."""
+    nine = load_pipeline(make_tiny_model(str(tmp_path / "nine"), in_channels=9))
+    image = np.full((32, 32, 3), 255, np.uint8)
+    mask = np.zeros((32, 32), np.uint8)
+    mask[:16, 16:] = 255
+    seen = []
+    forward = nine.unet.forward
+    nine.unet.forward = lambda x, t, c: (seen.append(x.shape), forward(x, t, c))[1]
+    images = nine(CAPTIONS[:2], image=image, mask_image=mask, steps=2, seed=0)
+    assert images.shape == (2, 32, 32, 3) and seen == [(4, 9, 8, 8)] * 2
+    with pytest.raises(ValueError, match="this is an inpainting model"):
+        nine(CAPTIONS[:1], steps=1)
+    with pytest.raises(ValueError, match="give mask_image= with the image"):
+        nine(CAPTIONS[:1], image=image, steps=1)
+
+
 # ---- the shipped model -------------------------------------------------------------------
 
 
@@ -377,3 +654,33 @@ def test_shipped_model_follows_prompts():
         images = pipe(CAPTIONS, steps=50, seed=0)
     right = [read(im).matches(parse_caption(c)) for im, c in zip(images, CAPTIONS)]
     assert sum(right) >= 3, right
+
+
+@pytest.mark.slow
+def test_shipped_model_img2img_recolours_in_place():
+    """SDEdit at strength 0.6: a red circle prompted blue keeps its size and place and turns blue."""
+    from minisd.data import reader, shapes
+
+    pipe = minisd.load_pipeline()
+    red = shapes.render("red", "circle", "large", "top left")
+    images = pipe("a large blue circle in the top left", image=red, strength=0.6, steps=20, seed=0,
+                  num_images_per_prompt=4)
+    readings = reader.read_batch(images)
+    assert all(r == reader.Reading("blue", "circle", "large", "top left") for r in readings), readings
+
+
+@pytest.mark.slow
+def test_shipped_model_inpaints_an_empty_quadrant():
+    """A white canvas, the top right quadrant masked: the prompted shape appears there, the rest stays white."""
+    from minisd.data import reader
+
+    pipe = minisd.load_pipeline()
+    white = np.full((32, 32, 3), 255, np.uint8)
+    mask = np.zeros((32, 32), np.uint8)
+    mask[:16, 16:] = 255
+    images = pipe("a small green triangle in the top right", image=white, mask_image=mask, steps=20, seed=0,
+                  num_images_per_prompt=4)
+    readings = reader.read_batch(images)
+    assert all(r == reader.Reading("green", "triangle", "small", "top right") for r in readings), readings
+    outside = np.abs(images.astype(int) - 255)[:, mask == 0]
+    assert outside.max() < 40, outside.max()  # the VAE's blur at the mask's edge, no shape
