@@ -77,7 +77,18 @@ def test_generate_unknown_words_warn_in_one_line(tiny_path, tmp_path, capsys):
     (["--n", "0"], "argument --n: must be a whole number >= 1, got '0'"),
     (["--scale", "0"], "argument --scale: must be a whole number >= 1, got '0'"),
     (["--scale", "65"], "--scale must be between 1 and 64"),
-    (["--scheduler", "pndm"], "unknown --scheduler"),
+    (["--scheduler", "plms"], "unknown --scheduler 'plms'; choose one of ddpm, ddim, pndm, euler, euler_a"),
+    (["--strength", "1.5"], "argument --strength: must be a number from 0 to 1, got '1.5'"),
+    (["--strength", "0.5"], "--strength needs --image"),
+    (["--mask", "m.png"], "--mask needs --image"),
+    (["--image", "/no/such.png"], "--image: no file '/no/such.png'"),
+    (["--height", "30"], "height must be a multiple of 4 (the VAE's downsampling factor"),
+    (["--width", "0"], "argument --width: must be a whole number >= 1, got '0'"),
+    (["--negative", "x", "--negative", "y"], "--negative given 2 times for 1 prompts"),
+    (["--karras"], "--karras: DDIMScheduler has no Karras sigmas"),
+    (["--eta", "0.5", "--scheduler", "euler"], "eta: EulerDiscreteScheduler has no eta"),
+    (["--eta", "-1"], "argument --eta: must be a number >= 0, got '-1'"),
+    (["--guidance-rescale", "2"], "argument --guidance-rescale: must be a number from 0 to 1, got '2'"),
     (["--n", "100000000000"], "is 100,000,000,000 images, more than the 100,000 one run makes"),
     (["--steps", "100000"], "--steps 100000: num_inference_steps (100000) cannot exceed num_train_timesteps (1000)"),
 ])
@@ -86,6 +97,76 @@ def test_generate_usage_errors_exit_2(tiny_path, tmp_path, capsys, args, message
     assert code == 2
     assert message in one_line_error(err)
     assert not os.listdir(tmp_path)
+
+
+def write_png(path, array):
+    Image.fromarray(array).save(path)
+    return str(path)
+
+
+@pytest.mark.parametrize("make, message", [
+    (lambda d: write_png(d / "in.png", np.zeros((30, 30, 3), np.uint8)), "height must be a multiple of 4"),
+    (lambda d: (d / "in.png").write_text("no picture") and str(d / "in.png"), "--image: cannot read"),
+    (lambda d: str(d), "--image: cannot read"),
+])
+def test_generate_bad_image_exits_2(tiny_path, tmp_path, capsys, make, message):
+    inputs = tmp_path / "in"
+    inputs.mkdir()
+    code, _, err = run_cli(capsys, "generate", "a red circle", "--model", tiny_path, "--out", str(tmp_path / "out"),
+                           "--image", make(inputs))
+    assert code == 2
+    assert message in one_line_error(err)
+    assert not os.path.exists(tmp_path / "out") or not os.listdir(tmp_path / "out")
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--mask", "small"], "mask_image is 16x16 pixels and the image 32x32: they must be the same size"),
+    (["--height", "24"], "height 24 does not match the image's 32 pixels"),
+])
+def test_generate_masks_and_sizes_that_do_not_fit_exit_2(tiny_path, tmp_path, capsys, args, message):
+    image = write_png(tmp_path / "in.png", np.full((32, 32, 3), 255, np.uint8))
+    small = write_png(tmp_path / "small.png", np.zeros((16, 16), np.uint8))
+    args = [small if a == "small" else a for a in args]
+    code, _, err = run_cli(capsys, "generate", "a red circle", "--model", tiny_path, "--out", str(tmp_path / "out"),
+                           "--image", image, "--steps", "2", *args)
+    assert code == 2
+    assert message in one_line_error(err)
+    assert not os.listdir(tmp_path / "out")
+
+
+@pytest.mark.parametrize("args, kwargs", [
+    (["--negative", "a blue square", "--height", "24", "--width", "40"],
+     dict(negative_prompt="a blue square", height=24, width=40)),
+    (["--negative", "a blue square", "--negative", "a red circle"],
+     dict(negative_prompt=["a blue square", "a red circle"])),
+    (["--scheduler", "dpm++2m", "--karras", "--guidance-rescale", "0.7"],
+     dict(scheduler=("dpm++2m", {"use_karras_sigmas": True}), guidance_rescale=0.7)),
+    (["--scheduler", "DDIM", "--eta", "0.5"], dict(scheduler="ddim", eta=0.5)),
+    (["--image", "IMAGE", "--strength", "0.6", "--scheduler", "euler_a"],
+     dict(image="IMAGE", strength=0.6, scheduler="euler_a")),
+    (["--image", "IMAGE", "--mask", "MASK"], dict(image="IMAGE", mask_image="MASK")),
+])
+def test_generate_options_are_the_pipelines(tiny_path, tmp_path, capsys, args, kwargs):
+    """Each option reaches pipe(...) as its keyword: the PNGs are the images pipe(...) returns."""
+    from minisd.pipeline import load_pipeline
+
+    image = write_png(tmp_path / "in.png", np.full((32, 32, 3), 255, np.uint8))
+    mask = np.zeros((32, 32), np.uint8)
+    mask[:16] = 255
+    mask = write_png(tmp_path / "mask.png", mask)
+    files = {"IMAGE": image, "MASK": mask}
+    prompts = ["a small red circle in the top left", "a large blue square in the center"]
+    code, _, _ = run_cli(capsys, "generate", *prompts, "--steps", "3", "--seed", "2", "--model", tiny_path,
+                         "--out", str(tmp_path / "out"), *[files.get(a, a) for a in args])
+    assert code == 0
+    pipe = load_pipeline(tiny_path)
+    kwargs = {k: files.get(v, v) if isinstance(v, str) else v for k, v in kwargs.items()}
+    if isinstance(kwargs.get("scheduler"), tuple):
+        name, config = kwargs["scheduler"]
+        kwargs["scheduler"] = pipe.make_scheduler(name, **config)
+    want = pipe(prompts, steps=3, seed=2, **kwargs)
+    for i, im in enumerate(want):
+        np.testing.assert_array_equal(pixels(tmp_path / "out" / f"{i:04d}.png"), im)
 
 
 def test_generate_prompt_that_is_not_utf8_exits_2(tiny_path, tmp_path, capsys):

@@ -379,3 +379,82 @@ def test_resume_from_shipped_is_bit_exact(tmp_path):
     assert resumed["losses"] == full["losses"]
     for a, b in zip(full["ema"].shadow, resumed["ema"].shadow):
         np.testing.assert_array_equal(a, b)
+
+
+# --- the time-to-quality log --------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def shapes_parts(tmp_path_factory):
+    """A tiny VAE and CLIP trained a few steps on 48 shapes images: what the UNet stage needs."""
+    from minisd.data import shapes
+
+    d = shapes.make_dataset(48, "train", seed=3)
+    data = (d.images, list(d.captions))
+    out = tmp_path_factory.mktemp("parts")
+    T.train_vae(str(out), steps=2, batch_size=4, config=TINY_VAE, progress=False, images=d.images)
+    T.train_clip(str(out), steps=2, batch_size=4, text_config=TINY_TEXT, vision_config=TINY_VISION, progress=False,
+                 data=data)
+    return str(out), data
+
+
+def copy_parts(source, target):
+    import shutil
+
+    for part in ("vae", "text_encoder", "tokenizer"):
+        shutil.copytree(os.path.join(source, part), os.path.join(target, part))
+
+
+@pytest.mark.slow
+def test_quality_log_samples_the_ema_and_leaves_training_as_it_was(tmp_path, shapes_parts, monkeypatch):
+    """With the log on (a sample every 2 steps, from the EMA weights), the losses, the EMA and the
+    weights are bit for bit those of a run without it, also across a --resume."""
+    source, data = shapes_parts
+    for name in ("plain", "logged", "cut"):
+        copy_parts(source, tmp_path / name)
+    kw = dict(steps=4, batch_size=4, lr=3e-3, config=TINY_UNET, progress=False, data=data, checkpoint_every=2,
+              dataset="shapes")
+    plain = T.train_unet(str(tmp_path / "plain"), **kw)
+    kw.update(quality_every=2, quality_prompts=2)
+    logged = T.train_unet(str(tmp_path / "logged"), **kw)
+    assert logged["losses"] == plain["losses"]
+    for a, b in zip(plain["ema"].shadow, logged["ema"].shadow):
+        np.testing.assert_array_equal(a, b)
+    rows = T.read_quality_csv(str(tmp_path / "logged" / "logs" / "unet_quality.csv"))
+    assert [r["step"] for r in rows] == [2, 4]
+    assert all(r["adherence_seen"] in (0.0, 1.0) and r["adherence_heldout"] in (0.0, 1.0) for r in rows)
+    assert all(r["sample_seconds"] > 0 for r in rows)
+    minutes = [r["minutes"] for r in rows]
+    assert minutes == sorted(minutes) and minutes[0] > 0
+    np.testing.assert_allclose(rows[-1]["loss"], np.mean(logged["losses"][-2:]), rtol=1e-5)
+    assert (tmp_path / "logged" / "logs" / "unet_quality.png").stat().st_size > 1000
+    assert logged["quality"]["samples"] == 2 and 0 < logged["quality"]["fraction"]
+    # interrupted after step 3 and resumed from step 2: the same training, and the log goes on from its rows
+    monkeypatch.setattr(T, "plot_quality", lambda path, rows: None)
+    T.train_unet(str(tmp_path / "cut"), stop_after=3, **kw)
+    rows_cut = T.read_quality_csv(str(tmp_path / "cut" / "logs" / "unet_quality.csv"))
+    assert [r["step"] for r in rows_cut] == [2]
+    resumed = T.train_unet(str(tmp_path / "cut"), resume=True, **kw)
+    assert resumed["losses"] == plain["losses"]
+    for a, b in zip(plain["ema"].shadow, resumed["ema"].shadow):
+        np.testing.assert_array_equal(a, b)
+    again = T.read_quality_csv(str(tmp_path / "cut" / "logs" / "unet_quality.csv"))
+    assert [r["step"] for r in again] == [2, 4] and again[0] == rows_cut[0]
+
+
+def test_quality_log_on_a_folder_logs_the_loss_alone(tiny, tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr(T, "plot_quality", lambda path, rows: None)
+    data = make_folder(tmp_path / "data")
+    out = tmp_path / "m"
+    code, _, err = cli(capsys, "train", "all", "--dataset", data, "--vae-steps", 2, "--clip-steps", 2,
+                       "--unet-steps", 4, "--quality-every", 2, "--out", out, *QUIET)
+    assert code == 0, err
+    rows = T.read_quality_csv(str(out / "logs" / "unet_quality.csv"))
+    assert [r["step"] for r in rows] == [2, 4]
+    assert all(r["adherence_seen"] is None and r["sample_seconds"] == 0 for r in rows)
+    report = json.loads((out / "logs" / "train_all.json").read_text())
+    assert report["stages"]["unet"]["quality_log"]["samples"] == 0
+    code, _, err = cli(capsys, "train", "unet", "--dataset", data, "--steps", 2, "--quality-every", 0, "--overwrite",
+                       "--out", out, *QUIET)
+    assert code == 0, err
+    assert "quality_log" not in json.loads((out / "logs" / "train_unet.json").read_text())["stages"]["unet"]
