@@ -331,7 +331,7 @@ def test_train_usage_errors_exit_2(tmp_path, capsys):
     for args, message in ((["vae", "--steps", "0"], "argument --steps: must be a whole number >= 1, got '0'"),
                           (["unet", "--lr", "-1"], "argument --lr: must be a number > 0, got '-1'"),
                           (["gan"], "invalid choice"),
-                          (["vae", "--dataset", "mnist"], "invalid choice")):
+                          (["vae", "--dataset", "mnist"], "--dataset mnist is neither shapes nor emoji nor a folder")):
         code, _, err = run_cli(capsys, "train", *args, "--out", str(tmp_path))
         assert code == 2, args
         assert message in one_line_error(err)
