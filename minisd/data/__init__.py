@@ -2,9 +2,11 @@
 
     shapes.py  procedural: one coloured shape on white, "a small red circle in the top left" (the default)
     emoji.py   Noto Color Emoji, captioned with their Unicode names ("red apple")
+    folder.py  your own: a folder of captioned images (imagefolder's metadata.jsonl/.csv, or .txt captions)
     reader.py  colour, shape, size and position read back from a shapes image's pixels
 
-Each dataset gives (images uint8 (N, H, W, 3), captions, records); ``load_dataset`` picks one by name.
+Each dataset gives (images uint8 (N, H, W, 3), captions, records); ``load_dataset`` picks one by name
+(a folder is read by ``folder.load_folder``, which also says what in it could not be used).
 """
 
 from __future__ import annotations
