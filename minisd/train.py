@@ -56,6 +56,7 @@ import warnings
 
 import numpy as np
 
+from minisd import distributed
 from minisd import functional as F
 from minisd import nn
 from minisd.optim import EMA, AdamW, clip_grad_norm, warmup_cosine
@@ -160,6 +161,7 @@ def atomic_write(path: str, write) -> None:
     io._atomic_write(Path(path), write)
 
 
+@distributed.root_only
 def save_checkpoint(path: str, params: dict, opt: AdamW, ema: EMA | None, step: int, losses: list) -> None:
     """Everything needed to continue exactly: weights, AdamW's t, m, v, the EMA, the step and the losses."""
     arrays = {f"param/{k}": np.asarray(v.data) for k, v in params.items()}
@@ -182,8 +184,9 @@ def save_checkpoint(path: str, params: dict, opt: AdamW, ema: EMA | None, step: 
     atomic_write(path, write)
 
 
-def load_checkpoint(path: str, params: dict, opt: AdamW, ema: EMA | None) -> tuple[int, list]:
-    """Restore what save_checkpoint wrote; returns (step, losses). A bad file is a one-line error."""
+def read_checkpoint(path: str, params: dict) -> dict:
+    """The arrays save_checkpoint wrote, and its "meta", checked against ``params``. A bad file is a
+    one-line error."""
     try:
         with np.load(path, allow_pickle=False) as z:
             data = {k: z[k] for k in z.files}
@@ -193,12 +196,21 @@ def load_checkpoint(path: str, params: dict, opt: AdamW, ema: EMA | None) -> tup
     if meta["names"] != list(params):
         raise ValueError(f"checkpoint {path} holds a different model (parameter names differ); "
                          "start without --resume or use another --out")
+    for name in meta["names"]:
+        saved, shape = data[f"param/{name}"].shape, params[name].shape
+        if saved != shape:
+            raise ValueError(f"checkpoint {path}: {name} has shape {saved}, the model {shape}")
+    data["meta"] = meta
+    return data
+
+
+def load_checkpoint(path: str, params: dict, opt: AdamW, ema: EMA | None, data: dict | None = None) -> tuple[int, list]:
+    """Restore what save_checkpoint wrote; returns (step, losses). ``data``: what read_checkpoint(path)
+    gave, where it was read already (on N ranks, rank 0 reads it and sends it to all)."""
+    data = read_checkpoint(path, params) if data is None else data
+    meta = data["meta"]
     for i, name in enumerate(meta["names"]):
-        p = params[name]
-        saved = data[f"param/{name}"]
-        if saved.shape != p.shape:
-            raise ValueError(f"checkpoint {path}: {name} has shape {saved.shape}, the model {p.shape}")
-        p.data[...] = saved
+        params[name].data[...] = data[f"param/{name}"]
         if f"adam_m/{name}" in data:
             opt.m[i], opt.v[i] = data[f"adam_m/{name}"].copy(), data[f"adam_v/{name}"].copy()
         if ema is not None:
@@ -220,6 +232,7 @@ class BatchTooLarge(ValueError):
     """A training step of the requested batch size would not fit in this machine's memory."""
 
 
+@distributed.guarded
 def fit(stage: str, params: dict, loss_fn, *, steps: int, lr: float, out: str, batch_size: int, seed: int = 0,
         warmup: int | None = None, weight_decay: float = 0.01, max_grad_norm: float = 1.0,
         ema_decay: float | None = None, checkpoint_every: int = 200, resume: bool = False,
@@ -237,22 +250,38 @@ def fit(stage: str, params: dict, loss_fn, *, steps: int, lr: float, out: str, b
     checkpoint are removed. A non-finite loss or gradient norm stops the run (Diverged)
     before the weights change, and a checkpoint is written only of finite weights, so the
     one on disk is always the last good one.
+
+    On N ranks (``mpiexec -n N``, minisd.distributed), ``batch_size`` is the global batch:
+    loss_fn draws all n samples from the step's generator, the same on every rank, and
+    returns the loss of its rank's rows of them (``distributed.world().shard(n)``). One
+    all-reduce a step averages the gradients and the losses, before clipping: every rank
+    takes the same step, and the losses are the whole batch's, as in one process (the same
+    to float32 rounding: the sums are added in another order). Rank 0 alone writes the
+    checkpoint and the loss curve; --resume reads the checkpoint on rank 0 and sends it to
+    every rank, so a run saved by any number of ranks continues on any other.
     """
     from tqdm import tqdm
 
+    world = distributed.world()
     if not (math.isfinite(lr) and lr > 0):
         raise ValueError(f"train {stage}: the learning rate must be a finite number > 0, got {lr}")
     warmup = max(1, steps // 20) if warmup is None else warmup
     named = list(params.items())
+    grads = distributed.FlatGradients([p for _, p in named], world)
+    grads.broadcast_weights()  # one start for every rank, before the EMA copies it
     opt = AdamW([p for _, p in named], lr=lr, weight_decay=weight_decay)
     ema = EMA([p for _, p in named], decay=ema_decay) if ema_decay else None
     ckpt = checkpoint_path(out, stage)
+    if batch_size % world.size:
+        raise distributed.BatchNotDivisible(f"train {stage}: a batch of {batch_size} does not split evenly "
+                                            f"over {world.size} ranks")
     check_memory(stage, loss_fn, opt.params, batch_size)
     start, losses, saved_at = 0, [], None
-    if resume and os.path.exists(ckpt):
-        start, losses = load_checkpoint(ckpt, params, opt, ema)
+    saved = world.from_root(lambda: read_checkpoint(ckpt, params) if resume and os.path.exists(ckpt) else None)
+    if saved is not None:
+        start, losses = load_checkpoint(ckpt, params, opt, ema, saved)
         saved_at = start
-    else:
+    elif world.is_root:
         if resume:
             print(f"minisd train {stage}: no checkpoint at {ckpt}; starting from step 0")
         remove_paths((*discard, ckpt))
@@ -263,6 +292,7 @@ def fit(stage: str, params: dict, loss_fn, *, steps: int, lr: float, out: str, b
         return Diverged(f"train {stage} diverged at step {step}: the {what} is {value} (learning rate "
                         f"{opt.lr:.3g}); stopped without saving the model; {kept}; try a smaller --lr")
 
+    progress = progress and world.is_root
     t0, cpu0, done_here = time.perf_counter(), time.process_time(), 0
     bar = tqdm(range(start, steps), initial=start, total=steps, desc=stage, disable=not progress,
                dynamic_ncols=True, mininterval=1.0)
@@ -274,11 +304,12 @@ def fit(stage: str, params: dict, loss_fn, *, steps: int, lr: float, out: str, b
                 opt.lr = warmup_cosine(step, steps, warmup, lr, min_lr=lr * 0.05)
                 opt.zero_grad()
                 loss = loss_fn(step_rng(seed, stage, step), batch_size)
-                value = float(loss.item())
+                loss.backward()
+                # the mean over the ranks of the gradients and of the shards' losses: the whole batch's
+                value = grads.average(float(loss.item()))
                 if not math.isfinite(value):
                     raise diverged(step, "loss", value)
-                loss.backward()
-                norm = clip_grad_norm(opt.params, max_grad_norm)
+                norm = clip_grad_norm(opt.params, max_grad_norm)  # of the average, as one process clips
                 if not math.isfinite(norm):
                     raise diverged(step, "gradient norm", norm)
                 opt.step()
@@ -295,7 +326,7 @@ def fit(stage: str, params: dict, loss_fn, *, steps: int, lr: float, out: str, b
                     bar.set_postfix(loss=f"{recent:.4f}", lr=f"{opt.lr:.1e}")
                 if (step + 1) % checkpoint_every == 0 or step + 1 == steps:
                     # A finite loss and gradient can still step to inf weights (a huge lr): never save those.
-                    if not all(np.isfinite(p.data).all() for p in opt.params):
+                    if world.any(not all(np.isfinite(p.data).all() for p in opt.params)):
                         raise diverged(step, "model after the step", "non-finite (inf or nan weights)")
                     save_checkpoint(ckpt, params, opt, ema, step + 1, losses)
                     saved_at = step + 1
@@ -332,25 +363,34 @@ def check_memory(stage: str, loss_fn, params, batch_size: int) -> int:
     of the weights). peak(2) / 2 also holds half of the parameters' gradients and the
     batch-independent rest, so the bound errs high: 1.04-1.08x the measured peak for the
     default VAE and UNet at batches 8 to 64. It counts host memory (the NumPy backend).
-    Returns the estimate in bytes.
+    On N ranks each holds batch_size / N samples (the probe: 2 a rank), and the ranks on one
+    machine share its memory: every machine is checked, and every rank stops if one is short.
+    Returns the estimate for one rank, in bytes.
     """
-    probe = min(2, batch_size)
+    world = distributed.world()
+    local = batch_size // world.size
+    probe = min(2, local)
 
     def one_step():
-        loss_fn(np.random.default_rng(0), probe).backward()
+        loss_fn(np.random.default_rng(0), probe * world.size).backward()
 
     per_sample = peak_allocated(one_step) / probe
     for p in params:
         p.grad = None  # the probe's gradients; the first step starts from none
     state = 2 * sum(p.data.nbytes for p in params)
-    need = int(batch_size * per_sample + state)
-    free = available_memory()
-    if free is not None and need > free:
-        fits = max(0, int((free - state) // per_sample)) if per_sample else 0
-        raise BatchTooLarge(f"train {stage}: a step of batch {batch_size} needs about {format_bytes(need)} "
-                            f"({format_bytes(per_sample)} a sample, measured on a batch of {probe}, "
-                            f"+ {format_bytes(state)} of AdamW state), more than the {format_bytes(free)} "
-                            f"of memory available; a batch of at most {fits:,} fits")
+    need = int(local * per_sample + state)
+    # what each machine's ranks need together, and what it has, known to every rank alike
+    machines = world.allgather_obj((need * world.local_size, available_memory(), world.local_size))
+    short = [m for m in machines if m[1] is not None and m[0] > m[1]]
+    if short:
+        total, free, ranks = max(short, key=lambda m: m[0] - m[1])
+        fits = max(0, int((free / ranks - state) // per_sample)) * world.size if per_sample else 0
+        where = f" on {world.size} ranks ({ranks} on one machine, {local} samples each)" if world.size > 1 else ""
+        raise BatchTooLarge(
+            f"train {stage}: a step of batch {batch_size}{where} needs about {format_bytes(total)} "
+            f"({format_bytes(per_sample)} a sample, measured on a batch of {probe}, + {format_bytes(state)} "
+            f"of AdamW state{' a rank' if ranks > 1 else ''}), more than the {format_bytes(free)} of memory "
+            f"available; a batch of at most {fits:,} fits")
     return need
 
 
@@ -395,6 +435,7 @@ def format_bytes(n: float) -> str:
         n /= 1024
 
 
+@distributed.root_only
 def write_loss_curve(out: str, stage: str, losses: list) -> None:
     """OUT/logs/STAGE_loss.csv (step, loss) and STAGE_loss.png (raw and smoothed, log scale)."""
     logs = os.path.join(out, "logs")
@@ -438,6 +479,7 @@ def plot_loss_curve(path: str, stage: str, losses: list) -> None:
 # ---------------------------------------------------------------------------------------
 
 
+@distributed.root_only
 def save_part(model, folder: str) -> None:
     from minisd import io
 
@@ -482,12 +524,18 @@ def train_vae(out: str, dataset: str = "shapes", steps: int | None = None, batch
     else:
         vae = AutoencoderKL(**{**(config or VAE_CONFIG), "sample_size": x_all.shape[-1]})
         start_with_narrow_posterior(vae)
+    world = distributed.world()
 
-    def loss_fn(rng, n):
+    def loss_fn(rng, n):  # the loss of this rank's rows of the n drawn (all of them in one process)
         x = x_all[rng.integers(0, len(x_all), size=n)]
         x = x[:, :, :, ::-1].copy() if dataset == "emoji" and rng.random() < 0.5 else x  # flips only for emoji
+        mine = world.shard(n)
+        x = x[mine]
         posterior = vae.encode(x)
-        recon = vae.decode(posterior.sample(rng))
+        # posterior.sample(rng), z = mean + std * eps, with eps drawn for all n, so that a sample's noise
+        # does not depend on how many ranks share the batch
+        eps = rng.standard_normal((n, *posterior.mean.shape[1:])).astype(posterior.mean.dtype)[mine]
+        recon = vae.decode(posterior.mean + posterior.std * eps)
         diff = recon - x
         return F.abs(diff).mean() + (diff * diff).mean() + KL_WEIGHT * posterior.kl().mean()
 
@@ -555,7 +603,7 @@ def train_tokenizer(captions, out: str, like: str | None = None):
     from minisd.tokenizer import Tokenizer
 
     tok = Tokenizer.from_folder(like) if like else Tokenizer.train(sorted(set(captions)), vocab_size=1024)
-    tok.save(os.path.join(out, "tokenizer"))
+    tok.save(os.path.join(out, "tokenizer"))  # train_clip calls this on rank 0 alone
     return tok
 
 
@@ -575,10 +623,15 @@ def train_clip(out: str, dataset: str = "shapes", steps: int | None = None, batc
     batch_size = batch_size or DEFAULT_BATCH["clip"]
     images, captions = data if data is not None else load_dataset(dataset, "train", font)
     tok_dir = os.path.join(out, "tokenizer")
-    if resume and os.path.isfile(checkpoint_path(out, "clip")) and os.path.isdir(tok_dir):
-        tok = Tokenizer.from_folder(tok_dir)
-    else:
-        tok = train_tokenizer(captions, out, like=tokenizer_from)
+    world = distributed.world()
+
+    def tokenizer():  # (tokenizer, reused): made on rank 0, and sent to every rank
+        if resume and os.path.isfile(checkpoint_path(out, "clip")) and os.path.isdir(tok_dir):
+            return Tokenizer.from_folder(tok_dir), True
+        return train_tokenizer(captions, out, like=tokenizer_from), False
+
+    tok, reused = world.from_root(tokenizer)
+    if not reused:
         discard = tuple(p for p in discard if os.path.abspath(p) != os.path.abspath(tok_dir))  # just written
     x_all = to_model_images(images)
     ids_all = caption_ids(tok, captions)
@@ -588,7 +641,7 @@ def train_clip(out: str, dataset: str = "shapes", steps: int | None = None, batc
     for i, c in enumerate(captions):
         groups.setdefault(c, []).append(i)
     groups = list(groups.values())
-    batch_size = min(batch_size, len(groups))
+    batch_size = min(batch_size, len(groups) // world.size * world.size)
     tc = {**(text_config or TEXT_CONFIG), "vocab_size": tok.vocab_size, "eos_token_id": tok.eos_id,
           "bos_token_id": tok.bos_id, "pad_token_id": tok.pad_id}
     vc = {**(vision_config or VISION_CONFIG), "image_size": x_all.shape[-1]}
@@ -604,8 +657,10 @@ def train_clip(out: str, dataset: str = "shapes", steps: int | None = None, batc
 
     def loss_fn(rng, n):
         chosen = rng.choice(len(groups), size=n, replace=False)
-        idx = np.array([groups[g][rng.integers(len(groups[g]))] for g in chosen])
-        return clip.contrastive_loss(x_all[idx], ids_all[idx])
+        idx = np.array([groups[g][rng.integers(len(groups[g]))] for g in chosen])[world.shard(n)]
+        # Each caption is scored against every image of the batch: gather_rows gives every rank the
+        # embeddings of all n, so that each computes the whole batch's loss (one rank: no-op).
+        return clip.contrastive_loss(x_all[idx], ids_all[idx], gather=distributed.gather_rows)
 
     record = fit("clip", dict(clip.named_parameters()), loss_fn, steps=steps, lr=lr or DEFAULT_LR["clip"],
                  out=out, batch_size=batch_size, seed=seed, resume=resume, checkpoint_every=checkpoint_every,
@@ -661,10 +716,14 @@ def train_unet(out: str, dataset: str = "shapes", steps: int | None = None, batc
     from minisd.schedulers import DDPMScheduler
     from minisd.tokenizer import Tokenizer
 
-    for part in ("vae", "text_encoder", "tokenizer"):
-        if not os.path.isdir(os.path.join(out, part)):
-            raise ValueError(f"train unet needs {os.path.join(out, part)}: run `minisd train "
-                             f"{'vae' if part == 'vae' else 'clip'} --out {out}` first, or --from MODEL")
+    def check_parts():
+        for part in ("vae", "text_encoder", "tokenizer"):
+            if not os.path.isdir(os.path.join(out, part)):
+                raise ValueError(f"train unet needs {os.path.join(out, part)}: run `minisd train "
+                                 f"{'vae' if part == 'vae' else 'clip'} --out {out}` first, or --from MODEL")
+
+    world = distributed.world()
+    world.from_root(check_parts)  # on N ranks, also a wait for rank 0 to finish writing the earlier stages
     steps = steps or DEFAULT_STEPS["unet"]
     batch_size = batch_size or DEFAULT_BATCH["unet"]
     images, captions = data if data is not None else load_dataset(dataset, "train", font)
@@ -704,15 +763,16 @@ def train_unet(out: str, dataset: str = "shapes", steps: int | None = None, batc
     else:
         unet = UNet2DConditionModel(**unet_config)
 
-    def loss_fn(rng, n):
+    def loss_fn(rng, n):  # all n drawn (cheap), the UNet run on this rank's rows of them
         idx = rng.integers(0, len(mean), size=n)
         z0 = scale * (mean[idx] + std[idx] * rng.standard_normal(mean[idx].shape).astype(np.float32))
         noise = rng.standard_normal(z0.shape).astype(np.float32)
         t = rng.integers(0, scheduler.num_train_timesteps, size=n)
         x_t = scheduler.add_noise(z0, noise, t)
         rows = np.where(rng.random(n) < CAPTION_DROPOUT, 0, caption_row[idx])
-        pred = unet(x_t, t, embeddings[rows])
-        return F.mse_loss(pred, noise)
+        mine = world.shard(n)
+        pred = unet(x_t[mine], t[mine], embeddings[rows[mine]])
+        return F.mse_loss(pred, noise[mine])
 
     quality = QualityLog(out, steps, quality_every, quality_prompts, unet, frozen, resume) if quality_every else None
     record = fit("unet", dict(unet.named_parameters()), loss_fn, steps=steps, lr=lr or DEFAULT_LR["unet"],
@@ -725,7 +785,8 @@ def train_unet(out: str, dataset: str = "shapes", steps: int | None = None, batc
         save_part(unet, os.path.join(out, "unet"))
         from minisd.schedulers import DDIMScheduler
 
-        DDIMScheduler.from_config(SCHEDULER_CONFIG).save_config(os.path.join(out, "scheduler"))
+        if world.is_root:
+            DDIMScheduler.from_config(SCHEDULER_CONFIG).save_config(os.path.join(out, "scheduler"))
         write_model_index(out)
     record["model"] = unet
     return record
@@ -935,7 +996,7 @@ def train_all(out: str, dataset: str = "shapes", steps: dict | None = None, seed
         discard = ()  # the first stage run removed them
         report["stages"][stage] = summarise(stage, rec)
         print(f"minisd train {stage}: {describe(report['stages'][stage], rec)}")
-    if not keep_checkpoints:
+    if not keep_checkpoints and distributed.world().is_root:
         shutil.rmtree(os.path.join(out, "checkpoints"), ignore_errors=True)
     return report
 
@@ -968,6 +1029,7 @@ def describe(summary: dict, rec: dict) -> str:
     return f"{rec['step']} steps in {rec['seconds']:.0f} s, {loss}"
 
 
+@distributed.root_only
 def write_json(path: str, obj) -> None:
     """obj as indented JSON, atomically; NaN and inf are refused (they are not JSON, and never a result)."""
     text = json.dumps(obj, indent=2, allow_nan=False) + "\n"
@@ -1011,6 +1073,7 @@ TEMP_FILE = re.compile(r"\..+\.(\d+-[0-9a-f]{8}|[a-z0-9_]{8})\.tmp|.+\.tmp-\d+")
 TEMP_DIR = re.compile(r"\..+\.(\d+-[0-9a-f]{8}\.tmp|[a-z0-9_]{8})")
 
 
+@distributed.root_only
 def remove_stray_temporaries(out: str, before: float) -> list[str]:
     """Remove the temporary files and folders that killed runs and full disks left in OUT and in
     its folders (vae/, checkpoints/, logs/, ...), those last changed before ``before`` (a
@@ -1440,6 +1503,7 @@ def load_own_data(args, out: str, configs: dict, source: str | None = None):
     return data
 
 
+@distributed.command
 def run(args) -> int:
     from minisd.cli import UsageError
 
@@ -1458,7 +1522,7 @@ def run(args) -> int:
         if not os.path.isfile(args.font):
             raise UsageError(f"minisd train: --font {args.font}: no such file")
     out = args.out
-    check_out(out, stage, args.resume, args.overwrite)
+    distributed.world().from_root(lambda: check_out(out, stage, args.resume, args.overwrite))
     configs = read_model_config(args.config, stage) if args.config else {}
     source = resolve_from(args.model_from, stage, out, configs) if args.model_from else None
     own = load_own_data(args, out, configs, source)
@@ -1500,6 +1564,13 @@ def run(args) -> int:
             print(f"minisd train {stage}: {describe(report['stages'][stage], rec)}")
     except BatchTooLarge as e:
         hint = "train the stage alone with a smaller --batch-size" if stage == "all" else "give a smaller --batch-size"
+        raise UsageError(f"minisd {e}; {hint}") from None
+    except distributed.BatchNotDivisible as e:
+        n = distributed.world().size
+        hint = (f"give a --batch-size that is a multiple of {n}" if stage != "all" else
+                f"the default batches ({', '.join(f'{s} {DEFAULT_BATCH[s]}' for s in STAGES)}) split over "
+                f"{math.gcd(*DEFAULT_BATCH.values())} ranks or a divisor of it; or train each stage alone "
+                f"with a --batch-size that is a multiple of {n}")
         raise UsageError(f"minisd {e}; {hint}") from None
     report["total_seconds"] = round(time.perf_counter() - start, 1)
     report["total_cpu_seconds"] = round(time.process_time() - cpu_start, 1)

@@ -295,15 +295,20 @@ class CLIPModel(Pretrained, nn.Module):
     def get_image_features(self, pixel_values) -> Tensor:
         return self.visual_projection(self.vision_model(pixel_values))
 
-    def forward(self, pixel_values, input_ids) -> Tensor:
-        """logits_per_text (N_text, N_image): exp(logit_scale) times the cosine similarities."""
+    def forward(self, pixel_values, input_ids, gather=None) -> Tensor:
+        """logits_per_text (N_text, N_image): exp(logit_scale) times the cosine similarities.
+
+        ``gather``, if given, is applied to both towers' normalised embeddings first: in
+        data-parallel training, minisd.distributed.gather_rows (every rank's rows of the batch)."""
         t = _l2_normalise(self.get_text_features(input_ids))
         i = _l2_normalise(self.get_image_features(pixel_values))
+        if gather is not None:
+            t, i = gather(t), gather(i)
         return F.matmul(t, F.transpose(i, 0, 1)) * F.exp(self.logit_scale)
 
-    def contrastive_loss(self, pixel_values, input_ids) -> Tensor:
+    def contrastive_loss(self, pixel_values, input_ids, gather=None) -> Tensor:
         """CLIP's symmetric loss: mean of the cross-entropies over rows (text -> image) and columns."""
-        logits = self(pixel_values, input_ids)
+        logits = self(pixel_values, input_ids, gather)
         target = np.arange(logits.shape[0])
         return (F.cross_entropy(logits, target) + F.cross_entropy(F.transpose(logits, 0, 1), target)) * 0.5
 
