@@ -34,8 +34,11 @@ FIGURES.update({
     "06_unet": {"timestep_embedding.png", "unet_step.png", "noise_prediction_error.png", "attention_maps.png"},
     "07_reverse_denoise": {"reverse_grid.png", "reverse.gif", "convergence.png", "samplers.png"},
     "08_text_to_image": {"prompts.png", "guidance.png", "seeds.png", "heldout.png"},
+    "09_img2img_inpainting": {"img2img_recolour.png", "img2img_move.png", "img2img_steps.png", "inpainting.png",
+                              "inpainting_steps.png"},
 })
-NEEDS_MODEL = {"04_vae", "05_text_encoder", "06_unet", "07_reverse_denoise", "08_text_to_image"}
+NEEDS_MODEL = {"04_vae", "05_text_encoder", "06_unet", "07_reverse_denoise", "08_text_to_image",
+               "09_img2img_inpainting"}
 # figures written only when a model loads (03) or the model folder has CLIP's image tower (05)
 OPTIONAL_FIGURES = {"03_forward_noise": ("latent_part", {"latent_noising.png"}),
                     "05_text_encoder": ("clip_part", {"clip_similarity.png"})}
@@ -232,6 +235,20 @@ def test_08_text_to_image_numbers(runs):
         assert r["train_all_right"] >= 3 and r["train_color_accuracy"] >= 0.75
         scales, right = r["guidance_scales"], r["guidance_attributes_right"]
         assert right[scales.index(0.0)] <= right[scales.index(5.0)]  # guidance makes it follow the prompt
+
+
+def test_09_img2img_inpainting_numbers(runs):
+    _, r, _ = runs("09_img2img_inpainting")
+    needs_model(r)
+    assert r["steps_run"] == [int(r["steps"] * s) for s in r["strengths"]]  # diffusers' choice of timesteps
+    assert r["img2img_steps_recorded"] == int(r["steps"] * 0.6)
+    assert r["strength1_is_text_to_image"] is True
+    assert r["known_latent_error"] == 0.0  # inpainting keeps the unmasked latent exactly
+    if not OTHER_MODEL:  # the shipped model: recoloured in place, moved at high strength, the hole filled
+        assert r["strength0_psnr_db"] > 25 and r["recolour_right"][0] is False
+        assert all(r["recolour_right"][r["strengths"].index(0.6):])
+        assert r["move_positions"][0] == "top left" and r["move_positions"][-1] == "bottom right"
+        assert all(r["inpaint_right"]) and r["inpaint_outside_max"] < 40
 
 
 def test_cli_lists_lessons_and_rejects_unknown():
