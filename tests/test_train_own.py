@@ -458,3 +458,75 @@ def test_quality_log_on_a_folder_logs_the_loss_alone(tiny, tmp_path, capsys, mon
                        "--out", out, *QUIET)
     assert code == 0, err
     assert "quality_log" not in json.loads((out / "logs" / "train_unet.json").read_text())["stages"]["unet"]
+
+
+# --- min-SNR-gamma --------------------------------------------------------------------------------------
+
+
+def test_min_snr_weights_from_sd_betas():
+    """In float64 from SD's betas: scaled_linear, beta_t = (linspace of sqrt(beta))^2, alpha_bar_t = prod(1 - beta)."""
+    from minisd.schedulers import DDPMScheduler
+
+    a = DDPMScheduler.from_config(T.SCHEDULER_CONFIG).alphas_cumprod
+    t = np.array([0, 1, 10, 100, 250, 500, 750, 999])
+    betas = np.linspace(0.00085 ** 0.5, 0.012 ** 0.5, 1000, dtype=np.float64) ** 2
+    alpha_bar = np.cumprod(1 - betas)[t]
+    snr = alpha_bar / (1 - alpha_bar)
+    for gamma in (1.0, 5.0):
+        got = T.min_snr_weights(a, t, gamma)
+        assert got.dtype == np.float32
+        np.testing.assert_allclose(got, np.minimum(snr, gamma) / snr, rtol=1e-6)
+    assert T.min_snr_weights(a, np.array([999]), 5.0)[0] == 1.0  # the noisy steps keep weight 1
+
+
+@pytest.mark.slow  # importing diffusers (and torch) takes seconds
+def test_min_snr_weights_match_diffusers():
+    torch = pytest.importorskip("torch")
+    diffusers = pytest.importorskip("diffusers")
+    from diffusers.training_utils import compute_snr
+
+    from minisd.schedulers import DDPMScheduler
+
+    ours = DDPMScheduler.from_config(T.SCHEDULER_CONFIG)
+    theirs = diffusers.DDPMScheduler(**{k: v for k, v in T.SCHEDULER_CONFIG.items() if k != "set_alpha_to_one"})
+    t = np.array([0, 1, 10, 100, 250, 500, 750, 999])
+    snr = compute_snr(theirs, torch.from_numpy(t))
+    for gamma in (1.0, 5.0):
+        expected = torch.stack([snr, gamma * torch.ones_like(snr)], dim=1).min(dim=1)[0] / snr  # train_text_to_image
+        np.testing.assert_allclose(T.min_snr_weights(ours.alphas_cumprod, t, gamma), expected.numpy(),
+                                   rtol=1e-4)  # diffusers works in float32
+
+
+def test_denoising_loss_with_snr_gamma_weights_each_sample():
+    from minisd import Tensor
+    from minisd.schedulers import DDPMScheduler
+
+    rng = np.random.default_rng(0)
+    pred, noise = (rng.standard_normal((3, 4, 2, 2)).astype(np.float32) for _ in range(2))
+    t = np.array([5, 400, 990])
+    a = DDPMScheduler.from_config(T.SCHEDULER_CONFIG).alphas_cumprod
+    plain = T.denoising_loss(Tensor(pred), noise, t, a)
+    np.testing.assert_allclose(plain.item(), np.mean((pred - noise) ** 2), rtol=1e-6)
+    x = Tensor(pred.astype(np.float64), requires_grad=True)
+    loss = T.denoising_loss(x, noise.astype(np.float64), t, a, snr_gamma=5.0)
+    snr = a[t] / (1 - a[t])
+    w = np.minimum(snr, 5.0) / snr
+    per = ((pred.astype(np.float64) - noise) ** 2).mean(axis=(1, 2, 3))
+    np.testing.assert_allclose(loss.item(), np.mean(w * per), rtol=1e-6)
+    loss.backward()
+    np.testing.assert_allclose(x.grad, 2 * (pred - noise) * w[:, None, None, None] / (3 * 16), rtol=1e-5, atol=1e-7)
+
+
+def test_snr_gamma_trains_and_resumes_bit_exact(tmp_path, shapes_parts):
+    source, data = shapes_parts
+    for name in ("full", "cut", "plain"):
+        copy_parts(source, tmp_path / name)
+    kw = dict(steps=4, batch_size=4, lr=3e-3, config=TINY_UNET, progress=False, data=data, checkpoint_every=2)
+    plain = T.train_unet(str(tmp_path / "plain"), **kw)
+    full = T.train_unet(str(tmp_path / "full"), snr_gamma=5.0, **kw)
+    assert full["losses"] != plain["losses"] and all(np.isfinite(full["losses"]))
+    T.train_unet(str(tmp_path / "cut"), snr_gamma=5.0, stop_after=3, **kw)
+    resumed = T.train_unet(str(tmp_path / "cut"), snr_gamma=5.0, resume=True, **kw)
+    assert resumed["losses"] == full["losses"]
+    for a, b in zip(full["ema"].shadow, resumed["ema"].shadow):
+        np.testing.assert_array_equal(a, b)
