@@ -775,7 +775,11 @@ def train_unet(out: str, dataset: str = "shapes", steps: int | None = None, batc
         pred = unet(x_t[mine], t[mine], embeddings[rows[mine]])
         return denoising_loss(pred, noise[mine], t[mine], scheduler.alphas_cumprod, snr_gamma)
 
-    quality = QualityLog(out, steps, quality_every, quality_prompts, unet, frozen, resume) if quality_every else None
+    # a run shorter than quality_every (a test's, a smoke run) has no curve to draw
+    quality = QualityLog(out, steps, quality_every, quality_prompts, unet, frozen, resume) \
+        if quality_every and steps >= quality_every else None
+    if quality is None and not resume and world.is_root:  # an earlier run's curve is not this run's
+        remove_paths([os.path.join(out, "logs", f"unet_quality.{ext}") for ext in ("csv", "png")])
     record = fit("unet", dict(unet.named_parameters()), loss_fn, steps=steps, lr=lr or DEFAULT_LR["unet"],
                  out=out, batch_size=batch_size, seed=seed, resume=resume, checkpoint_every=checkpoint_every,
                  progress=progress, ema_decay=EMA_DECAY, stop_after=stop_after, discard=discard, on_step=quality)
@@ -1235,8 +1239,8 @@ def add_arguments(parser) -> None:
                        help="start over in an --out that holds this stage's output, replacing it")
     parser.add_argument("--quality-every", type=non_negative_int, default=QUALITY_EVERY, metavar="K",
                         help="every K UNet steps, log the loss and (shapes) the adherence of images sampled from "
-                        f"the EMA weights against wall-clock minutes in OUT/logs/unet_quality.csv and .png (0: off; "
-                        f"default: {QUALITY_EVERY})")
+                        f"the EMA weights against wall-clock minutes in OUT/logs/unet_quality.csv and .png (0, or "
+                        f"more than the steps: off; default: {QUALITY_EVERY})")
     parser.add_argument("--quality-prompts", type=positive_int, default=QUALITY_PROMPTS, metavar="N",
                         help=f"images a sample of that log, {QUALITY_STEPS} DDIM steps each (default: {QUALITY_PROMPTS})")
     parser.add_argument("--snr-gamma", type=positive_float, metavar="G", help="weight the UNet's loss by "

@@ -234,8 +234,7 @@ def test_all_takes_each_stage_s_steps_and_writes_strict_json(tiny, tmp_path, cap
     report = json.loads((out / "logs" / "train_all.json").read_text(), parse_constant=no_nan)
     assert {s: r["steps"] for s, r in report["stages"].items()} == {"vae": 2, "clip": 3, "unet": 2}
     assert all(math.isfinite(r["final_loss"]) for r in report["stages"].values())
-    assert sorted(os.listdir(out / "logs")) == ["clip_loss.csv", "train_all.json", "unet_loss.csv", "unet_quality.csv",
-                                                "unet_quality.png", "vae_loss.csv"]
+    assert sorted(os.listdir(out / "logs")) == ["clip_loss.csv", "train_all.json", "unet_loss.csv", "vae_loss.csv"]
 
 
 def test_the_run_s_json_is_written_atomically(tiny, tmp_path, capsys, monkeypatch):

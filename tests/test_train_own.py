@@ -454,10 +454,13 @@ def test_quality_log_on_a_folder_logs_the_loss_alone(tiny, tmp_path, capsys, mon
     assert all(r["adherence_seen"] is None and r["sample_seconds"] == 0 for r in rows)
     report = json.loads((out / "logs" / "train_all.json").read_text())
     assert report["stages"]["unet"]["quality_log"]["samples"] == 0
-    code, _, err = cli(capsys, "train", "unet", "--dataset", data, "--steps", 2, "--quality-every", 0, "--overwrite",
-                       "--out", out, *QUIET)
-    assert code == 0, err
-    assert "quality_log" not in json.loads((out / "logs" / "train_unet.json").read_text())["stages"]["unet"]
+    # off (0, or a run shorter than K): no log, and the earlier run's is not left to pass for this one's
+    for every in (0, 250):
+        code, _, err = cli(capsys, "train", "unet", "--dataset", data, "--steps", 2, "--quality-every", every,
+                           "--overwrite", "--out", out, *QUIET)
+        assert code == 0, err
+        assert "quality_log" not in json.loads((out / "logs" / "train_unet.json").read_text())["stages"]["unet"]
+        assert not (out / "logs" / "unet_quality.csv").exists()
 
 
 # --- min-SNR-gamma --------------------------------------------------------------------------------------
