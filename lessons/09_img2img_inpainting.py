@@ -198,10 +198,11 @@ viz.save(viz.image_grid(top + bottom, titles=titles, ncols=k + 2, cell=0.9, font
 # there: the shape is drawn inside the mask and the rest stays white. And the red circle
 # with its own quadrant masked, prompted with a blue square: the circle is replaced.
 #
-# The steps drawn below (every one with --fast, 10 of the 50 otherwise): after each step the part outside the mask is set back to the
-# picture's latent at the current noise level: outside the mask z_t (top) is the white
-# canvas under noise that fades as t falls, while the model's guess (bottom) settles on
-# a shape inside the hole that fits the prompt.
+# The steps drawn below (every one with --fast, 10 of the 50 otherwise): after each step
+# the part outside the mask is set back to the picture's latent at the current noise
+# level, so outside the mask z_t (top) is the white canvas under noise that fades as t
+# falls, while the model's guess (bottom) settles on a shape inside the hole that fits
+# the prompt.
 
 # %%
 viz.header("5. inpainting")

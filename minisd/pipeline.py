@@ -1,4 +1,4 @@
-"""Text to image, image to image and inpainting: the Stable Diffusion sampling loop, wiring the trained parts together.
+"""Text to image, image to image and inpainting: the Stable Diffusion sampling loop, wiring the parts together.
 
     prompt --tokenizer--> ids (N, 77) --text encoder--> c (N, 77, hidden)
     negative prompt (the empty prompt "" unless given) --> c_neg, the same way
@@ -69,7 +69,8 @@ from minisd.tensor import Tensor, no_grad
 DEFAULT_MODEL = os.path.join(os.path.dirname(os.path.abspath(__file__)), "weights", "shapes")
 DEFAULT_STEPS = 50
 DEFAULT_GUIDANCE = 5.0
-# img2img's and inpainting's default strengths, diffusers' (StableDiffusionImg2ImgPipeline, StableDiffusionInpaintPipeline)
+# img2img's and inpainting's default strengths: diffusers' (StableDiffusionImg2ImgPipeline and
+# StableDiffusionInpaintPipeline)
 DEFAULT_STRENGTH = 0.8
 DEFAULT_INPAINT_STRENGTH = 1.0
 # Images sampled at once: at most MAX_BATCH, fewer where a batch's activations would pass

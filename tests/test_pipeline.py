@@ -403,7 +403,8 @@ def test_prompt_embeddings_replace_the_text_encoder(pipe):
 
 @pytest.mark.parametrize("kwargs, message", [
     (dict(prompt=CAPTIONS[0], prompt_embeds=np.zeros((1, 77, 16), np.float32)), "give prompt or prompt_embeds"),
-    (dict(prompt_embeds=np.zeros((1, 77, 8), np.float32)), r"prompt_embeds must be a float array \(prompts, tokens, 16\)"),
+    (dict(prompt_embeds=np.zeros((1, 77, 8), np.float32)),
+     r"prompt_embeds must be a float array \(prompts, tokens, 16\)"),
     (dict(prompt_embeds=np.zeros((77, 16), np.float32)), "prompt_embeds must be a float array"),
     (dict(prompt_embeds=np.full((1, 77, 16), np.nan, np.float32)), "prompt_embeds must be finite"),
     (dict(prompt=CAPTIONS[0], negative_prompt_embeds=np.zeros((2, 77, 16), np.float32)),
@@ -529,7 +530,8 @@ def test_img2img_at_strength_0_and_1(pipe):
     # 0: no step, the image through the VAE (its posterior sample, drawn from the seed)
     calls = []
     through = pipe(CAPTIONS[:1], image=image, strength=0.0, steps=3, seed=4, callback=lambda *a: calls.append(a))
-    np.testing.assert_array_equal(through, pipe.decode_latents(pipe.encode_images(image[None], np.random.default_rng(4))))
+    z0 = pipe.encode_images(image[None], np.random.default_rng(4))
+    np.testing.assert_array_equal(through, pipe.decode_latents(z0))
     assert calls == []
 
 

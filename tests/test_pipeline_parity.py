@@ -146,7 +146,8 @@ def test_the_folder_is_read_as_diffusers_reads_it(models):
 
 # (short name, options): every deterministic scheduler, with the options the issue names
 DETERMINISTIC = [("ddim", {}), ("pndm", {}), ("pndm", {"skip_prk_steps": False}), ("euler", {}),
-                 ("euler", {"use_karras_sigmas": True}), ("heun", {}), ("lms", {}), ("lms", {"use_karras_sigmas": True}),
+                 ("euler", {"use_karras_sigmas": True}), ("heun", {}), ("lms", {}),
+                 ("lms", {"use_karras_sigmas": True}),
                  ("dpm++2m", {}), ("dpm++2m", {"use_karras_sigmas": True}), ("dpm++2m", {"solver_order": 3}),
                  ("unipc", {}), ("unipc", {"use_karras_sigmas": True})]
 STOCHASTIC = [("ddpm", {}), ("euler_a", {})]
