@@ -2,7 +2,8 @@
 is named and stops the run (exit 2) or is left out with --skip-bad, and the held-out images
 reach `minisd eval`.
 
-The CLI trains the tiny models of test_train.py for a few steps (a second or two a stage).
+The CLI trains the tiny models of test_train.py for a few steps (a second or two a stage), with
+test_train_cli's ``tiny`` fixture.
 """
 
 import json
@@ -16,31 +17,25 @@ from minisd import train as T
 from minisd.cli import main
 from test_data_folder import broken_folder, make_folder, odd_images
 from test_train import TINY_TEXT, TINY_UNET, TINY_VAE, TINY_VISION
+from test_train_cli import QUIET, cli, data, one_line, tiny  # noqa: F401  (data, tiny: fixtures)
 
-QUIET = ("--no-progress",)
 FEW = ("--vae-steps", 2, "--clip-steps", 2, "--unet-steps", 2)
 
 
-@pytest.fixture
-def tiny(monkeypatch):
-    """The tiny sizes, batch 4, and no loss-curve PNGs (test_train checks them)."""
-    for name, config in (("VAE_CONFIG", TINY_VAE), ("TEXT_CONFIG", TINY_TEXT), ("VISION_CONFIG", TINY_VISION),
-                         ("UNET_CONFIG", TINY_UNET)):
-        monkeypatch.setattr(T, name, config)
-    monkeypatch.setattr(T, "DEFAULT_BATCH", dict.fromkeys(T.STAGES, 4))
-    monkeypatch.setattr(T, "plot_loss_curve", lambda path, stage, losses: None)
+def same_training(a, b):
+    """Two runs' records took the same steps: the same losses and the same EMA, bit for bit."""
+    assert a["losses"] == b["losses"]
+    for x, y in zip(a["ema"].shadow, b["ema"].shadow):
+        np.testing.assert_array_equal(x, y)
 
 
-def cli(capsys, *argv):
-    code = main([str(a) for a in argv])
-    out, err = capsys.readouterr()
-    return code, out, err
-
-
-def one_line(err: str) -> str:
-    lines = [line for line in err.splitlines() if line.strip()]
-    assert len(lines) == 1 and "Traceback" not in err, f"expected one line on stderr, got:\n{err}"
-    return lines[0]
+def resume_is_exact(tmp_path, **kw):
+    """train_unet(**kw) in tmp_path/full, and in tmp_path/cut stopped after 3 steps and resumed from its
+    checkpoint (kw's checkpoint_every: 2): the same training. Returns the full run's record."""
+    full = T.train_unet(str(tmp_path / "full"), **kw)
+    T.train_unet(str(tmp_path / "cut"), stop_after=3, **kw)
+    same_training(T.train_unet(str(tmp_path / "cut"), resume=True, **kw), full)
+    return full
 
 
 def generate(out, n=2):
@@ -186,13 +181,8 @@ def test_resume_on_a_folder_is_bit_exact(tmp_path):
         T.train_vae(str(tmp_path / out), steps=2, batch_size=4, config=TINY_VAE, progress=False, images=d.images)
         T.train_clip(str(tmp_path / out), steps=2, batch_size=4, text_config=TINY_TEXT, vision_config=TINY_VISION,
                      progress=False, data=data)
-    kw = dict(steps=6, batch_size=4, lr=3e-3, config=TINY_UNET, progress=False, data=data, checkpoint_every=2)
-    full = T.train_unet(str(tmp_path / "full"), **kw)
-    T.train_unet(str(tmp_path / "cut"), stop_after=4, **kw)
-    resumed = T.train_unet(str(tmp_path / "cut"), resume=True, **kw)
-    assert resumed["losses"] == full["losses"]
-    for a, b in zip(full["ema"].shadow, resumed["ema"].shadow):
-        np.testing.assert_array_equal(a, b)
+    resume_is_exact(tmp_path, steps=6, batch_size=4, lr=3e-3, config=TINY_UNET, progress=False, data=data,
+                    checkpoint_every=2)
 
 
 # --- model sizes: --config ------------------------------------------------------------------------------
@@ -369,16 +359,10 @@ def test_resume_from_shipped_is_bit_exact(tmp_path):
     from minisd.data import folder
 
     d = folder.load_folder(make_folder(tmp_path / "data"))
-    kw = dict(steps=6, batch_size=4, lr=1e-4, progress=False, data=(d.images, list(d.captions)), checkpoint_every=2,
-              init=os.path.join(SHIPPED, "unet"))
     for out in ("full", "cut"):
         T.take_frozen_parts(str(tmp_path / out), SHIPPED)
-    full = T.train_unet(str(tmp_path / "full"), **kw)
-    T.train_unet(str(tmp_path / "cut"), stop_after=4, **kw)
-    resumed = T.train_unet(str(tmp_path / "cut"), resume=True, **kw)
-    assert resumed["losses"] == full["losses"]
-    for a, b in zip(full["ema"].shadow, resumed["ema"].shadow):
-        np.testing.assert_array_equal(a, b)
+    resume_is_exact(tmp_path, steps=6, batch_size=4, lr=1e-4, progress=False, data=(d.images, list(d.captions)),
+                    checkpoint_every=2, init=os.path.join(SHIPPED, "unet"))
 
 
 # --- the time-to-quality log --------------------------------------------------------------------------------
@@ -417,9 +401,7 @@ def test_quality_log_samples_the_ema_and_leaves_training_as_it_was(tmp_path, sha
     plain = T.train_unet(str(tmp_path / "plain"), **kw)
     kw.update(quality_every=2, quality_prompts=2)
     logged = T.train_unet(str(tmp_path / "logged"), **kw)
-    assert logged["losses"] == plain["losses"]
-    for a, b in zip(plain["ema"].shadow, logged["ema"].shadow):
-        np.testing.assert_array_equal(a, b)
+    same_training(logged, plain)
     rows = T.read_quality_csv(str(tmp_path / "logged" / "logs" / "unet_quality.csv"))
     assert [r["step"] for r in rows] == [2, 4]
     assert all(r["adherence_seen"] in (0.0, 1.0) and r["adherence_heldout"] in (0.0, 1.0) for r in rows)
@@ -434,10 +416,7 @@ def test_quality_log_samples_the_ema_and_leaves_training_as_it_was(tmp_path, sha
     T.train_unet(str(tmp_path / "cut"), stop_after=3, **kw)
     rows_cut = T.read_quality_csv(str(tmp_path / "cut" / "logs" / "unet_quality.csv"))
     assert [r["step"] for r in rows_cut] == [2]
-    resumed = T.train_unet(str(tmp_path / "cut"), resume=True, **kw)
-    assert resumed["losses"] == plain["losses"]
-    for a, b in zip(plain["ema"].shadow, resumed["ema"].shadow):
-        np.testing.assert_array_equal(a, b)
+    same_training(T.train_unet(str(tmp_path / "cut"), resume=True, **kw), plain)
     again = T.read_quality_csv(str(tmp_path / "cut" / "logs" / "unet_quality.csv"))
     assert [r["step"] for r in again] == [2, 4] and again[0] == rows_cut[0]
 
@@ -526,10 +505,5 @@ def test_snr_gamma_trains_and_resumes_bit_exact(tmp_path, shapes_parts):
         copy_parts(source, tmp_path / name)
     kw = dict(steps=4, batch_size=4, lr=3e-3, config=TINY_UNET, progress=False, data=data, checkpoint_every=2)
     plain = T.train_unet(str(tmp_path / "plain"), **kw)
-    full = T.train_unet(str(tmp_path / "full"), snr_gamma=5.0, **kw)
-    assert full["losses"] != plain["losses"] and all(np.isfinite(full["losses"]))
-    T.train_unet(str(tmp_path / "cut"), snr_gamma=5.0, stop_after=3, **kw)
-    resumed = T.train_unet(str(tmp_path / "cut"), snr_gamma=5.0, resume=True, **kw)
-    assert resumed["losses"] == full["losses"]
-    for a, b in zip(full["ema"].shadow, resumed["ema"].shadow):
-        np.testing.assert_array_equal(a, b)
+    weighted = resume_is_exact(tmp_path, snr_gamma=5.0, **kw)
+    assert weighted["losses"] != plain["losses"] and all(np.isfinite(weighted["losses"]))
