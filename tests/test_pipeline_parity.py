@@ -30,6 +30,7 @@ from test_interop import TEXT, randomise, write_vocab  # noqa: E402
 pytestmark = pytest.mark.parity
 LEVELS = 2  # uint8 levels
 STEPS, GUIDANCE = 5, 7.5
+IMG2IMG_STEPS = 6  # of which int(6 * strength) are run
 PROMPTS = ["a small red circle in the top left", "a large blue square in the center"]
 NEGATIVE = ["a green triangle", "a small yellow circle"]
 
@@ -256,18 +257,18 @@ def test_img2img_against_diffusers(models, name, strength):
         pipe.scheduler = their_scheduler
         pipe.set_progress_bar_config(disable=True)
         return pipe(PROMPTS, image=Image.fromarray(image), strength=strength, negative_prompt=NEGATIVE,
-                    num_inference_steps=10, guidance_scale=GUIDANCE, output_type="np",
+                    num_inference_steps=IMG2IMG_STEPS, guidance_scale=GUIDANCE, output_type="np",
                     callback_on_step_end=lambda p, i, t, kw: (their_steps.append(float(t)), kw)[1])
 
     our_steps, their_steps = [], []
     got, want = run_both(models, 17, diffusers_call, lambda pipe: pipe(
-        PROMPTS, image=image, strength=strength, negative_prompt=NEGATIVE, steps=10, guidance_scale=GUIDANCE,
+        PROMPTS, image=image, strength=strength, negative_prompt=NEGATIVE, steps=IMG2IMG_STEPS, guidance_scale=GUIDANCE,
         seed=17, scheduler=mine, callback=lambda i, t, *arrays: our_steps.append(t)))
     assert_close(got, want)
-    # the same timesteps visited: the last int(10 * strength) steps of the schedule (PNDM one
+    # the same timesteps visited: the last int(IMG2IMG_STEPS * strength) steps of the schedule (PNDM one
     # more, as in diffusers: its list holds t_1 twice, and the cut counts it)
     assert our_steps == pytest.approx(their_steps)
-    assert len(set(our_steps)) == int(10 * strength) + (name == "pndm")
+    assert len(set(our_steps)) == int(IMG2IMG_STEPS * strength) + (name == "pndm")
 
 
 # ---- inpainting ----------------------------------------------------------------------------
