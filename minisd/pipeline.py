@@ -522,8 +522,10 @@ class StableDiffusionPipeline:
         strength    in [0, 1], with image: how far into the noise the image is taken. The
                     last int(steps * strength) timesteps are run (diffusers'); 0 returns the
                     image through the VAE, 1 is text to image from fresh noise (with a mask:
-                    pure noise too, the known part put back at every step). Default 0.8 for
-                    img2img, 1.0 for inpainting, as in diffusers.
+                    pure noise too, the known part put back at every step, as diffusers'
+                    inpainting pipeline; its img2img pipeline noises the image to the first
+                    timestep instead, leaving sqrt(alpha_bar) of it, 7.6% on SD's schedule).
+                    Default 0.8 for img2img, 1.0 for inpainting, as in diffusers.
         mask_image  inpainting: white (>= 128) is repainted, black kept; the image's size,
                     one for every image or one per image (path, PIL, uint8 or bool array)
         eta         DDIM's eta >= 0 (0: deterministic; 1: DDPM's variance); only schedulers
