@@ -7,8 +7,10 @@ dL/d(inputs), the vector-Jacobian product. Operations that are compositions of o
 so only the primitives carry backward formulas.
 
 The three primitives that dominate Stable Diffusion's cost (conv2d, group_norm and
-attention) hand their arithmetic to the active backend (``backend.ops``): NumPy
-reference code, or the CUDA kernels in kernels/*.cu.
+attention) hand their arithmetic to the active backend (``backend.ops``): the formulas
+(minisd/backends/naive.py), the fast CPU code (fast_cpu.py) or the CUDA kernels in
+kernels/*.cu; so do matmul, SiLU, GELU, GEGLU and layer norm, which the fast CPU path
+computes block by block on all cores.
 
 Sections: arithmetic, reductions, shapes and indexing, matrix products, activations,
 normalisation, convolution and resampling, attention, embeddings, dropout, losses.
@@ -18,13 +20,11 @@ from __future__ import annotations
 
 import builtins
 import math
-import os
 from typing import NamedTuple, Sequence
 
 import numpy as np
 
-from minisd.backend import get_array_module, get_backend
-from minisd.reference import _added, _on_all_cores, matmul as _shared_matmul
+from minisd.backends import get_array_module, get_backend
 from minisd.tensor import DEFAULT_DTYPE, Function, Tensor, _as_input, _promoted, result_type
 
 
@@ -686,8 +686,8 @@ def pad(a, pad, mode="constant", value=None):
 
 
 def _product(a, b):
-    """a @ b; on NumPy arrays the big products are shared among the cores (reference.matmul)."""
-    return _shared_matmul(a, b) if _xp(a) is np else a @ b
+    """a @ b, by the backend (the numpy backend shares the big products among the cores)."""
+    return get_backend().ops.matmul(a, b)
 
 
 class MatMul(Function):
@@ -800,102 +800,25 @@ def _sigmoid(a):
     return half + half * xp.tanh(half * a)
 
 
-# Long elementwise chains (GELU's Phi is some 20 NumPy passes) run on both cores: each
-# core takes a block of rows and runs the whole chain on it (NumPy's loops release the
-# GIL). Blocks are big on purpose: every pass is a GIL hand-off between the threads, which
-# costs far more than the pass itself on a small block, and on the development machine a
-# pass over an L2-sized block is no faster per element than one over the whole array (the
-# loops are bound by arithmetic, not memory). Blocks of at most _BLOCK elements still bound
-# the temporaries of a huge array. CuPy arrays take the plain whole-array expressions: on
-# a GPU each pass is already one kernel over everything.
-
-_BLOCK = 1 << 18  # elements per block at most: 1 MiB per float32 temporary
-_THREADED = 1 << 18  # from this many elements on, the cores share the blocks (a hand-off costs ~0.1 ms)
-
-
-def _blockwise(fn, *arrays):
-    """fn(*blocks) for consecutive blocks of rows (axis 0) of NumPy arrays with the same number of rows.
-
-    fn reads its inputs' blocks and writes its results into the blocks of the output
-    arrays, which the caller allocates and passes among ``arrays``. An array given as None
-    (an output not wanted this time) reaches fn as None.
-    """
-    rows, size = len(arrays[0]), arrays[0].size
-    if size <= _BLOCK and size < _THREADED:  # one block: skip the bookkeeping (small arrays are common)
-        return fn(*arrays)
-    cores = os.cpu_count() or 1
-    threaded = size >= _THREADED and cores > 1
-    parts = -(-size // _BLOCK) or 1
-    if threaded:
-        parts = -(-parts // cores) * cores  # a whole number of blocks per core
-    step = -(-rows // parts) or 1  # rows per block
-    blocks = [slice(start, start + step) for start in range(0, rows, step)]
-
-    def run(span):
-        for block in span:
-            fn(*(None if a is None else a[block] for a in arrays))
-
-    if not threaded or len(blocks) == 1:
-        return run(blocks)
-    per_core = -(-len(blocks) // cores)  # each core takes a run of consecutive blocks
-    _on_all_cores(run, [blocks[i:i + per_core] for i in range(0, len(blocks), per_core)])
-
-
-def _rows(a, row_size):
-    """a as (rows, row_size): a view where the layout allows (e.g. the gate half of GEGLU's projection), else a copy."""
-    return a.reshape(-1, row_size)
-
-
-def _empty_rows(a, row_size):
-    return np.empty((a.size // row_size, row_size), dtype=a.dtype)
-
-
-def _row_size(a) -> int:
-    """Blocks are made of whole rows of the last axis, so views strided along the others need no copy."""
-    return a.shape[-1] if a.ndim and a.shape[-1] else 1
+# SiLU, GELU, GEGLU and layer norm hand their arithmetic to the backend (backend.ops), like
+# the three primitives: the numpy backend runs these formulas block by block in place on all
+# cores (minisd/backends/fast_cpu.py), the others as the whole-array expressions of
+# minisd/backends/naive.py. The math is in each class's docstring.
 
 
 class ScaledSiLU(Function):
-    """a * sigmoid(beta * a): SiLU/swish for beta = 1 (UNet, VAE), quick_gelu for beta = 1.702 (CLIP).
+    """y = a * s, s = sigmoid(beta * a): SiLU/swish for beta = 1 (UNet, VAE), quick_gelu for beta = 1.702 (CLIP).
 
-    d/da = s + beta * a * s * (1 - s) = s + beta * y * (1 - s), with s = sigmoid(beta * a), y = a * s.
+    d/da = s + beta * a * s * (1 - s) = s + beta * y * (1 - s).
     """
 
     def forward(self, a, beta=1.0):
-        self.beta = a.dtype.type(beta)
-        if _xp(a) is not np:
-            self.s = _sigmoid(self.beta * a)
-            self.y = a * self.s
-            return self.y
-        n = _row_size(a)
-        self.s, self.y = _empty_rows(a, n), _empty_rows(a, n)
-        _blockwise(self._forward_block, _rows(a, n), self.s, self.y)
-        self.s, self.y = self.s.reshape(a.shape), self.y.reshape(a.shape)
+        self.ops, self.beta = get_backend().ops, beta
+        self.y, self.s = self.ops.silu_forward(a, beta)
         return self.y
 
-    def _forward_block(self, a, s, y):
-        half = a.dtype.type(0.5)
-        np.multiply(a, half * self.beta, out=s)  # s = (1 + tanh(beta a / 2)) / 2, as _sigmoid
-        np.tanh(s, out=s)
-        s *= half
-        s += half
-        np.multiply(a, s, out=y)
-
     def backward(self, g):
-        if _xp(g) is not np:
-            return g * (self.s + self.beta * self.y * (1 - self.s))
-        n = _row_size(g)
-        da = _empty_rows(g, n)
-        _blockwise(self._backward_block, _rows(g, n), _rows(self.s, n), _rows(self.y, n), da)
-        return da.reshape(g.shape)
-
-    def _backward_block(self, g, s, y, da):
-        np.subtract(1, s, out=da)
-        da *= y
-        if self.beta != 1:
-            da *= self.beta
-        da += s
-        da *= g
+        return self.ops.silu_backward(g, self.y, self.s, self.beta)
 
 
 class GELU(Function):
@@ -904,24 +827,17 @@ class GELU(Function):
     Exact: Phi(x) = (1 + erf(x / sqrt 2)) / 2, d/dx = Phi(x) + x * exp(-x^2 / 2) / sqrt(2 pi).
     The forward pass computes that slope while it has exp(-x^2 / 2) in hand, when a
     backward pass can follow, so the backward pass is one product.
+    Tanh: 0.5 x (1 + t), t = tanh(c (x + 0.044715 x^3)), c = sqrt(2 / pi).
     """
 
     def forward(self, a, approximate="none"):
-        xp, self.approximate = _xp(a), approximate
+        self.approximate = approximate
         if approximate == "tanh":
             c = a.dtype.type(math.sqrt(2 / math.pi))
-            self.a, self.t = a, xp.tanh(c * (a + a.dtype.type(0.044715) * a ** 3))
+            self.a, self.t = a, _xp(a).tanh(c * (a + a.dtype.type(0.044715) * a ** 3))
             return 0.5 * a * (1 + self.t)
-        if xp is not np:
-            cdf = _normal_cdf(a)
-            self.slope = cdf + a * _normal_pdf(a) if self.recording else None
-            return a * cdf
-        n = _row_size(a)
-        out, cdf = _empty_rows(a, n), _empty_rows(a, n)
-        slope = _empty_rows(a, n) if self.recording else None
-        _blockwise(_gelu_block, _rows(a, n), out, cdf, slope)
-        self.slope = None if slope is None else slope.reshape(a.shape)
-        return out.reshape(a.shape)
+        y, self.slope = get_backend().ops.gelu_forward(a, keep_slope=self.recording)
+        return y
 
     def backward(self, g):
         if self.approximate == "tanh":
@@ -944,114 +860,12 @@ class GEGLU(Function):
     def forward(self, x):
         if x.shape[-1] % 2:
             raise ValueError(f"geglu: the last axis of {tuple(x.shape)} does not split into two halves")
-        d = x.shape[-1] // 2
-        self.x, self.h, g = x, x[..., :d], x[..., d:]
-        if _xp(x) is not np:
-            cdf = _normal_cdf(g)
-            self.gelu_g = g * cdf
-            self.slope = cdf + g * _normal_pdf(g) if self.recording else None
-            return self.h * self.gelu_g
-        self.gelu_g, cdf, out = (_empty_rows(g, d) for _ in range(3))
-        self.slope = _empty_rows(g, d) if self.recording else None
-        _blockwise(self._forward_block, _rows(self.h, d), _rows(g, d), self.gelu_g, cdf, out, self.slope)
-        return out.reshape(self.h.shape)
-
-    @staticmethod
-    def _forward_block(h, g, gelu_g, cdf, out, slope):
-        _gelu_block(g, gelu_g, cdf, slope)
-        np.multiply(h, gelu_g, out=out)
+        self.ops, self.h = get_backend().ops, x[..., :x.shape[-1] // 2]
+        y, self.gelu_g, self.slope = self.ops.geglu_forward(x, keep_slope=self.recording)
+        return y
 
     def backward(self, grad):
-        if _xp(grad) is not np:
-            return _xp(grad).concatenate([grad * self.gelu_g, grad * self.h * self.slope], axis=-1)
-        d = self.h.shape[-1]
-        dx = np.empty(self.x.shape, dtype=grad.dtype)
-        _blockwise(self._backward_block, _rows(grad, d), _rows(self.h, d), self.gelu_g, self.slope,
-                   _rows(dx[..., :d], d), _rows(dx[..., d:], d))
-        return dx
-
-    @staticmethod
-    def _backward_block(grad, h, gelu_g, slope, dh, dg):
-        np.multiply(grad, h, out=dg)
-        dg *= slope
-        np.multiply(grad, gelu_g, out=dh)
-
-
-# Phi on NumPy arrays. NumPy has no erf, so Phi comes from a fit: Abramowitz & Stegun
-# 7.1.26, the formula PyTorch's own vectorised CPU erf uses (and so its GELU):
-#     erfc(z) ~ t (a1 + a2 t + a3 t^2 + a4 t^3 + a5 t^4) exp(-z^2),  t = 1 / (1 + p z),  z >= 0,
-# with an absolute error below 1.5e-7, float32's own resolution near 1. Written for
-# Phi(-|x|) = erfc(|x| / sqrt 2) / 2, it gives Phi(x) = 1 - Phi(-|x|) for x >= 0 and
-# Phi(-|x|) itself for x < 0, never 1 minus something close to 1, so the far left tail
-# keeps its relative accuracy (a few percent, where 1 + erf(x / sqrt 2) would round to 0).
-# Five terms make some 20 NumPy passes, where a ten-term fit made 36.
-# float64 is minisd's precision for checking (finite differences, parity with PyTorch's
-# float64), where a 1.5e-7 fit would be the largest error in sight: there Phi(-|x|) comes
-# from Python's own erfc, exact to the last bit and some 15x slower per value.
-_AS_P = 0.3275911
-_AS_A = (0.254829592, -0.284496736, 1.421413741, -1.453152027, 1.061405429)
-_erfc_exact = np.frompyfunc(math.erfc, 1, 1)
-
-
-def _left_tail(a, gauss):
-    """Phi(-|a|) = erfc(|a| / sqrt 2) / 2 (a new array), given gauss = exp(-a^2 / 2):
-    the fit above, or for float64 exact."""
-    f = a.dtype.type
-    if a.dtype == np.float64:
-        return _erfc_exact(np.abs(a) * f(1 / math.sqrt(2))).astype(np.float64) * f(0.5)
-    t = np.abs(a)
-    t *= f(_AS_P / math.sqrt(2))
-    t += f(1)
-    np.divide(f(1), t, out=t)
-    tail = np.multiply(t, f(_AS_A[-1] / 2))  # Horner's rule; the /2 of erfc / 2 folded in
-    for coefficient in _AS_A[-2::-1]:
-        tail += f(coefficient / 2)
-        tail *= t
-    tail *= gauss
-    return tail
-
-
-def _phi_block(a, cdf, scratch, slope=None):
-    """cdf = Phi(a) and, where asked, slope = Phi(a) + a * pdf(a), on one block; scratch: a's size."""
-    f = a.dtype.type
-    gauss = np.multiply(a, f(-0.5), out=scratch)  # exp(-a^2 / 2)
-    gauss *= a
-    np.exp(gauss, out=gauss)
-    if slope is not None:
-        np.multiply(gauss, a, out=slope)
-        slope *= f(1 / math.sqrt(2 * math.pi))  # a * pdf(a)
-    tail = _left_tail(a, gauss)
-    # cdf = tail where a < 0, else 1 - tail, as tail + [a >= 0] (1 - 2 tail): exact where a < 0.
-    # (np.where and masked copies run 10-20x slower per value than arithmetic on random signs.)
-    np.multiply(tail, f(-2), out=cdf)
-    cdf += f(1)
-    cdf *= np.greater_equal(a, 0, out=scratch)
-    cdf += tail
-    if slope is not None:
-        slope += cdf
-
-
-def _gelu_block(a, out, cdf, slope=None):
-    """out = GELU(a) = a * Phi(a), cdf = Phi(a) and, where asked, slope = GELU'(a), on one block."""
-    _phi_block(a, cdf, out, slope)
-    np.multiply(a, cdf, out=out)
-
-
-def _normal_cdf(a):
-    """Phi(a), whole-array: cupyx's erf on CuPy arrays, the fit above on NumPy ones."""
-    xp = _xp(a)
-    if xp is np:
-        cdf = np.empty_like(a)
-        _phi_block(a, cdf, np.empty_like(a))
-        return cdf
-    import cupyx.scipy.special
-
-    return 0.5 * (1 + cupyx.scipy.special.erf(a * a.dtype.type(1 / math.sqrt(2))))
-
-
-def _normal_pdf(a):
-    """exp(-a^2 / 2) / sqrt(2 pi), whole-array (the CuPy path)."""
-    return _xp(a).exp(-0.5 * a * a) * a.dtype.type(1 / math.sqrt(2 * math.pi))
+        return self.ops.geglu_backward(grad, self.h, self.gelu_g, self.slope)
 
 
 class Softmax(Function):
@@ -1113,83 +927,18 @@ class LayerNorm(Function):
     """Over the last D axes:  xhat = (x - mu) / sqrt(var + eps),  y = xhat * gamma + beta.
 
     Backward (n values per row):  dx = rstd * (g - mean(g) - xhat * mean(g * xhat)),
-    with g = dy * gamma, the same formula as group norm's.
-    On NumPy, rows are normalised block by block (_blockwise) and the per-row means are
-    matrix-vector products with a vector of ones: BLAS, several times faster than
-    .mean(axis=-1) over rows as short as the UNet's 64 features.
+    with g = dy * gamma, the same formula as group norm's; dgamma = sum dy * xhat and
+    dbeta = sum dy over the rows.
     """
 
     def forward(self, x, weight=None, bias=None, normalized_ndim=1, eps=1e-5):
-        self.axes = tuple(range(x.ndim - normalized_ndim, x.ndim))
-        self.weight, eps = weight, x.dtype.type(eps)
-        if _xp(x) is not np:
-            mu = x.mean(axis=self.axes, keepdims=True)
-            centred = x - mu
-            self.rstd = 1 / _xp(x).sqrt((centred * centred).mean(axis=self.axes, keepdims=True) + eps)
-            self.xhat = centred * self.rstd
-            y = self.xhat * weight if weight is not None else self.xhat.copy()
-            if bias is not None:
-                y += bias
-            return y
-        n = math.prod(x.shape[x.ndim - normalized_ndim:])
-        rows = _rows(x, n)
-        self.xhat, y, self.rstd = _empty_rows(x, n), _empty_rows(x, n), np.empty(len(rows), dtype=x.dtype)
-
-        def normalise(x, xhat, y, rstd):
-            np.subtract(x, _row_means(x)[:, None], out=xhat)
-            var = _row_means(np.multiply(xhat, xhat, out=y))  # y is scratch until the end
-            np.divide(1, np.sqrt(var + eps, out=rstd), out=rstd)
-            xhat *= rstd[:, None]
-            if weight is None:
-                y[...] = xhat
-            else:
-                np.multiply(xhat, weight.reshape(n), out=y)
-                y += bias.reshape(n)
-
-        _blockwise(normalise, rows, self.xhat, y, self.rstd)
-        self.xhat = self.xhat.reshape(x.shape)
-        return y.reshape(x.shape)
+        self.ops, self.weight = get_backend().ops, weight
+        y, self.xhat, self.rstd = self.ops.layer_norm_forward(x, normalized_ndim, weight, bias, eps)
+        return y
 
     def backward(self, dy):
-        if _xp(dy) is not np:
-            return self._backward_whole(dy)
-        n = math.prod(dy.shape[dy.ndim - len(self.axes):])
-        dy2, xhat = _rows(dy, n), _rows(self.xhat, n)
-        w = self.weight.reshape(n) if self.weight is not None else None
-        dweight = _column_sums(dy2 * xhat).reshape(self.weight.shape) \
-            if self.weight is not None and self.needs_input_grad[1] else None
-        dbias = _column_sums(dy2).reshape(self.weight.shape) \
-            if len(self.needs_input_grad) > 2 and self.needs_input_grad[2] else None
-        if not self.needs_input_grad[0]:
-            return None, dweight, dbias
-
-        def rows_dx(dy, xhat, rstd, dx):
-            g = dy * w if w is not None else dy
-            mean_gx = _row_means(np.multiply(g, xhat, out=dx))  # dx is scratch until the end
-            np.subtract(g, _row_means(g)[:, None], out=dx)
-            dx -= xhat * mean_gx[:, None]
-            dx *= rstd[:, None]
-
-        dx = _empty_rows(dy, n)
-        _blockwise(rows_dx, dy2, xhat, self.rstd, dx)
-        return dx.reshape(dy.shape), dweight, dbias
-
-    def _backward_whole(self, dy):
-        """The same formulas on whole arrays (CuPy: each expression is one kernel over everything)."""
-        lead = tuple(range(dy.ndim - len(self.axes)))
-        dweight = (dy * self.xhat).sum(axis=lead) if self.weight is not None and self.needs_input_grad[1] else None
-        dbias = dy.sum(axis=lead) if len(self.needs_input_grad) > 2 and self.needs_input_grad[2] else None
-        g = dy * self.weight if self.weight is not None else dy
-        dx = None
-        if self.needs_input_grad[0]:
-            dx = self.rstd * (g - g.mean(axis=self.axes, keepdims=True)
-                              - self.xhat * (g * self.xhat).mean(axis=self.axes, keepdims=True))
-        return dx, dweight, dbias
-
-
-def _row_means(a):
-    """The mean of each row of a 2-D NumPy array, as a product with a vector of ones (BLAS)."""
-    return (a @ np.ones(a.shape[1], dtype=a.dtype)) / a.dtype.type(a.shape[1])
+        need = tuple(self.needs_input_grad) + (False, False)
+        return self.ops.layer_norm_backward(dy, self.xhat, self.rstd, self.weight, *need[:3])
 
 
 def _scale_and_shift(x, weight, bias, shape) -> tuple:
@@ -1368,6 +1117,14 @@ class UpsampleNearest(Function):
         across = _added([columns[..., j] for j in range(f)])
         rows = across.reshape(N, C, H // f, f, W // f)
         return _added([rows[:, :, :, i] for i in range(f)])
+
+
+def _added(parts):
+    """parts[0] + parts[1] + ..., in that order, into a new array."""
+    total = parts[0] + parts[1] if len(parts) > 1 else parts[0].copy()
+    for part in parts[2:]:
+        total += part
+    return total
 
 
 class ResizeNearest(Function):

@@ -624,12 +624,12 @@ def _assert_matches_torch(fn, torch_fn, arrays, grad_seed, atol, grad_atol, rtol
 
 @pytest.mark.parametrize("stride", [1, 2])
 def test_conv2d_over_several_chunks_of_images_against_torch(monkeypatch, stride):
-    """The reference convolution works through a batch a few images at a time (its copies of
+    """The fast CPU convolution works through a batch a few images at a time (its copies of
     the input, 0.2-0.4 MB an image here, in chunks of CONV_CHUNK_BYTES, made 1 MB here)."""
     pytest.importorskip("torch")
-    from minisd import reference
+    from minisd.backends import fast_cpu
 
-    monkeypatch.setattr(reference, "CONV_CHUNK_BYTES", 1 << 20)
+    monkeypatch.setattr(fast_cpu, "CONV_CHUNK_BYTES", 1 << 20)
     x, w, b = randn(7, 16, 32, 32), randn(16, 16, 3, 3, seed=1) * 0.1, randn(16, seed=2)
     _assert_matches_torch(lambda x, w, b: F.conv2d(x, w, b, stride=stride, padding=1),
                           lambda x, w, b: TF.conv2d(x, w, b, stride=stride, padding=1),
@@ -638,15 +638,15 @@ def test_conv2d_over_several_chunks_of_images_against_torch(monkeypatch, stride)
 
 @pytest.mark.parametrize("is_causal", [False, True])
 def test_attention_in_slices_of_the_batch_against_torch(monkeypatch, is_causal):
-    """The reference computes attention a few (batch) rows at a time to bound the memory of the
+    """The fast CPU path computes attention a few (batch) rows at a time to bound the memory of the
     scores; shrink that bound so that a small batch is cut into several slices."""
     pytest.importorskip("torch")
-    from minisd import reference
+    from minisd.backends import fast_cpu
 
     if get_backend().name != "numpy":
-        pytest.skip("slicing is the numpy reference's")
+        pytest.skip("slicing is the fast CPU path's")
     B, H, Lq, Lk, d = 5, 2, 4, 6, 3
-    monkeypatch.setattr(reference, "MAX_SCORES_IN_MEMORY", 2 * H * Lq * Lk)  # two batch rows a slice
+    monkeypatch.setattr(fast_cpu, "MAX_SCORES_IN_MEMORY", 2 * H * Lq * Lk)  # two batch rows a slice
     q, k, v = (randn(B, H, L, d, seed=i).astype(np.float32) for i, L in enumerate((Lq, Lk, Lk)))
     _assert_matches_torch(lambda q, k, v: F.scaled_dot_product_attention(q, k, v, is_causal=is_causal),
                           lambda q, k, v: TF.scaled_dot_product_attention(q, k, v, is_causal=is_causal),
@@ -667,7 +667,7 @@ def test_attention_probabilities_match_the_op():
 
 
 # ------------------------------------------------------------------------------------
-# Big activations and layer norms: functional._blockwise's blocks, shared by the cores
+# Big activations and layer norms: fast_cpu._blockwise's blocks, shared by the cores
 # ------------------------------------------------------------------------------------
 
 
@@ -682,7 +682,7 @@ def _phi64(x):
 
 def _big_cases():
     """(name, fn, inputs, float64 forward, float64 d/dx (elementwise ops) or None) at sizes above
-    F._THREADED; GELU's input is GEGLU's gate, the strided second half of a projection, and
+    fast_cpu._THREADED; GELU's input is GEGLU's gate, the strided second half of a projection, and
     GEGLU's the whole projection."""
     gate = (randn(32, 64, 512, seed=11) * 2)[..., 256:]
     silu_x = randn(32, 64, 8, 16, seed=12) * 3
@@ -722,15 +722,17 @@ def _run(fn, arrays, dtype, g):
 @pytest.mark.parametrize("case", range(5), ids=["geglu", "gelu", "silu", "quick_gelu", "layer_norm"])
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
 def test_big_activations_and_layer_norm_in_blocks_on_all_cores(monkeypatch, case, dtype):
-    """Above F._THREADED values the NumPy path works on blocks of rows spread over the cores:
+    """Above fast_cpu._THREADED values the NumPy path works on blocks of rows spread over the cores:
     forward and gradients against float64 formulas (math.erf for GELU), and equal to the
     same op run as one block on one thread, with blocks small enough for several a core."""
     if get_backend().name != "numpy":
         pytest.skip("blocks are the numpy backend's")
+    from minisd.backends import fast_cpu
+
     name, fn, arrays, want, dwant = _big_cases()[case]
-    assert arrays[0].size >= F._THREADED
+    assert arrays[0].size >= fast_cpu._THREADED
     g = randn(*want.shape, seed=21)
-    monkeypatch.setattr(F, "_BLOCK", 4096)
+    monkeypatch.setattr(fast_cpu, "_BLOCK", 4096)
     out, grads = _run(fn, arrays, dtype, g)
     assert out.dtype == dtype
     if name == "layer_norm":
@@ -747,8 +749,8 @@ def test_big_activations_and_layer_norm_in_blocks_on_all_cores(monkeypatch, case
     for got, ref in zip(grads, dwants):
         np.testing.assert_allclose(got, ref, atol=tol["atol"] * (100 if got.ndim == 1 else 1), rtol=tol["rtol"])
 
-    monkeypatch.setattr(F, "_BLOCK", 1 << 40)
-    monkeypatch.setattr(F, "_THREADED", 1 << 40)  # one block, one thread
+    monkeypatch.setattr(fast_cpu, "_BLOCK", 1 << 40)
+    monkeypatch.setattr(fast_cpu, "_THREADED", 1 << 40)  # one block, one thread
     out1, grads1 = _run(fn, arrays, dtype, g)
     np.testing.assert_allclose(out, out1, rtol=1e-6 if dtype == np.float32 else 1e-14, atol=0)
     for got, one in zip(grads, grads1):
@@ -806,52 +808,65 @@ else:
         assert gradcheck(lambda t: t.permute(*perm).reshape(-1)[::2] * 1.5, [x])
 
 
-def test_gelu_and_geglu_whole_array_paths_match_the_blocks(monkeypatch):
-    """The branches GELU and GEGLU take on CuPy arrays (whole-array expressions, the slope
-    kept for backward), run here on NumPy arrays through a stand-in array module: the same
-    values and gradients as the NumPy path's blocks."""
-    if get_backend().name != "numpy":
-        pytest.skip("the stand-in wraps NumPy")
+@pytest.mark.parametrize("op", ["silu", "quick_gelu", "gelu", "geglu", "layer_norm", "layer_norm_plain"])
+def test_whole_array_activations_match_the_blocks(op):
+    """The whole-array formulas (naive.py's, which the emulated and cupy backends run too) and
+    the fast CPU path's blocks, forward and every gradient, in float64 (where both compute Phi
+    exactly) and in float32 (the fit, to its 1.5e-7, and rounding), above the threading size."""
+    from minisd.backends import fast_cpu, naive
 
-    class NotNumPy:  # every attribute NumPy's, but not NumPy itself
-        def __getattr__(self, name):
-            return getattr(np, name)
-
-    x = randn(4, 6, 10) * 2
-    g = randn(4, 6, 10, seed=1)
-    cases = [lambda t: F.gelu(t), lambda t: F.geglu(t)]
-    wanted = [_run(fn, [x], np.float64, g[..., :fn(Tensor(x)).shape[-1]]) for fn in cases]
-    def phi(a):  # the NumPy fit, where cupyx's erf would run
-        cdf = np.empty_like(a)
-        F._phi_block(a, cdf, np.empty_like(a))
-        return cdf
-
-    monkeypatch.setattr(F, "_xp", lambda *arrays: NotNumPy())
-    monkeypatch.setattr(F, "_normal_cdf", phi)
-    for fn, (out, grads) in zip(cases, wanted):
-        got_out, got_grads = _run(fn, [x], np.float64, g[..., :out.shape[-1]])
-        np.testing.assert_allclose(got_out, out, rtol=1e-12, atol=1e-15)
-        np.testing.assert_allclose(got_grads[0], grads[0], rtol=1e-12, atol=1e-15)
+    x = randn(32, 64, 256, seed=3) * 2
+    w, b = randn(256, seed=4), randn(256, seed=5)
+    g = randn(32, 64, 128 if op == "geglu" else 256, seed=6)
+    for dtype, tol in ((np.float64, dict(rtol=1e-12, atol=1e-13)), (np.float32, dict(rtol=2e-5, atol=2e-6))):
+        got = []
+        for ops in (naive, fast_cpu):
+            a, gg = x.astype(dtype), g.astype(dtype)
+            if op in ("silu", "quick_gelu"):
+                beta = 1.0 if op == "silu" else 1.702
+                y, s = ops.silu_forward(a, beta)
+                got.append([y, ops.silu_backward(gg, y, s, beta)])
+            elif op == "gelu":
+                y, slope = ops.gelu_forward(a, keep_slope=True)
+                got.append([y, gg * slope, ops.gelu_forward(a, keep_slope=False)[0]])
+            elif op == "geglu":
+                y, gelu_g, slope = ops.geglu_forward(a, keep_slope=True)
+                got.append([y, ops.geglu_backward(gg, a[..., :128], gelu_g, slope)])
+            else:
+                wb = (w.astype(dtype), b.astype(dtype)) if op == "layer_norm" else (None, None)
+                y, xhat, rstd = ops.layer_norm_forward(a, 1, *wb, 1e-5)
+                assert rstd.shape == (32, 64)
+                got.append([y, *(t for t in ops.layer_norm_backward(gg, xhat, rstd, wb[0], True, True, True)
+                                 if t is not None)])
+        for whole, blocks in zip(*got):
+            assert whole.dtype == blocks.dtype == dtype and whole.shape == blocks.shape
+            np.testing.assert_allclose(blocks, whole, **dict(tol, atol=tol["atol"] * (1e3 if whole.ndim == 1 else 1)))
 
 
 def test_normal_cdf_fit_accuracy_tails_and_signs():
-    """Phi as GELU and GEGLU compute it on NumPy arrays, block by block or whole, against
-    math.erfc: float32 by the A&S 7.1.26 fit, within its bound of 7.5e-8 plus rounding and
-    the left tail to 5% relative; float64 exact (to rounding), the tail too; both with
-    Phi(-0.0) = Phi(0.0) and the infinities; and the CuPy path's pdf."""
+    """Phi as GELU and GEGLU compute it on NumPy arrays, by the fast CPU path's blocks and by
+    naive.normal_cdf, against math.erfc: float32 by the A&S 7.1.26 fit, within its bound of
+    7.5e-8 plus rounding and the left tail to 5% relative (naive: exact to float32's rounding);
+    float64 exact (to rounding), the tail too; all with Phi(-0.0) = Phi(0.0) and the infinities."""
+    from minisd.backends import fast_cpu, naive
+
+    def blocks(a):
+        cdf = np.empty_like(a)
+        fast_cpu._phi_block(a, cdf, np.empty_like(a))
+        return cdf
+
     x64 = np.concatenate([np.linspace(-13, 8, 4201), [0.0, -0.0, 1e-30, -1e-30, np.inf, -np.inf]])
-    for dtype, atol, tail_rtol in ((np.float64, 1e-15, 1e-13), (np.float32, 4e-7, 0.05)):
-        x = x64.astype(dtype)
-        want = np.array([0.5 * math.erfc(-float(v) / math.sqrt(2)) for v in x])
-        got = F._normal_cdf(x)
-        assert got.dtype == dtype
-        np.testing.assert_allclose(got, want, atol=atol, rtol=0)
-        tail = x < -3  # Phi below 1.4e-3: computed directly, not as 1 minus something
-        np.testing.assert_allclose(got[tail], want[tail], rtol=tail_rtol, atol=0)
-        assert got[-6] == got[-5] and abs(got[-6] - 0.5) < atol  # Phi(-0.0) = Phi(0.0)
-        assert (got[-2], got[-1]) == (1, 0)
-    x = np.linspace(-6, 6, 241)
-    np.testing.assert_allclose(F._normal_pdf(x), np.exp(-x * x / 2) / math.sqrt(2 * math.pi), rtol=1e-12)
+    for phi, f32_atol, f32_tail in ((blocks, 4e-7, 0.05), (naive.normal_cdf, 6e-8, 1e-6)):
+        for dtype, atol, tail_rtol in ((np.float64, 1e-15, 1e-13), (np.float32, f32_atol, f32_tail)):
+            x = x64.astype(dtype)
+            want = np.array([0.5 * math.erfc(-float(v) / math.sqrt(2)) for v in x])
+            got = phi(x)
+            assert got.dtype == dtype
+            np.testing.assert_allclose(got, want, atol=atol, rtol=0)
+            tail = x < -3  # Phi below 1.4e-3: computed directly, not as 1 minus something
+            np.testing.assert_allclose(got[tail], want[tail], rtol=tail_rtol, atol=0)
+            assert got[-6] == got[-5] and abs(got[-6] - 0.5) < atol  # Phi(-0.0) = Phi(0.0)
+            assert (got[-2], got[-1]) == (1, 0)
 
 
 def test_resize_nearest_picks_the_pixels_torch_picks():

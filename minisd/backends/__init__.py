@@ -2,8 +2,9 @@
 
 Stable Diffusion spends almost all of its time in three operations: convolution,
 group normalisation and attention. minisd keeps everything else (the autograd engine,
-elementwise math, matmuls, the models) written once against an array module ``xp``
-(NumPy or CuPy, the same API), and lets the backend choose who computes the primitives:
+elementwise math, the models) written once against an array module ``xp`` (NumPy or
+CuPy, the same API), and lets the backend choose who computes the primitives (and
+matmul and the four activations and norms whose fast CPU code differs: the contract below):
 
     backend     arrays    conv2d / group_norm / attention                     dtype
     ---------   -------   -------------------------------------------------   -----------
@@ -22,8 +23,9 @@ setting minisd makes on a CPU, made when this package is imported: MINISD_CPU_TU
 turns them off), cuda_launch.py (grid, block and shared memory of every kernel) and
 cuda_build.py (the CUDA toolchain: parsing, the emulator's build cache, ctypes, NVRTC).
 
-Every backend provides the same six raw-array functions (``backend.ops``); the
-autograd Functions in minisd/functional.py call them and never ask which backend runs:
+Every backend provides the same raw-array functions (``backend.ops``); the autograd
+Functions in minisd/functional.py call them and never ask which backend runs. The three
+primitives, which the CUDA kernels compute:
 
     conv2d_forward(x, w, b, stride, padding) -> y
     conv2d_backward(dy, x, w, stride, padding, need_dx, need_dw, need_db) -> (dx, dw, db)
@@ -32,10 +34,25 @@ autograd Functions in minisd/functional.py call them and never ask which backend
     attention_forward(q, k, v, scale, is_causal) -> (o, lse)
     attention_backward(do, q, k, v, o, lse, scale, is_causal) -> (dq, dk, dv)
 
+and the ops that the fast CPU path runs block by block on all cores (every other backend
+runs naive.py's whole-array expressions for them):
+
+    matmul(a, b) -> a @ b
+    silu_forward(a, beta) -> (y, s)                 y = a s, s = sigmoid(beta a)
+    silu_backward(g, y, s, beta) -> da
+    gelu_forward(a, keep_slope) -> (y, slope)        y = a Phi(a); dy/da (or None); da = g slope
+    geglu_forward(x, keep_slope) -> (y, gelu_g, slope)   y = h GELU(g), [h, g] = x's two halves
+    geglu_backward(grad, h, gelu_g, slope) -> dx
+    layer_norm_forward(x, normalized_ndim, weight, bias, eps) -> (y, xhat, rstd)
+    layer_norm_backward(dy, xhat, rstd, weight, need_dx, need_dweight, need_dbias) -> (dx, dweight, dbias)
+
 Shapes: x (N, C, H, W), w (K, C, R, S), y (N, K, P, Q); mean and rstd (N, G); a gradient
 not asked for (need_*) is None, and so are dweight and dbias where weight is None;
 q (B, H, Lq, d), k (B, H, Lk, d), v (B, H, Lk, dv), o (B, H, Lq, dv),
 lse (B, H, Lq) = log sum_j exp(s_ij); is_causal hides key j from query i where j > i.
+The activations' outputs and saved arrays have their input's shape (GEGLU's: h's, half
+of x); layer norm's weight and bias are both given or both None, rstd has one value per
+normalised row, x.shape[:-normalized_ndim].
 """
 
 from __future__ import annotations
@@ -60,7 +77,7 @@ BACKENDS = ("naive", "numpy", "emulated", "cupy")
 class Backend:
     name: str
     xp: ModuleType  # numpy or cupy
-    ops: Any  # an object with the six raw-array functions listed in the module docstring
+    ops: Any  # an object with the raw-array functions listed in the module docstring
 
     def asarray(self, data, dtype=None):
         """Move ``data`` onto this backend's device (a no-op for NumPy arrays on NumPy)."""

@@ -38,7 +38,7 @@ import os
 
 import numpy as np
 
-from minisd.backends import cuda_build
+from minisd.backends import cuda_build, naive
 from minisd.backends.cuda_build import MAX_SHARED_BYTES, find_cupy, program
 
 VERSIONS = (1, 2)
@@ -79,7 +79,7 @@ def settings(version: int | None = None, order: str | None = None, seed: int = 0
 
 
 # ------------------------------------------------------------------------------------
-# the six ops: shapes checked, outputs allocated, grid/block/shared memory computed
+# the six kernel ops: shapes checked, outputs allocated, grid/block/shared memory computed
 # ------------------------------------------------------------------------------------
 
 
@@ -105,8 +105,17 @@ def reduce_threads(m: int) -> int:
 
 
 class KernelOps:
-    """The six raw-array functions of the backend contract (minisd/backends/__init__.py),
-    computed by the kernels on one runtime ("emulated" or "cupy")."""
+    """The backend contract's functions (minisd/backends/__init__.py) on one runtime ("emulated"
+    or "cupy"): conv2d, group norm and attention by the kernels; the rest (matmul, SiLU,
+    GELU, GEGLU, layer norm: no kernels of minisd's own) as the naive backend's whole-array
+    expressions, each one CuPy kernel over everything on a GPU."""
+
+    matmul = staticmethod(naive.matmul)
+    silu_forward, silu_backward = staticmethod(naive.silu_forward), staticmethod(naive.silu_backward)
+    gelu_forward = staticmethod(naive.gelu_forward)
+    geglu_forward, geglu_backward = staticmethod(naive.geglu_forward), staticmethod(naive.geglu_backward)
+    layer_norm_forward = staticmethod(naive.layer_norm_forward)
+    layer_norm_backward = staticmethod(naive.layer_norm_backward)
 
     def __init__(self, runtime: str):
         self.runtime = runtime

@@ -6,9 +6,10 @@ no threads, no chunks, no buffers reused. It is also the oracle: the fast CPU pa
 it, and it is tested against PyTorch in float64 and against finite differences
 (tests/test_naive.py). float32 in gives float32 out, float64 gives float64.
 
-These are the six functions every backend provides, with the same signatures (the
-contract is in minisd/backends/__init__.py); the autograd Functions of
-minisd/functional.py call them. Sizes: Stable Diffusion v1.5 convolves 320 to 1,280
+These are the functions every backend provides, with the same signatures (the contract
+is in minisd/backends/__init__.py); the autograd Functions of minisd/functional.py call
+them. The last section (matmul, SiLU, GELU, GEGLU, layer norm) is written against xp and
+is what the emulated and cupy backends run too. Sizes: Stable Diffusion v1.5 convolves 320 to 1,280
 channels on 64x64 down to 8x8 latents, normalises in 32 groups, and attends over 4,096
 latent pixels (self-attention) or 77 text tokens (cross-attention) with heads of 40 to
 160; minisd's small models, 32 to 128 channels on 32x32 down to 4x4, heads of 8 to 32.
@@ -16,8 +17,12 @@ latent pixels (self-attention) or 77 text tokens (cross-attention) with heads of
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 from numpy.lib.stride_tricks import sliding_window_view
+
+from minisd.backends import get_array_module
 
 # ------------------------------------------------------------------------------------
 # conv2d
@@ -163,3 +168,101 @@ def attention_backward(do, q, k, v, o, lse, scale: float, is_causal: bool):
     dp = do @ v.swapaxes(-1, -2)
     ds = p * (dp - (do * o).sum(axis=-1, keepdims=True))
     return scale * (ds @ k), scale * (ds.swapaxes(-1, -2) @ q), p.swapaxes(-1, -2) @ do
+
+
+# ------------------------------------------------------------------------------------
+# The rest of the contract: matmul, SiLU, GELU, GEGLU and layer norm
+# ------------------------------------------------------------------------------------
+# Written against xp (NumPy or CuPy, whichever the arrays are): these whole-array
+# formulas are also what the emulated and cupy backends run (on a GPU each expression is
+# one kernel over everything); the numpy backend runs them block by block on all cores.
+
+
+def matmul(a, b):
+    """a @ b, with np.matmul's broadcasting."""
+    return a @ b
+
+
+def _sigmoid(a):
+    """1 / (1 + e^-a), as (1 + tanh(a / 2)) / 2, which never overflows."""
+    half = a.dtype.type(0.5)
+    return half + half * get_array_module(a).tanh(half * a)
+
+
+def silu_forward(a, beta: float):
+    """(y, s) with s = sigmoid(beta a), y = a s: SiLU for beta = 1, CLIP's quick_gelu for 1.702."""
+    s = _sigmoid(a.dtype.type(beta) * a)
+    return a * s, s
+
+
+def silu_backward(g, y, s, beta: float):
+    """da = g * dy/da,   dy/da = s + beta a s (1 - s) = s + beta y (1 - s)."""
+    return g * (s + g.dtype.type(beta) * y * (1 - s))
+
+
+_erfc = np.frompyfunc(math.erfc, 1, 1)
+
+
+def normal_cdf(a):
+    """Phi(a) = erfc(-a / sqrt 2) / 2, the standard normal CDF (erfc rather than 1 + erf, so that
+    the left tail keeps its digits): math.erfc value by value on NumPy, cupyx's on CuPy."""
+    if get_array_module(a) is np:  # in float64, rounded once to a's dtype at the end
+        return (np.asarray(_erfc(a.astype(np.float64) * -(1 / math.sqrt(2))), dtype=np.float64) * 0.5).astype(a.dtype)
+    import cupyx.scipy.special
+
+    return cupyx.scipy.special.erfc(a * -a.dtype.type(1 / math.sqrt(2))) * a.dtype.type(0.5)
+
+
+def gelu_forward(a, keep_slope: bool):
+    """(y, slope): y = a Phi(a), and where a backward pass can follow its derivative
+    slope = Phi(a) + a pdf(a), pdf(a) = exp(-a^2 / 2) / sqrt(2 pi); the backward pass is g * slope."""
+    cdf = normal_cdf(a)
+    if not keep_slope:
+        return a * cdf, None
+    pdf = get_array_module(a).exp(-0.5 * a * a) * a.dtype.type(1 / math.sqrt(2 * math.pi))
+    return a * cdf, cdf + a * pdf
+
+
+def geglu_forward(x, keep_slope: bool):
+    """(y, GELU(g), GELU'(g) or None): y = h GELU(g), where [h, g] = x, the two halves of the last axis."""
+    d = x.shape[-1] // 2
+    gelu_g, slope = gelu_forward(x[..., d:], keep_slope)
+    return x[..., :d] * gelu_g, gelu_g, slope
+
+
+def geglu_backward(grad, h, gelu_g, slope):
+    """dx = [dh, dg] = [grad GELU(g), grad h GELU'(g)]."""
+    return get_array_module(grad).concatenate([grad * gelu_g, grad * h * slope], axis=-1)
+
+
+def layer_norm_forward(x, normalized_ndim: int, weight, bias, eps: float):
+    """(y, xhat, rstd) over the last ``normalized_ndim`` axes of x, for each row (the rest):
+
+        mu = mean(x),   rstd = 1 / sqrt(mean((x - mu)^2) + eps),   xhat = (x - mu) rstd
+        y = gamma xhat + beta   (weight gamma and bias beta both given, or both None: y = xhat)
+
+    rstd has one value per row: shape x.shape[:-normalized_ndim].
+    """
+    axes = tuple(range(x.ndim - normalized_ndim, x.ndim))
+    centred = x - x.mean(axis=axes, keepdims=True)
+    rstd = 1 / get_array_module(x).sqrt((centred * centred).mean(axis=axes, keepdims=True) + x.dtype.type(eps))
+    xhat = centred * rstd
+    y = xhat if weight is None else xhat * weight + bias
+    return y, xhat, rstd.reshape(x.shape[:x.ndim - normalized_ndim])
+
+
+def layer_norm_backward(dy, xhat, rstd, weight, need_dx: bool, need_dweight: bool, need_dbias: bool):
+    """(dx, dgamma, dbeta), None for what is not asked for (and for both where there is no weight):
+
+        dx = rstd (g - mean(g) - xhat mean(g xhat)),   g = dy gamma   (group norm's formula, per row)
+        dgamma = sum over the rows of dy xhat,   dbeta = sum over the rows of dy
+    """
+    rows, axes = tuple(range(rstd.ndim)), tuple(range(rstd.ndim, xhat.ndim))
+    dweight = (dy * xhat).sum(axis=rows) if weight is not None and need_dweight else None
+    dbias = dy.sum(axis=rows) if weight is not None and need_dbias else None
+    if not need_dx:
+        return None, dweight, dbias
+    g = dy if weight is None else dy * weight
+    r = rstd.reshape(rstd.shape + (1,) * len(axes))
+    dx = r * (g - g.mean(axis=axes, keepdims=True) - xhat * (g * xhat).mean(axis=axes, keepdims=True))
+    return dx, dweight, dbias
