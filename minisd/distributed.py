@@ -349,7 +349,7 @@ def connect():
             f"the launcher started {size} ranks, but MPI sees each as alone: mpi4py uses another MPI "
             f"({mpi.Get_library_version().splitlines()[0].strip()}) than this mpiexec's; start the run "
             "with that MPI's mpiexec")
-    from minisd.backend import get_backend
+    from minisd.backends import get_backend
 
     return NCCL(comm) if get_backend().xp.__name__ == "cupy" else MPI(comm)
 
@@ -406,7 +406,7 @@ class FlatGradients:
         dtypes = {p.data.dtype for p in self.params}
         if len(dtypes) > 1:
             raise TypeError(f"FlatGradients: the parameters mix dtypes {sorted(map(str, dtypes))}")
-        from minisd.backend import get_array_module
+        from minisd.backends import get_array_module
 
         self.xp = get_array_module(self.params[0].data)
         self.sizes = [p.data.size for p in self.params]

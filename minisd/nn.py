@@ -19,7 +19,7 @@ from typing import Iterator
 import numpy as np
 
 from minisd import functional as F
-from minisd.backend import get_backend, to_numpy
+from minisd.backends import get_backend, to_numpy
 from minisd.tensor import DEFAULT_DTYPE, Tensor
 
 _rng = np.random.default_rng(0)

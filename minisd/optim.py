@@ -10,7 +10,7 @@ from __future__ import annotations
 import math
 from typing import Iterable
 
-from minisd.backend import get_array_module
+from minisd.backends import get_array_module
 from minisd.nn import Parameter
 
 

@@ -63,7 +63,7 @@ from typing import Any, Callable
 
 import numpy as np
 
-from minisd.backend import get_backend, to_numpy
+from minisd.backends import get_backend, to_numpy
 from minisd.tensor import Tensor, no_grad
 
 DEFAULT_MODEL = os.path.join(os.path.dirname(os.path.abspath(__file__)), "weights", "shapes")

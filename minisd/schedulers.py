@@ -72,7 +72,7 @@ from typing import Any
 import numpy as np
 from numpy.polynomial import Polynomial
 
-from minisd.backend import get_array_module, to_numpy
+from minisd.backends import get_array_module, to_numpy
 
 CONFIG_NAME = "scheduler_config.json"
 

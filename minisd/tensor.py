@@ -23,7 +23,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from minisd.backend import get_array_module, get_backend, to_numpy
+from minisd.backends import get_array_module, get_backend, to_numpy
 
 DEFAULT_DTYPE = np.float32
 

@@ -319,7 +319,7 @@ def test_sd15_keys_and_shapes_match_diffusers(sd15_models):
 def test_models_on_the_emulated_kernels_match_numpy():
     """The same tiny models through kernels/*.cu on the CPU emulator: outputs and gradients as on NumPy."""
     import minisd
-    from minisd.backend import BackendUnavailable, get_backend
+    from minisd.backends import BackendUnavailable, get_backend
 
     previous = get_backend().name
     try:

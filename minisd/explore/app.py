@@ -368,7 +368,7 @@ class Explorer:
             done       {image, attention: {tokens, h, w, maps[step][token][h*w]}, seconds}
             cancelled  {reason}                          superseded by a newer request
         """
-        from minisd.backend import to_numpy
+        from minisd.backends import to_numpy
         from minisd.pipeline import token_attention
 
         if run.reason is not None:  # superseded while it waited for the worker

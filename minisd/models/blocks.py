@@ -23,7 +23,7 @@ import numpy as np
 
 from minisd import functional as F
 from minisd import nn
-from minisd.backend import get_backend, to_numpy
+from minisd.backends import get_backend, to_numpy
 from minisd.tensor import Tensor
 
 

@@ -29,7 +29,7 @@ import numpy as np
 
 from minisd import functional as F
 from minisd import nn
-from minisd.backend import get_backend, to_numpy
+from minisd.backends import get_backend, to_numpy
 from minisd.models.blocks import AttentionLayer, as_input, multi_head_attention
 from minisd.models.config import Pretrained, check_config
 from minisd.tensor import Tensor

@@ -24,7 +24,7 @@ import numpy as np
 
 from minisd import functional as F
 from minisd import nn
-from minisd.backend import get_backend
+from minisd.backends import get_backend
 from minisd.models.blocks import Attention, Downsample2D, ResnetBlock2D, Upsample2D, as_input
 from minisd.models.config import Pretrained, check_config
 from minisd.tensor import Tensor
