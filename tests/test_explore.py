@@ -418,3 +418,15 @@ def test_a_run_whose_page_went_away_stops(server):
     start = time.monotonic()  # the noise panel needs the model: it gets it once the run has noticed
     status, d = post(server, "/api/noise", {"t": 10})
     assert status == 200 and time.monotonic() - start < 20
+
+
+def test_the_native_size_comes_from_the_unet_as_the_pipeline_draws_it():
+    """A folder whose VAE sample_size disagrees with its UNet's: the page's default is the
+    UNet's latent size times the VAE factor (what pipe(...) draws), not the VAE's sample_size."""
+    import minisd
+    from minisd.explore.app import native_size
+
+    pipe = minisd.load_pipeline()
+    assert native_size(pipe) == pipe(["a small red circle in the top left"], steps=2, seed=0).shape[1] == 32
+    pipe.unet.config["sample_size"] = 4  # latents 4x4 -> 16x16 images, whatever the VAE's config says
+    assert pipe.vae.config["sample_size"] == 32 and native_size(pipe) == 16

@@ -54,6 +54,12 @@ MAX_ATTENTION_STEPS = 200
 NOISE_RANGE = 3.0  # latent channels and epsilon are drawn with [-3, 3] mapped to black ... white
 
 
+
+def native_size(pipe) -> int:
+    """The image side the model draws by default: the UNet's latent size times the VAE's
+    factor, as the pipeline (and diffusers) choose it, not the VAE's own sample_size."""
+    return int(pipe.default_size[0])
+
 class BadInput(ValueError):
     """Input from the page that cannot be used: the message is shown in the page."""
 
@@ -261,7 +267,7 @@ class Explorer:
         from minisd.pipeline import DEFAULT_GUIDANCE, DEFAULT_STEPS
 
         pipe = self.load(request.get("model"))
-        native = int(pipe.vae.config["sample_size"])
+        native = native_size(pipe)
         return {
             "model": pipe.path,
             "schedulers": list(self.scheduler_names()),
@@ -312,7 +318,7 @@ class Explorer:
             if not self.accepts(pipe, "negative_prompt"):
                 raise BadInput("negative_prompt: this pipeline has none yet (pipe(...) takes no negative_prompt)")
             kwargs["negative_prompt"] = negative
-        native = int(pipe.vae.config["sample_size"])
+        native = native_size(pipe)
         size = request.get("size")
         if size not in (None, "", native):
             size = _whole(request, "size", native, 1, MAX_SIZE, " px (every step is decoded on the CPU)")
@@ -406,7 +412,7 @@ class Explorer:
         except Cancelled as e:
             emit("cancelled", {"reason": str(e)})
             return
-        size = kwargs.get("height", int(pipe.vae.config["sample_size"]))
+        size = kwargs.get("height", native_size(pipe))
         latent_hw = (size // pipe.vae.downsample_factor,) * 2
         maps = token_attention(pipe.attention_maps, pipe.tokenizer, kwargs["prompt"], latent_hw) if attend else {}
         pipe.attention_maps = None  # the pipeline keeps the last run's maps; the page has them now
@@ -472,7 +478,7 @@ class Explorer:
         from minisd.tensor import no_grad
 
         pipe = self.pipeline(request.get("model"))
-        size = int(pipe.vae.config["sample_size"])
+        size = native_size(pipe)
         T = pipe.scheduler.num_train_timesteps
         t = _whole(request, "t", 0, 0, T - 1, " (the model's training timesteps)")
         seed = _whole(request, "seed", 0, 0)
