@@ -32,6 +32,7 @@ refused: unpickling runs code from the file.
 from __future__ import annotations
 
 import contextlib
+import importlib
 import inspect
 import json
 import os
@@ -51,14 +52,22 @@ PICKLE_SUFFIXES = (".bin", ".ckpt", ".pt", ".pth")
 CONFIG = "config.json"
 
 
+# The model classes minisd saves and loads, by name. Each registers itself when it is
+# defined (minisd.models.config.Pretrained.__init_subclass__) and says here what this
+# module needs of it as class attributes: ``model_type`` (transformers' name, for the
+# classes saved in transformers' layout), ``sub_configs`` (a two-tower model's towers: the class
+# each nested config is for) and ``required_config_keys``. So io names no model.
+MODEL_CLASSES: dict[str, type] = {}
+
+
+def register_model(cls) -> None:
+    MODEL_CLASSES[cls.__name__] = cls
+
+
 def _classes() -> dict:
-    from minisd.models import AutoencoderKL, CLIPModel, CLIPTextModel, UNet2DConditionModel
-
-    return {c.__name__: c for c in (UNet2DConditionModel, AutoencoderKL, CLIPTextModel, CLIPModel)}
-
-
-# transformers' names for the CLIP classes (config.json's "model_type")
-_MODEL_TYPES = {"CLIPTextModel": "clip_text_model", "CLIPModel": "clip"}
+    if not MODEL_CLASSES:  # a process that has not imported the models yet: defining them registers them
+        importlib.import_module("minisd.models")
+    return MODEL_CLASSES
 
 
 # =====================================================================================
@@ -311,8 +320,9 @@ def save_pretrained(model, folder, dtype=None) -> Path:
         raise TypeError(f"save_pretrained: cannot save a {name}; expected one of {', '.join(_classes())}")
     folder = Path(folder)
     config = {"_class_name": name, "_minisd_version": __version__, **_json_ready(model.config)}
-    if name in _MODEL_TYPES:  # what transformers needs to pick the class
-        config.update(architectures=[name], model_type=_MODEL_TYPES[name])
+    model_type = getattr(type(model), "model_type", None)
+    if model_type:  # what transformers needs to pick the class
+        config.update(architectures=[name], model_type=model_type)
         weights = TRANSFORMERS_WEIGHTS
     else:
         weights = DIFFUSERS_WEIGHTS
@@ -333,20 +343,19 @@ def _model_class(config: dict, where: str):
 def _constructor_config(cls, config: dict) -> dict:
     """The config keys ``cls`` takes. transformers' files also carry keys every model has
     (return_dict, id2label, ...) that say nothing about CLIP; those are left out."""
-    if cls.__name__ not in _MODEL_TYPES:
+    if not getattr(cls, "model_type", None):
         return config  # diffusers' configs are exactly the constructor's arguments
-    from minisd.models.clip import CLIPVisionTransformer
 
     def known(c):
         return set(inspect.signature(c).parameters) | set(getattr(c, "passive_config", ()))
 
-    if cls.__name__ == "CLIPTextModel":
+    towers = getattr(cls, "sub_configs", {})
+    if not towers:
         return {k: v for k, v in config.items() if k in known(cls)}
-    text_keys = known(_classes()["CLIPTextModel"])
-    vision_keys = known(CLIPVisionTransformer)
-    return {"text_config": {k: v for k, v in (config.get("text_config") or {}).items() if k in text_keys},
-            "vision_config": {k: v for k, v in (config.get("vision_config") or {}).items() if k in vision_keys},
-            **{k: v for k, v in config.items() if k in ("projection_dim", "logit_scale_init_value")}}
+    named = {k for k, p in inspect.signature(cls).parameters.items() if p.kind is not inspect.Parameter.VAR_KEYWORD}
+    return {**{key: {k: v for k, v in (config.get(key) or {}).items() if k in known(tower)}
+               for key, tower in towers.items()},
+            **{k: v for k, v in config.items() if k in named and k not in towers}}
 
 
 def from_config(config: dict, cls=None, where: str = "config"):
@@ -357,16 +366,15 @@ def from_config(config: dict, cls=None, where: str = "config"):
     needs and the file lacks, a value of the wrong type or range, a model too big to build
     (see minisd.models.config.check_values, which the constructors run).
     """
-    from minisd.models.config import REQUIRED_KEYS
-
     if not isinstance(config, Mapping):
         raise ValueError(f"{where}: a config is a mapping of keys to values (a JSON object), "
                          f"got a {type(config).__name__}")
     cls = cls or _model_class(config, where)
-    missing = [k for k in REQUIRED_KEYS.get(cls.__name__, ()) if k not in config]
+    required = getattr(cls, "required_config_keys", ())
+    missing = [k for k in required if k not in config]
     if missing:
         raise ValueError(f"{where}: config key {missing[0]!r} is missing ({cls.__name__} needs "
-                         f"{', '.join(REQUIRED_KEYS[cls.__name__])})")
+                         f"{', '.join(required)})")
     try:
         return cls(**_constructor_config(cls, config))
     except (ValueError, TypeError) as e:

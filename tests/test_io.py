@@ -3,6 +3,7 @@ outputs; float16 files load into float32; errors name the bad keys; writes are a
 
 import json
 import os
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -181,3 +182,25 @@ def test_clip_folders_move_both_ways(tmp_path):
     assert rel_err(clip(images, IDS).numpy(), ref.numpy()) < 1e-4
     ref_clip.save_pretrained(tmp_path / "clip2")
     assert rel_err(io.load_pretrained(tmp_path / "clip2")(images, IDS).numpy(), ref.numpy()) < 1e-4
+
+
+def test_io_names_no_model_and_loads_in_a_fresh_process():
+    """No import loop io <-> models: importing minisd.io loads no model module, its source names
+    no model class (each registers itself), and a fresh process loads the shipped UNet by the
+    class name its config.json holds, and refuses to save what is no registered model."""
+    import subprocess
+    import sys
+
+    source = Path(io.__file__).read_text()
+    for name in ("UNet2DConditionModel", "AutoencoderKL", "CLIPTextModel", "CLIPModel", "CLIPVision", "REQUIRED_KEYS"):
+        assert name not in source
+    code = ("import sys, minisd.io as io; assert not [m for m in sys.modules if m.startswith('minisd.models')]; "
+            "m = io.load_pretrained(sys.argv[1]); print(type(m).__name__, sorted(io.MODEL_CLASSES))")
+    folder = Path(io.__file__).parent / "weights" / "shapes" / "unet"
+    done = subprocess.run([sys.executable, "-c", code, str(folder)], capture_output=True, text=True, check=True)
+    assert done.stdout.split(None, 1) == ["UNet2DConditionModel",
+                                          "['AutoencoderKL', 'CLIPModel', 'CLIPTextModel', 'UNet2DConditionModel']\n"]
+    from minisd.models.blocks import ResnetBlock2D
+
+    with pytest.raises(TypeError, match="cannot save a ResnetBlock2D"):
+        io.save_pretrained(ResnetBlock2D(4, 4, groups=2), "unused")

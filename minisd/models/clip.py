@@ -128,6 +128,7 @@ class CLIPTextModel(Pretrained, nn.Module):
     At minisd's toy scale, e.g. 4 layers of width 64 over 16 tokens.
     """
 
+    model_type = "clip_text_model"  # transformers' name, written into config.json
     passive_config = _TEXT_PASSIVE
 
     def __init__(self, vocab_size: int = 49408, hidden_size: int = 512, intermediate_size: int = 2048,
@@ -267,6 +268,9 @@ class CLIPModel(Pretrained, nn.Module):
 
     ``text_config`` and ``vision_config`` are dicts of CLIPTextConfig / CLIPVisionConfig keys.
     """
+
+    model_type = "clip"  # transformers' name, written into config.json
+    sub_configs = {"text_config": CLIPTextModel, "vision_config": CLIPVisionTransformer}  # (the keys each takes)
 
     def __init__(self, text_config: dict | None = None, vision_config: dict | None = None,
                  projection_dim: int = 512, logit_scale_init_value: float = 2.6592, **other):

@@ -27,6 +27,8 @@ from typing import Any
 
 import numpy as np
 
+from minisd import io
+
 # Keys that describe a file rather than a model (diffusers' "_class_name", transformers'
 # "architectures", ...). They are written back on saving but never change the model.
 METADATA_KEYS = {"architectures", "model_type", "torch_dtype", "dtype", "transformers_version"}
@@ -305,6 +307,9 @@ def _check_size(cls_name: str, values: Mapping) -> None:
 class Pretrained:
     """diffusers' two methods for checkpoints, as thin calls into minisd.io; and the config check.
 
+    Defining a model class registers it with minisd.io (io.MODEL_CLASSES), which builds a
+    model by the class name a config.json holds: io imports no model.
+
     Each model class (UNet2DConditionModel, ...) derives from it, and its constructor runs
     check_values on all its arguments, defaults included, before building anything: the
     subclass's __init__ is wrapped when the class is defined (__init_subclass__), so a model
@@ -315,17 +320,16 @@ class Pretrained:
         super().__init_subclass__(**kwargs)
         if "__init__" in vars(cls):
             cls.__init__ = _checked(cls.__name__, cls.__init__)
+        if Pretrained in cls.__bases__:  # a model class of its own (not a subclass of one): io saves and loads it
+            cls.required_config_keys = REQUIRED_KEYS.get(cls.__name__, ())
+            io.register_model(cls)
 
     def save_pretrained(self, folder, dtype=None):
-        from minisd.io import save_pretrained
-
-        return save_pretrained(self, folder, dtype)
+        return io.save_pretrained(self, folder, dtype)
 
     @classmethod
     def from_pretrained(cls, folder, dtype="float32"):
-        from minisd.io import load_pretrained
-
-        return load_pretrained(folder, cls, dtype)
+        return io.load_pretrained(folder, cls, dtype)
 
 
 def _checked(cls_name: str, init):
