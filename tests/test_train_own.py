@@ -507,3 +507,30 @@ def test_snr_gamma_trains_and_resumes_bit_exact(tmp_path, shapes_parts):
     plain = T.train_unet(str(tmp_path / "plain"), **kw)
     weighted = resume_is_exact(tmp_path, snr_gamma=5.0, **kw)
     assert weighted["losses"] != plain["losses"] and all(np.isfinite(weighted["losses"]))
+
+
+# --- --preset quick ----------------------------------------------------------------------------------------
+
+
+def test_preset_quick_sets_each_stage_s_steps_and_lr_unless_given(tiny, tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr(T, "QUICK", {"vae": {"steps": 2}, "clip": {"steps": 3}, "unet": {"steps": 2, "lr": 5e-3}})
+    seen = {}
+    for name in ("train_vae", "train_unet"):
+        real = getattr(T, name)
+
+        def spy(*args, _real=real, _name=name, **kw):
+            seen[_name.removeprefix("train_")] = kw["lr"]
+            return _real(*args, **kw)
+
+        monkeypatch.setattr(T, name, spy)
+    out = tmp_path / "m"
+    code, _, err = cli(capsys, "train", "all", "--preset", "quick", "--vae-steps", 1, "--out", out, *QUIET)
+    assert code == 0, err
+    report = json.loads((out / "logs" / "train_all.json").read_text())
+    assert {s: r["steps"] for s, r in report["stages"].items()} == {"vae": 1, "clip": 3, "unet": 2}
+    assert seen == {"vae": None, "unet": 5e-3}  # None: the stage's default
+    for lr, expected in (((), 5e-3), (("--lr", "1e-4"), 1e-4)):
+        code, _, err = cli(capsys, "train", "unet", "--preset", "quick", *lr, "--overwrite", "--out", out, *QUIET)
+        assert code == 0, err
+        assert seen["unet"] == expected
+    assert json.loads((out / "logs" / "train_unet.json").read_text())["stages"]["unet"]["steps"] == 2
