@@ -66,3 +66,14 @@ def test_the_naive_backend_trains_through_the_engine(restore_backend):
 
     for got, want in zip(run("naive"), run("numpy")):
         np.testing.assert_allclose(got, want, rtol=1e-10, atol=1e-12)
+
+
+def test_float64_says_which_backends_compute_float64_throughout():
+    """naive and numpy keep float64 in float64 (the float64 checks run on both); the kernels do not."""
+    from minisd.backends import BackendUnavailable, _make
+
+    assert _make("naive").float64 and _make("numpy").float64
+    try:
+        assert not _make("emulated").float64
+    except BackendUnavailable:
+        pass

@@ -434,9 +434,9 @@ NAMES = sorted(CASES)
 
 def _skip_float64_on_kernels(name):
     """The kernels (MINISD_BACKEND=emulated or cupy) compute conv2d, group_norm and fused
-    attention in float32 only; float64 checks of those ops are for the numpy backend."""
+    attention in float32 only; float64 checks of those ops are for the naive and numpy backends."""
     on_kernels = name.startswith(("conv2d", "group_norm")) or (name.startswith("attention") and "mask" not in name)
-    if on_kernels and get_backend().name != "numpy":
+    if on_kernels and not get_backend().float64:
         pytest.skip(f"{get_backend().name} backend: {name} runs a float32 kernel")
 
 

@@ -79,6 +79,12 @@ class Backend:
     xp: ModuleType  # numpy or cupy
     ops: Any  # an object with the raw-array functions listed in the module docstring
 
+    @property
+    def float64(self) -> bool:
+        """Whether this backend computes float64 inputs in float64 throughout (naive, numpy); the
+        kernels of emulated and cupy compute conv2d, group norm and attention in float32."""
+        return self.name in ("naive", "numpy")
+
     def asarray(self, data, dtype=None):
         """Move ``data`` onto this backend's device (a no-op for NumPy arrays on NumPy)."""
         if self.xp.__name__ == "cupy":
