@@ -20,7 +20,8 @@ sides' eps are compared too: the same weights must give the same prediction.
 Targets (issue 7): minisd's time <= 1.5x PyTorch's, its peak memory <= 1.2x PyTorch's.
 The UNet's work at 64x64 is mostly 3x3 convolutions on 320-1280 channels (im2col + BLAS
 here, oneDNN in PyTorch) and attention over 4,096 positions, whose 4,096 x 4,096 score
-matrix per head minisd computes a few rows of heads at a time (reference.MAX_SCORES_IN_MEMORY).
+matrix per head minisd computes a few rows of heads at a time (MAX_SCORES_IN_MEMORY in
+minisd/backends/fast_cpu.py).
 """
 
 from __future__ import annotations
