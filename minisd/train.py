@@ -59,6 +59,7 @@ import numpy as np
 from minisd import distributed
 from minisd import functional as F
 from minisd import nn
+from minisd.benchmarks import peak_memory_mb
 from minisd.optim import EMA, AdamW, clip_grad_norm, warmup_cosine
 from minisd.tensor import Tensor, no_grad
 
@@ -1643,10 +1644,3 @@ def run(args) -> int:
     print(f"minisd train {stage}: {report['total_seconds']:.0f} s in all ({report['total_cpu_seconds']:.0f} s of CPU), peak memory "
           f"{report['peak_memory_mb']:.0f} MB; model in {out}")
     return 0
-
-
-def peak_memory_mb() -> float:
-    """This process's peak resident memory (Linux ru_maxrss is in kB)."""
-    import resource
-
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024

@@ -268,9 +268,3 @@ def _plain(value):
         return value.item()
     return value
 
-
-def repository_root() -> Path | None:
-    """The checkout this minisd was imported from, if any (where lessons/ and kernels/ sit)."""
-    root = Path(__file__).resolve().parent.parent
-    return root if (root / "lessons").is_dir() else None
-
