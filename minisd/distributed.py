@@ -212,6 +212,7 @@ class MPI(Single):
         machine.Free()
         self.machines = len(set(comm.allgather(mpi.Get_processor_name())))
         self.failures = comm.Dup()  # guard's barrier, apart from the training's collectives
+        self.cores = share_cores(self.local_rank, self.local_size)
 
     def describe(self) -> str:
         on = f"on {self.machines} machines" if self.machines > 1 else "on 1 machine"
@@ -253,6 +254,25 @@ class MPI(Single):
     def abort(self, status: int = 1) -> None:
         self.comm.Abort(status)
         os._exit(status)  # MPICH's MPI_Abort may return, leaving the launcher to end the process
+
+
+def share_cores(local_rank: int, local_size: int) -> list[int]:
+    """Give each rank on a machine its own share of the machine's cores; returns the rank's cores.
+
+    minisd runs one thread per core it may use (minisd.backends.cpu_settings.cores). Unbound,
+    2 ranks on 2 cores would each start 2, 4 threads fighting over 2 cores; so rank i of the
+    k on a machine is held (sched_setaffinity) to the i-th k-th of the cores. A launcher that
+    bound the ranks already (mpiexec -bind-to core) is left as it is, as is a machine with
+    fewer cores than ranks."""
+    if not hasattr(os, "sched_getaffinity"):
+        return []
+    allowed = sorted(os.sched_getaffinity(0))
+    share = len(allowed) // local_size
+    if local_size == 1 or share == 0 or len(allowed) < (os.cpu_count() or 0):
+        return allowed
+    mine = allowed[local_rank * share:(local_rank + 1) * share]
+    os.sched_setaffinity(0, mine)
+    return mine
 
 
 class NCCL(MPI):

@@ -281,6 +281,9 @@ def fit(stage: str, params: dict, loss_fn, *, steps: int, lr: float, out: str, b
     if batch_size % world.size:
         raise distributed.BatchNotDivisible(f"train {stage}: a batch of {batch_size} does not split evenly "
                                             f"over {world.size} ranks")
+    if world.size > 1 and world.is_root:
+        print(f"minisd train {stage}: data parallel over {world.describe()}: batch {batch_size} = "
+              f"{world.size} x {batch_size // world.size}")
     check_memory(stage, loss_fn, opt.params, batch_size)
     start, losses, saved_at = 0, [], None
     saved = world.from_root(lambda: read_checkpoint(ckpt, params) if resume and os.path.exists(ckpt) else None)

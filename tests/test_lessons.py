@@ -25,6 +25,7 @@ FIGURES = {
     "01_kernels": {"conv2d_blocks.png", "group_norm_blocks.png", "attention_blocks.png", "kernel_check.png"},
     "02_inputs": {"dataset_grid.png", "image_as_tensor.png", "attribute_counts.png", "heldout.png"},
     "03_forward_noise": {"schedule.png", "noising_grid.png", "noising.gif", "histograms.png"},
+    "10_data_parallel": {"shard_gradients.png", "ring_allreduce.png"},
 }
 # lessons that need a trained model: without one they stop early, write no figures, and
 # their numbers are not checked (they are in CI once the shipped model is in the package)
@@ -41,7 +42,8 @@ NEEDS_MODEL = {"04_vae", "05_text_encoder", "06_unet", "07_reverse_denoise", "08
                "09_img2img_inpainting"}
 # figures written only when a model loads (03) or the model folder has CLIP's image tower (05)
 OPTIONAL_FIGURES = {"03_forward_noise": ("latent_part", {"latent_noising.png"}),
-                    "05_text_encoder": ("clip_part", {"clip_similarity.png"})}
+                    "05_text_encoder": ("clip_part", {"clip_similarity.png"}),
+                    "10_data_parallel": ("two_ranks", {"two_ranks.png"})}  # with mpi4py and mpiexec
 # MINISD_LESSONS_MODEL=DIR runs the lessons on another model folder (one `minisd train all`
 # wrote); the checks of the model's quality are then left out, the rest still hold.
 OTHER_MODEL = os.environ.get("MINISD_LESSONS_MODEL")
@@ -249,6 +251,17 @@ def test_09_img2img_inpainting_numbers(runs):
         assert all(r["recolour_right"][r["strengths"].index(0.6):])
         assert r["move_positions"][0] == "top left" and r["move_positions"][-1] == "bottom right"
         assert all(r["inpaint_right"]) and r["inpaint_outside_max"] < 40
+
+
+def test_10_data_parallel_numbers(runs):
+    _, r, _ = runs("10_data_parallel")
+    assert r["shard_mean_relative_difference"] < 1e-5  # the shards' mean is the batch's gradient
+    assert r["batch_coupled_relative_difference"] > 1e-2  # ... unless samples meet inside the model
+    assert 0.2 < r["one_shard_cosine"] < 0.99  # one shard alone: a noisy estimate
+    assert r["ring_error"] < 1e-6
+    assert r["ring_bytes_sent_per_rank"] == pytest.approx(2 * 3 / 4 * (r["parameters"] * 4), rel=1e-4)
+    if r["two_ranks"]:
+        assert r["loss_relative_difference"] < 1e-3
 
 
 def test_cli_lists_lessons_and_rejects_unknown():

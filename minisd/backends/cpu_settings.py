@@ -56,8 +56,12 @@ def apply() -> None:
 
 
 def cores() -> int:
-    """How many threads minisd shares its CPU work among: one per core, or 1 with MINISD_CPU_TUNING=0."""
-    return (os.cpu_count() or 1) if ENABLED else 1
+    """How many threads minisd shares its CPU work among: one per core this process may run on (its
+    affinity: all of them, unless taskset or an MPI launcher's binding says fewer), or 1 with
+    MINISD_CPU_TUNING=0."""
+    if not ENABLED:
+        return 1
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 
 
 # ------------------------------------------------------------------------------------
@@ -113,6 +117,8 @@ class blas_threads:
         libraries = self.controllers()
         self.threads = [lib.get_num_threads() for lib in libraries]
         wanted = [self.wanted] * len(libraries) if self.wanted is not None else blas_threads.held_from
+        if self.wanted is None and wanted:  # no more than the cores this process may use (an MPI rank: its share)
+            wanted = [min(n, cores()) for n in wanted]
         for lib, n in zip(libraries, wanted or self.threads):
             lib.set_num_threads(n)
 

@@ -11,7 +11,7 @@ import sys
 import time
 from typing import Callable
 
-NAMES = ("ops", "kernels", "unet", "sd15", "generate", "samplers")
+NAMES = ("ops", "kernels", "unet", "sd15", "generate", "dist", "samplers")
 
 
 def timeit(fn: Callable[[], object], repeat: int = 5, warmup: int = 1, min_time: float = 0.0) -> float:
