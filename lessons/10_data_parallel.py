@@ -220,10 +220,12 @@ viz.save(fig, args.out / "ring_allreduce.png")
 #
 # On one machine, 2 ranks share its cores: each rank is held to its half of them, so 1
 # process x 2 threads is set against 2 ranks x 1 thread. Threads share one copy of the
-# model and of Python's work; ranks each have their own, and pay the all-reduce. On a
-# laptop, threads usually win; ranks pay off across machines (a hostfile), and across
-# GPUs. On a shared machine these timings are noisy: `minisd bench dist` runs both in
-# turns, several times, for the UNet stage.
+# model, but also one Python interpreter, which runs the work between the big array
+# operations (building the graph, the many small ops) one thread at a time; each rank has
+# its own, and pays the all-reduce instead. On the 2-core machine minisd is developed on,
+# `minisd bench dist` (the UNet stage, in turns, several times: a shared machine is noisy)
+# measured 2 ranks at 1.4-1.55x the images per second of 1 process. The short VAE runs here
+# are a rougher measure.
 
 # %%
 viz.header("3. one process against 2 ranks")
@@ -283,8 +285,9 @@ else:
 #   contrastive loss) needs its statistics or embeddings gathered across the ranks first.
 # - One all-reduce a step keeps N copies of the model identical; in a ring each rank sends
 #   2 (N - 1) / N of the gradient, whatever N: 3 MiB for minisd's UNet, ~6.4 GiB for SD's.
-# - On one small machine threads beat ranks; data parallelism is how training grows past
-#   one machine, or one GPU (`mpiexec -hostfile hosts -n 16 minisd train ...`, see README).
+# - Ranks can beat threads even on one machine (each has its own Python); data parallelism
+#   is how training grows past one machine, or one GPU (`mpiexec -n 16 -f hosts minisd
+#   train ...`, see the README).
 
 # %%
 results["seconds"] = round(time.perf_counter() - t_start, 2)

@@ -374,24 +374,21 @@ def connect():
     return NCCL(comm) if get_backend().xp.__name__ == "cupy" else MPI(comm)
 
 
-def guarded(fn):
-    """fn run under ``world().guard()``: on N ranks, a failure of one rank alone stops them all."""
-    @functools.wraps(fn)
-    def call(*args, **kwargs):
-        with world().guard():
-            return fn(*args, **kwargs)
+def _run_under(context: str):
+    """A decorator: the function runs inside world().<context>()."""
+    def decorate(fn):
+        @functools.wraps(fn)
+        def call(*args, **kwargs):
+            with getattr(world(), context)():
+                return fn(*args, **kwargs)
 
-    return call
+        return call
+
+    return decorate
 
 
-def command(fn):
-    """fn (a command's run(args)) under ``world().command()``: rank 0 speaks for all ranks."""
-    @functools.wraps(fn)
-    def call(*args, **kwargs):
-        with world().command():
-            return fn(*args, **kwargs)
-
-    return call
+guarded = _run_under("guard")  # on N ranks, a failure of one rank alone stops them all (fit)
+command = _run_under("command")  # a command's run(args): rank 0 speaks for all ranks, and guard
 
 
 def root_only(fn):

@@ -784,9 +784,10 @@ def train_unet(out: str, dataset: str = "shapes", steps: int | None = None, batc
         pred = unet(x_t[mine], t[mine], embeddings[rows[mine]])
         return denoising_loss(pred, noise[mine], t[mine], scheduler.alphas_cumprod, snr_gamma)
 
-    # a run shorter than quality_every (a test's, a smoke run) has no curve to draw
+    # a run shorter than quality_every (a test's, a smoke run) has no curve to draw; on N ranks rank 0
+    # alone samples and writes it (the others wait for it at the next step's all-reduce)
     quality = QualityLog(out, steps, quality_every, quality_prompts, unet, frozen, resume) \
-        if quality_every and steps >= quality_every else None
+        if quality_every and steps >= quality_every and world.is_root else None
     if quality is None and not resume and world.is_root:  # an earlier run's curve is not this run's
         remove_paths([os.path.join(out, "logs", f"unet_quality.{ext}") for ext in ("csv", "png")])
     record = fit("unet", dict(unet.named_parameters()), loss_fn, steps=steps, lr=lr or DEFAULT_LR["unet"],
