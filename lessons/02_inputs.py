@@ -31,6 +31,7 @@ import numpy as np
 
 from minisd import viz
 from minisd.data import shapes
+from minisd.data.images import to_model_input
 
 plt = viz.plt
 args = viz.lesson_args("02_inputs")
@@ -90,7 +91,7 @@ viz.save(viz.image_grid(batch.images, titles=batch.captions, ncols=4, cell=1.5,
 # %%
 viz.header("3. an image as a tensor")
 image = batch.images[0]
-x = viz.to_model_input(image)
+x = to_model_input(image)
 viz.shape_line("image as stored (H, W, C)", image.shape, (512, 512, 3))
 viz.shape_line("model input (C, H, W)", x.shape, viz.SD["image"])
 print(f"  numbers per image: minisd {x.size:,}; SD {int(np.prod(viz.SD['image'])):,} "

@@ -39,6 +39,7 @@ import numpy as np
 
 from minisd import viz
 from minisd.data import shapes
+from minisd.data.images import to_model_input
 from minisd.schedulers import DDIMScheduler, DDPMScheduler
 
 plt = viz.plt
@@ -122,7 +123,7 @@ results["t_snr_equals_1"] = t_snr1
 # %%
 viz.header("2. one image over the 50 steps")
 image = shapes.render("red", "circle", "large", "center")
-x0 = viz.to_model_input(image)[None]  # (1, 3, 32, 32) in [-1, 1]
+x0 = to_model_input(image)[None]  # (1, 3, 32, 32) in [-1, 1]
 eps = np.random.default_rng(0).standard_normal(x0.shape).astype(np.float32)
 noisy = np.concatenate([scheduler.add_noise(x0, eps, np.array([t])) for t in timesteps])  # (50, 3, 32, 32)
 print(f"  x_0 {x0.shape[1:]} (SD: {viz.SD['image']}); x_t for {len(timesteps)} timesteps: {noisy.shape}")
@@ -146,7 +147,7 @@ results["frames"] = len(frames)
 # %%
 viz.header("3. the chain against the jump")
 n_images = 16 if args.fast else 64
-batch = viz.to_model_input(shapes.make_dataset(n_images, "train", seed=0).images)
+batch = to_model_input(shapes.make_dataset(n_images, "train", seed=0).images)
 rng = np.random.default_rng(1)
 x = batch.copy()
 chain_mean, chain_std = {}, {}

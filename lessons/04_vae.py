@@ -34,6 +34,7 @@ import numpy as np
 
 from minisd import viz
 from minisd.data import shapes
+from minisd.data.images import to_model_input
 
 plt = viz.plt
 args = viz.lesson_args("04_vae")
@@ -76,7 +77,7 @@ results["sd_compression"] = sd_compression
 viz.header("2. encoding")
 n_images = 6 if args.fast else 64
 data = shapes.make_dataset(n_images, "train", seed=4)
-x = viz.to_model_input(data.images)
+x = to_model_input(data.images)
 with minisd.no_grad():
     posterior = vae.encode(x)
     z_mean, z_std = posterior.mean.numpy(), posterior.std.numpy()
@@ -130,7 +131,7 @@ recon_uint8 = np.stack([viz.to_uint8(r) for r in recon])
 train_psnr = psnr_db(recon_uint8, data.images)
 held = shapes.make_dataset(n_images, "heldout", seed=5)
 with minisd.no_grad():
-    held_recon = vae.decode(vae.encode(viz.to_model_input(held.images)).mean).numpy()
+    held_recon = vae.decode(vae.encode(to_model_input(held.images)).mean).numpy()
 held_recon_uint8 = np.stack([viz.to_uint8(r) for r in held_recon])
 held_psnr = psnr_db(held_recon_uint8, held.images)
 print(f"  PSNR over {n_images} training images: mean {train_psnr.mean():.1f} dB (min {train_psnr.min():.1f})")
@@ -162,7 +163,7 @@ viz.save(viz.image_grid(pairs, titles=titles, ncols=8, cell=1.2, fontsize=6,
 viz.header("4. interpolation")
 a_img = shapes.render("red", "circle", "large", "top left")
 b_img = shapes.render("blue", "square", "large", "bottom right")
-xa, xb = viz.to_model_input(np.stack([a_img, b_img]))
+xa, xb = to_model_input(np.stack([a_img, b_img]))
 with minisd.no_grad():
     za, zb = vae.encode(np.stack([xa, xb])).mean.numpy()
 alphas = np.linspace(0, 1, 8, dtype=np.float32)

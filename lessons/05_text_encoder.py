@@ -34,6 +34,7 @@ import numpy as np
 
 from minisd import viz
 from minisd.data import shapes
+from minisd.data.images import to_model_input
 
 plt = viz.plt
 args = viz.lesson_args("05_text_encoder")
@@ -188,7 +189,7 @@ else:
     images = np.stack([shapes.render_record(r) for r in records])
     captions = [r.caption for r in records]
     with minisd.no_grad():
-        logits = clip(viz.to_model_input(images), tokenizer(captions)).numpy()
+        logits = clip(to_model_input(images), tokenizer(captions)).numpy()
     cos = logits / np.exp(float(clip.logit_scale.numpy()))
     top1 = float((cos.argmax(axis=1) == np.arange(len(records))).mean())
     print(f"  {len(records)} captions x {len(records)} images; the right image ranks first for "

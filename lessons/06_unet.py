@@ -35,6 +35,7 @@ import numpy as np
 
 from minisd import viz
 from minisd.data import shapes
+from minisd.data.images import to_model_input
 from minisd.models.unet import timestep_embedding
 from minisd.pipeline import token_attention
 
@@ -104,7 +105,7 @@ results["timestep_embedding_at_0"] = float(np.abs(emb[0] - np.r_[np.ones(dim // 
 # %%
 viz.header("3. one denoising step")
 caption = "a large red circle in the top left"
-x0 = viz.to_model_input(shapes.render(**{k: v for k, v in vars(shapes.parse_caption(caption)).items()
+x0 = to_model_input(shapes.render(**{k: v for k, v in vars(shapes.parse_caption(caption)).items()
                                          if k in ("color", "shape", "size", "position")}))[None]
 with minisd.no_grad():
     z0 = vae.encode(x0).mean.numpy() * sf
@@ -161,7 +162,7 @@ n_images = 4 if args.fast else 16
 t_grid = np.linspace(20, 980, 4 if args.fast else 9).astype(int)
 data = shapes.make_dataset(n_images, "train", seed=6)
 with minisd.no_grad():
-    zb = vae.encode(viz.to_model_input(data.images)).mean.numpy() * sf
+    zb = vae.encode(to_model_input(data.images)).mean.numpy() * sf
 cb = pipe.encode_prompt(data.captions)
 cb_empty = np.broadcast_to(c_empty, cb.shape)
 rng = np.random.default_rng(1)

@@ -53,13 +53,13 @@ def psnr(a: np.ndarray, b: np.ndarray) -> tuple[float, float]:
 
 def vae_psnr(vae, images: np.ndarray, batch: int = 128) -> dict:
     from minisd.tensor import no_grad
-    from minisd.train import to_model_images, to_uint8_images
+    from minisd.data.images import to_model_input, to_uint8
 
     recon = []
     with no_grad():
         for i in range(0, len(images), batch):
-            x = to_model_images(images[i:i + batch])
-            recon.append(to_uint8_images(vae.decode(vae.encode(x).mode()).numpy()))
+            x = to_model_input(images[i:i + batch])
+            recon.append(to_uint8(vae.decode(vae.encode(x).mode()).numpy()))
     mean_db, overall_db = psnr(np.concatenate(recon), images)
     return {"images": len(images), "psnr_db_mean": round(mean_db, 2), "psnr_db_overall": round(overall_db, 2)}
 
@@ -96,7 +96,7 @@ def adherence(pipe, records, seeds: int, first_seed: int, batch: int, steps: int
 def clip_scores(clip, tokenizer, generated, captions, real) -> dict:
     """100 * cos(image, caption) with minisd's CLIP: generated vs real images, and mismatched pairs."""
     from minisd.tensor import no_grad
-    from minisd.train import to_model_images
+    from minisd.data.images import to_model_input
 
     def features(fn, x):
         with no_grad():
@@ -105,8 +105,8 @@ def clip_scores(clip, tokenizer, generated, captions, real) -> dict:
 
     ids = tokenizer(captions)
     t = features(clip.get_text_features, ids)
-    g = features(clip.get_image_features, to_model_images(generated))
-    r = features(clip.get_image_features, to_model_images(real))
+    g = features(clip.get_image_features, to_model_input(generated))
+    r = features(clip.get_image_features, to_model_input(real))
     shuffled = np.roll(np.arange(len(captions)), 1)
     return {"generated": round(float(100 * (g * t).sum(1).mean()), 2),
             "real_images": round(float(100 * (r * t).sum(1).mean()), 2),

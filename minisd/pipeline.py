@@ -64,6 +64,7 @@ from typing import Any, Callable
 import numpy as np
 
 from minisd.backends import get_backend, to_numpy
+from minisd.data.images import to_model_input, to_uint8
 from minisd.tensor import Tensor, no_grad
 
 DEFAULT_MODEL = os.path.join(os.path.dirname(os.path.abspath(__file__)), "weights", "shapes")
@@ -241,13 +242,6 @@ def load_mask(mask, what: str = "mask_image") -> np.ndarray:
             raise ValueError(f"{what} must be an array (H, W) or (N, H, W), optionally with 1 or 3 channels "
                              f"last; got shape {np.shape(mask)}")
     return (grey.astype(np.float32) / np.float32(255) >= 0.5).astype(np.float32)[:, None]
-
-
-def to_model_input(images: np.ndarray) -> np.ndarray:
-    """uint8 (N, H, W, 3) -> float32 (N, 3, H, W) in [-1, 1], as diffusers' image processor
-    normalizes: x / 255, then 2x - 1."""
-    x = images.astype(np.float32).transpose(0, 3, 1, 2) / np.float32(255.0)
-    return np.float32(2.0) * x - np.float32(1.0)
 
 
 def prompt_words(tokenizer, prompt: str) -> list[str]:
@@ -469,7 +463,7 @@ class StableDiffusionPipeline:
         """x = D(z / scaling_factor), from [-1, 1] to uint8 (N, H, W, 3)."""
         with no_grad():
             x = self.vae.decode(latents / float(self.vae.config["scaling_factor"])).numpy()
-        return np.clip(np.round((x + 1.0) * 127.5), 0, 255).astype(np.uint8).transpose(0, 2, 3, 1)
+        return to_uint8(x)
 
     # ---- the sampling loop -----------------------------------------------------------------
 

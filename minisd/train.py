@@ -60,6 +60,7 @@ from minisd import distributed
 from minisd import functional as F
 from minisd import nn
 from minisd.benchmarks import peak_memory_mb
+from minisd.data.images import to_model_input
 from minisd.optim import EMA, AdamW, clip_grad_norm, warmup_cosine
 from minisd.tensor import Tensor, no_grad
 
@@ -119,17 +120,6 @@ QUICK_MEASURED = ("Measured once on the shared 2-core machine (load 4-6, so indi
 # ---------------------------------------------------------------------------------------
 # Data
 # ---------------------------------------------------------------------------------------
-
-
-def to_model_images(images_uint8: np.ndarray) -> np.ndarray:
-    """uint8 (N, H, W, 3) in [0, 255] -> float32 (N, 3, H, W) in [-1, 1], the VAE's input range."""
-    return (images_uint8.astype(np.float32) / 127.5 - 1.0).transpose(0, 3, 1, 2).copy()
-
-
-def to_uint8_images(x) -> np.ndarray:
-    """float (N, 3, H, W) in [-1, 1] -> uint8 (N, H, W, 3), rounded and clipped."""
-    x = np.asarray(x, dtype=np.float32)
-    return np.clip(np.round((x + 1.0) * 127.5), 0, 255).astype(np.uint8).transpose(0, 2, 3, 1)
 
 
 def load_dataset(name: str, split: str = "train", font: str | None = None):
@@ -525,7 +515,7 @@ def train_vae(out: str, dataset: str = "shapes", steps: int | None = None, batch
     batch_size = batch_size or DEFAULT_BATCH["vae"]
     if images is None:
         images, _ = load_dataset(dataset, "train", font)
-    x_all = to_model_images(images)
+    x_all = to_model_input(images)
     nn.manual_seed(seed)
     if init is not None:
         vae = load_part(init, AutoencoderKL)
@@ -642,7 +632,7 @@ def train_clip(out: str, dataset: str = "shapes", steps: int | None = None, batc
     tok, reused = world.from_root(tokenizer)
     if not reused:
         discard = tuple(p for p in discard if os.path.abspath(p) != os.path.abspath(tok_dir))  # just written
-    x_all = to_model_images(images)
+    x_all = to_model_input(images)
     ids_all = caption_ids(tok, captions)
     # Group images by caption: a batch takes distinct captions, since two images of the same
     # caption in one batch would each be told that the other is a wrong match.
@@ -688,7 +678,7 @@ def train_clip(out: str, dataset: str = "shapes", steps: int | None = None, batc
 
 def encode_dataset(vae, images: np.ndarray, batch: int = 128) -> tuple[np.ndarray, np.ndarray]:
     """The posterior q(z|x) of every image, (mean, std), computed once: the VAE is frozen now."""
-    x_all = to_model_images(images)
+    x_all = to_model_input(images)
     means, stds = [], []
     with no_grad():
         for i in range(0, len(x_all), batch):

@@ -16,7 +16,8 @@ a script or in CI never opens a window. Inside Jupyter or VS Code's interactive 
 figures show inline as well.
 
 Images: a lesson may hand over uint8 (H, W, 3) in [0, 255] (what the dataset holds) or
-float (3, H, W) in [-1, 1] (what the models see, SD's convention); ``to_uint8`` takes both.
+float (3, H, W) in [-1, 1] (what the models see, SD's convention); ``to_uint8`` takes both
+(the model's scaling itself is minisd.data.images').
 """
 
 from __future__ import annotations
@@ -29,6 +30,8 @@ import sys
 from pathlib import Path
 
 import numpy as np
+
+from minisd.data import images as model_images
 
 
 def _in_notebook() -> bool:
@@ -137,17 +140,10 @@ def to_uint8(image) -> np.ndarray:
     if a.dtype == np.uint8:
         return a
     if a.ndim == 3 and a.shape[0] in (1, 3) and a.shape[-1] not in (1, 3):
-        a = (a.transpose(1, 2, 0) + 1) / 2  # CHW in [-1, 1] -> HWC in [0, 1]
-    a = np.clip(np.asarray(a, dtype=np.float64), 0, 1)
-    if a.ndim == 3 and a.shape[-1] == 1:
-        a = a[..., 0]
-    return np.round(a * 255).astype(np.uint8)
-
-
-def to_model_input(image_uint8) -> np.ndarray:
-    """uint8 (H, W, 3) or (N, H, W, 3) -> float32 (3, H, W) or (N, 3, H, W) in [-1, 1], SD's scaling."""
-    a = np.asarray(image_uint8, dtype=np.float32) / 127.5 - 1.0
-    return np.moveaxis(a, -1, -3)
+        a = model_images.to_uint8(a)  # what the models see: CHW in [-1, 1]
+    else:
+        a = np.round(np.clip(np.asarray(a, dtype=np.float64), 0, 1) * 255).astype(np.uint8)
+    return a[..., 0] if a.ndim == 3 and a.shape[-1] == 1 else a
 
 
 def upscale(image: np.ndarray, factor: int) -> np.ndarray:

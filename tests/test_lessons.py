@@ -286,13 +286,14 @@ def test_lesson_resolution():
 
 def test_viz_helpers(tmp_path):
     from minisd import viz
+    from minisd.data.images import to_model_input
 
     white = np.full((4, 4, 3), 255, np.uint8)
     assert viz.to_uint8(white) is white
     chw = np.ones((3, 4, 4), np.float32)  # [-1, 1] channels-first: 1 is white
     assert (viz.to_uint8(chw) == 255).all() and viz.to_uint8(chw).shape == (4, 4, 3)
     assert (viz.to_uint8(-chw) == 0).all()
-    x = viz.to_model_input(np.stack([white, white * 0]))
+    x = to_model_input(np.stack([white, white * 0]))
     assert x.shape == (2, 3, 4, 4) and x.dtype == np.float32 and x[0].min() == 1 and x[1].max() == -1
     assert viz.upscale(white, 3).shape == (12, 12, 3)
     assert viz._wrap("a b c\nd", 3) == "a b\nc\nd"

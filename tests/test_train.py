@@ -9,6 +9,7 @@ import pytest
 
 from minisd import train as T
 from minisd.data import shapes
+from minisd.data.images import to_model_input
 
 # A model small enough for CI: every stage runs in a few seconds.
 TINY_VAE = dict(T.VAE_CONFIG, block_out_channels=(8, 16), down_block_types=("DownEncoderBlock2D",) * 2,
@@ -69,7 +70,7 @@ def test_scaling_factor_is_one_over_latent_std(trained, small_data):
 
     vae = io.load_pretrained(os.path.join(trained[0], "vae"), AutoencoderKL)
     scale = vae.config["scaling_factor"]
-    z = vae.encode(T.to_model_images(small_data[0])).sample(np.random.default_rng(1)).numpy()
+    z = vae.encode(to_model_input(small_data[0])).sample(np.random.default_rng(1)).numpy()
     assert abs(np.std(z * scale) - 1.0) < 0.05
 
 
@@ -206,7 +207,7 @@ def test_memory_estimate_bounds_the_measured_peak_and_refuses_what_cannot_fit(sm
 
     nn.manual_seed(0)
     vae = AutoencoderKL(**TINY_VAE)
-    x_all = T.to_model_images(small_data[0])
+    x_all = to_model_input(small_data[0])
 
     def loss_fn(rng, n):
         x = x_all[rng.integers(0, len(x_all), size=n)]

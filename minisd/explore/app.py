@@ -43,6 +43,8 @@ from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 
+from minisd.data.images import to_model_input, to_uint8
+
 MAX_SIZE = 256  # px: every step is decoded twice on the CPU, so the explorer stays small
 MAX_SCALES = 8  # guidance scales compared side by side
 MAX_PROMPT_CHARS = 1000
@@ -91,11 +93,6 @@ def png(image: np.ndarray) -> str:
     buf = io.BytesIO()
     Image.fromarray(np.ascontiguousarray(image)).save(buf, format="PNG")
     return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode("ascii")
-
-
-def to_uint8(x: np.ndarray) -> np.ndarray:
-    """float (3, H, W) in [-1, 1] -> uint8 (H, W, 3), SD's scaling (as pipe.decode_latents rounds)."""
-    return np.clip(np.round((x + 1.0) * 127.5), 0, 255).astype(np.uint8).transpose(1, 2, 0)
 
 
 def channel_tiles(z: np.ndarray, value_range: float = NOISE_RANGE) -> np.ndarray:
@@ -502,7 +499,7 @@ class Explorer:
         forward = pipe.make_scheduler("ddpm")
         a = float(forward.alphas_cumprod[t])
         rng = np.random.default_rng(seed)
-        x0 = (picture.astype(np.float32) / np.float32(127.5) - 1).transpose(2, 0, 1)[None]
+        x0 = to_model_input(picture)[None]
         eps = rng.standard_normal(x0.shape).astype(np.float32)
         xt = forward.add_noise(x0, eps, np.array([t]))
         with no_grad():
