@@ -10,7 +10,6 @@ import platform
 import subprocess
 import sys
 
-import numpy as np
 import pytest
 
 from minisd.backends import cpu_settings

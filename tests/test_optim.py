@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 import minisd
-from minisd import Tensor, functional as F, nn
+from minisd import functional as F, nn
 from minisd.optim import EMA, SGD, AdamW, clip_grad_norm, warmup_cosine
 
 SHAPES = [(3, 4), (5,), (2, 1, 3)]

@@ -10,7 +10,7 @@ import pytest
 
 import minisd
 from minisd import io, nn
-from minisd.pipeline import SCHEDULER_NAMES, StableDiffusionPipeline, load_pipeline
+from minisd.pipeline import SCHEDULER_NAMES, load_pipeline
 from minisd.tensor import no_grad
 
 CAPTIONS = ["a small red circle in the top left", "a large blue square in the center",
