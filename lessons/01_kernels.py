@@ -498,7 +498,8 @@ inputs64 = {key: a.astype(np.float64) for key, a in inputs.items()}  # the oracl
 
 
 def cases(ops, a=inputs):
-    """name -> a function computing that op's outputs with ``ops`` (the six kernel functions of a backend: conv2d, group norm and attention, forward and backward) on arrays ``a``."""
+    """name -> a function computing that op's outputs with ``ops`` on arrays ``a``: a backend's six
+    kernel functions (conv2d, group norm and attention, forward and backward)."""
     return {
         "conv2d forward": lambda: [ops.conv2d_forward(a["cx"], a["cw"], a["cb"], 1, 1)],
         "conv2d backward": lambda: list(ops.conv2d_backward(a["dy"], a["cx"], a["cw"], 1, 1)),
