@@ -18,6 +18,7 @@ import warnings
 
 import numpy as np
 import pytest
+from helpers import randn
 
 from minisd import Tensor, functional as F
 
@@ -112,7 +113,7 @@ def check(ours, theirs, *arrays, seed=0) -> str:
 
 
 def arr(shape, seed=0, low=None):
-    x = np.random.default_rng(seed).standard_normal(shape)
+    x = randn(*shape, seed=seed)
     return np.abs(x) + 0.5 if low == "positive" else x
 
 

@@ -14,7 +14,7 @@ import itertools
 
 import numpy as np
 import pytest
-from conftest import f32, numerical_grads, rand, random_attention_cases, random_conv_cases, random_norm_cases
+from helpers import f32, numerical_grads, randn, random_attention_cases, random_conv_cases, random_norm_cases
 
 from minisd.backends import cpu_settings, fast_cpu
 from minisd.backends import naive
@@ -58,8 +58,8 @@ def layout(request, monkeypatch):
 @pytest.mark.parametrize("bias", [True, False])
 def test_conv2d_forward_matches_the_sum(case, bias, layout):
     N, C, H, W, K, R, S, st, pd = case
-    x, w = rand(N, C, H, W), rand(K, C, R, S, seed=1)
-    b = rand(K, seed=2) if bias else None
+    x, w = randn(N, C, H, W), randn(K, C, R, S, seed=1)
+    b = randn(K, seed=2) if bias else None
     expected = naive.conv2d_forward(x, w, b, st, pd)
     y = fast_cpu.conv2d_forward(x, w, b, st, pd)
     assert y.dtype == np.float64 and y.shape == expected.shape
@@ -72,8 +72,8 @@ def test_conv2d_forward_matches_the_sum(case, bias, layout):
 @pytest.mark.parametrize("case", CONV_CASES, ids=lambda c: "N{}C{}H{}W{}K{}k{}x{}s{}p{}".format(*c))
 def test_conv2d_backward_matches_finite_differences(case, layout):
     N, C, H, W, K, R, S, st, pd = case
-    x, w, b = rand(N, C, H, W), rand(K, C, R, S, seed=1), rand(K, seed=2)
-    dy = rand(*naive.conv2d_forward(x, w, b, st, pd).shape, seed=3)
+    x, w, b = randn(N, C, H, W), randn(K, C, R, S, seed=1), randn(K, seed=2)
+    dy = randn(*naive.conv2d_forward(x, w, b, st, pd).shape, seed=3)
     expected = numerical_grads(lambda x, w, b: naive.conv2d_forward(x, w, b, st, pd), [x, w, b], dy)
     grads = fast_cpu.conv2d_backward(dy, x, w, st, pd)
     for name, g, e in zip(("dx", "dw", "db"), grads, expected):
@@ -90,8 +90,8 @@ def test_conv2d_backward_returns_only_what_is_asked(monkeypatch, layout, cores):
     monkeypatch.setattr(cpu_settings, "cores", lambda: cores)
     monkeypatch.setattr(fast_cpu, "CONV_PARALLEL_BYTES", 0)
     monkeypatch.setattr(fast_cpu, "CONV_CHUNK_BYTES", 1)  # one image per chunk, so several runs
-    x, w = rand(4, 3, 5, 5), rand(4, 3, 3, 3, seed=1)
-    dy = rand(4, 4, 5, 5, seed=2)
+    x, w = randn(4, 3, 5, 5), randn(4, 3, 3, 3, seed=1)
+    dy = randn(4, 4, 5, 5, seed=2)
     full = fast_cpu.conv2d_backward(dy, x, w, 1, 1)
     for need in itertools.product([False, True], repeat=3):
         got = fast_cpu.conv2d_backward(dy, x, w, 1, 1, *need)
@@ -109,11 +109,11 @@ def test_conv2d_in_chunks_and_on_strided_inputs(monkeypatch, stride, layout, cor
     monkeypatch.setattr(cpu_settings, "cores", lambda: cores)
     monkeypatch.setattr(fast_cpu, "CONV_PARALLEL_BYTES", 0)  # small as it is, share the batch out
     monkeypatch.setattr(fast_cpu, "CONV_CHUNK_BYTES", 1)  # one image per chunk
-    x = rand(5, 3, 6, 7).swapaxes(2, 3)  # (5, 3, 7, 6), a transposed view
-    w, b = rand(4, 3, 3, 3, seed=1)[:, :, ::-1], rand(4, seed=2)  # a view with a negative stride
+    x = randn(5, 3, 6, 7).swapaxes(2, 3)  # (5, 3, 7, 6), a transposed view
+    w, b = randn(4, 3, 3, 3, seed=1)[:, :, ::-1], randn(4, seed=2)  # a view with a negative stride
     y = fast_cpu.conv2d_forward(x, w, b, stride, 1)
     np.testing.assert_allclose(y, naive.conv2d_forward(x, w, b, stride, 1), rtol=1e-12, atol=1e-12)
-    dy = rand(*y.shape, seed=3)[:, ::-1]
+    dy = randn(*y.shape, seed=3)[:, ::-1]
     monkeypatch.setattr(fast_cpu, "CONV_CHUNK_BYTES", 1 << 30)  # the whole batch at once
     whole = fast_cpu.conv2d_backward(dy, x, w, stride, 1)
     monkeypatch.setattr(fast_cpu, "CONV_CHUNK_BYTES", 3 * 1000 * 8)  # a couple of images per chunk
@@ -176,8 +176,8 @@ def test_group_norm_matches_its_definition(monkeypatch, shape, G, affine, cores)
     monkeypatch.setattr(cpu_settings, "cores", lambda: cores)
     monkeypatch.setattr(fast_cpu, "GROUP_NORM_SHARED", 0)  # small as they are, share the samples out
     C = shape[1]
-    x = rand(*shape) * 3 + 1.5
-    weight, bias = (rand(C, seed=1), rand(C, seed=2)) if affine else (None, None)
+    x = randn(*shape) * 3 + 1.5
+    weight, bias = (randn(C, seed=1), randn(C, seed=2)) if affine else (None, None)
     eps = 1e-5
     y, mean, rstd = fast_cpu.group_norm_forward(x, G, weight, bias, eps)
     np.testing.assert_allclose(y, naive.group_norm_forward(x, G, weight, bias, eps)[0], rtol=1e-10, atol=1e-10)
@@ -189,7 +189,7 @@ def test_group_norm_matches_its_definition(monkeypatch, shape, G, affine, cores)
     assert y32.dtype == mean32.dtype == rstd32.dtype == np.float32  # a float64 eps must not promote
     np.testing.assert_allclose(y32, y, rtol=1e-4, atol=1e-4)
 
-    dy = rand(*shape, seed=3)
+    dy = randn(*shape, seed=3)
     inputs = [x] + ([weight, bias] if affine else [])
     expected = numerical_grads(lambda x, *wb: naive.group_norm_forward(x, G, *(wb or (None, None)), eps)[0], inputs, dy)
     grads = fast_cpu.group_norm_backward(dy, x, G, weight, mean, rstd)
@@ -206,11 +206,11 @@ def test_group_norm_with_a_large_mean():
     """The variance is computed around the mean (two passes), so an offset costs no accuracy
     beyond float32's own spacing at the offset; the backward pass's sums of dy * x (rather
     than dy * xhat) lose no more than that either: float32 against float64."""
-    x = rand(2, 4, 8, 8) + 1e4
+    x = randn(2, 4, 8, 8) + 1e4
     y = fast_cpu.group_norm_forward(x.astype(np.float32), 2, None, None, 1e-5)[0]
     np.testing.assert_allclose(y, naive.group_norm_forward(x, 2, None, None, 1e-5)[0], atol=2e-3)
     for offset, rtol in ((30, 1e-5), (1e3, 1e-3)):
-        x, w, dy = rand(3, 8, 6, 6) + offset, rand(8, seed=1), rand(3, 8, 6, 6, seed=2)
+        x, w, dy = randn(3, 8, 6, 6) + offset, randn(8, seed=1), randn(3, 8, 6, 6, seed=2)
         want = fast_cpu.group_norm_backward(dy, x, 4, w, *fast_cpu.group_norm_forward(x, 4, w, w, 1e-5)[1:])
         x32, w32, dy32 = f32(x, w, dy)
         got = fast_cpu.group_norm_backward(dy32, x32, 4, w32, *fast_cpu.group_norm_forward(x32, 4, w32, w32, 1e-5)[1:])
@@ -231,7 +231,7 @@ ATTN_CASES = [(2, 2, 4, 4, 3, 3), (1, 2, 3, 5, 4, 2), (2, 1, 5, 3, 2, 3), (1, 1,
 @pytest.mark.parametrize("is_causal", [False, True])
 def test_attention_matches_its_definition(case, is_causal):
     B, H, Lq, Lk, d, dv = case
-    q, k, v = rand(B, H, Lq, d), rand(B, H, Lk, d, seed=1), rand(B, H, Lk, dv, seed=2)
+    q, k, v = randn(B, H, Lq, d), randn(B, H, Lk, d, seed=1), randn(B, H, Lk, dv, seed=2)
     scale = 0.7
     o, lse = fast_cpu.attention_forward(q, k, v, scale, is_causal)
     np.testing.assert_allclose(o, naive.attention_forward(q, k, v, scale, is_causal)[0], rtol=1e-10, atol=1e-12)
@@ -243,7 +243,7 @@ def test_attention_matches_its_definition(case, is_causal):
     assert o32.dtype == lse32.dtype == np.float32
     np.testing.assert_allclose(o32, o, rtol=1e-4, atol=1e-5)
 
-    do = rand(*o.shape, seed=3)
+    do = randn(*o.shape, seed=3)
     expected = numerical_grads(lambda q, k, v: naive.attention_forward(q, k, v, scale, is_causal)[0], [q, k, v], do)
     for name, g, e in zip(("dq", "dk", "dv"), fast_cpu.attention_backward(do, q, k, v, o, lse, scale, is_causal),
                           expected):
@@ -261,8 +261,8 @@ def test_attention_in_tiles(monkeypatch, tiles):
     query rows into blocks, give the same numbers as all at once: on the thread pool (small
     products) and one tile after another."""
     B, H, Lq, Lk, d = 3, 3, 5, 4, 3
-    q, k, v = rand(B, H, Lq, d), rand(B, H, Lk, d, seed=1), rand(B, H, Lk, d, seed=2)
-    do = rand(B, H, Lq, d, seed=3)
+    q, k, v = randn(B, H, Lq, d), randn(B, H, Lk, d, seed=1), randn(B, H, Lk, d, seed=2)
+    do = randn(B, H, Lq, d, seed=3)
     whole = fast_cpu.attention_forward(q, k, v, 0.5, True)
     whole_grads = fast_cpu.attention_backward(do, q, k, v, *whole, 0.5, True)
     if tiles == "runs of heads":  # 2 pairs a tile, fewer than a sample's 3 heads: heads 0-1, then head 2
@@ -299,7 +299,7 @@ def test_attention_reads_heads_in_place_and_writes_them_heads_last(is_causal):
     joining the heads back into tokens copies nothing (contiguous inputs get contiguous
     outputs). The numbers are those of contiguous inputs, and of inputs strided in every axis."""
     B, H, Lq, Lk, d = 2, 3, 5, 4, 2
-    tokens = [rand(B, L, H * d, seed=i) for i, L in enumerate((Lq, Lk, Lk, Lq))]
+    tokens = [randn(B, L, H * d, seed=i) for i, L in enumerate((Lq, Lk, Lk, Lq))]
     q, k, v, do = (t.reshape(B, t.shape[1], H, d).transpose(0, 2, 1, 3) for t in tokens)
     assert not q.flags.c_contiguous
     o, lse = fast_cpu.attention_forward(q, k, v, 0.7, is_causal)
@@ -362,9 +362,9 @@ def _assert_like_naive(got, want, names, dtype):
 @pytest.mark.parametrize("case", random_conv_cases(30, seed=1), ids=lambda c: "N{}C{}H{}W{}K{}k{}x{}s{}p{}".format(*c))
 def test_conv2d_equals_naive_at_random_shapes(case, layout, dtype):
     N, C, H, W, K, R, S, st, pd = case
-    x, w, b = rand(N, C, H, W), rand(K, C, R, S, seed=1), rand(K, seed=2)
+    x, w, b = randn(N, C, H, W), randn(K, C, R, S, seed=1), randn(K, seed=2)
     y = naive.conv2d_forward(x, w, b, st, pd)
-    dy = rand(*y.shape, seed=3)
+    dy = randn(*y.shape, seed=3)
     cast = lambda *arrays: [a.astype(dtype) for a in arrays]  # noqa: E731
     _assert_like_naive([fast_cpu.conv2d_forward(*cast(x, w, b), st, pd)], [y], ["y"], dtype)
     _assert_like_naive(fast_cpu.conv2d_backward(*cast(dy, x, w), st, pd), naive.conv2d_backward(dy, x, w, st, pd),
@@ -377,9 +377,9 @@ def test_group_norm_equals_naive_at_random_shapes(monkeypatch, case, dtype):
     monkeypatch.setattr(cpu_settings, "cores", lambda: 3)
     monkeypatch.setattr(fast_cpu, "GROUP_NORM_SHARED", 0)  # small as they are, share the samples out
     shape, G, has_weight, has_bias, eps = case
-    x, dy = rand(*shape) * 2 + 1, rand(*shape, seed=3)
-    weight = rand(shape[1], seed=1) if has_weight else None
-    bias = rand(shape[1], seed=2) if has_bias else None
+    x, dy = randn(*shape) * 2 + 1, randn(*shape, seed=3)
+    weight = randn(shape[1], seed=1) if has_weight else None
+    bias = randn(shape[1], seed=2) if has_bias else None
     want = naive.group_norm_forward(x, G, weight, bias, eps)
     cast = lambda *arrays: [None if a is None else a.astype(dtype) for a in arrays]  # noqa: E731
     got = fast_cpu.group_norm_forward(*cast(x), G, *cast(weight, bias), eps)
@@ -395,10 +395,10 @@ def test_attention_equals_naive_at_random_shapes(case, dtype):
     """Contiguous inputs, and every other case heads split out of tokens (strided views)."""
     B, H, Lq, Lk, d, dv, causal = case
     if sum(case[:6]) % 2:
-        q, k, v, do = (rand(B, L, H * e, seed=i).reshape(B, L, H, e).transpose(0, 2, 1, 3)
+        q, k, v, do = (randn(B, L, H * e, seed=i).reshape(B, L, H, e).transpose(0, 2, 1, 3)
                        for i, (L, e) in enumerate(((Lq, d), (Lk, d), (Lk, dv), (Lq, dv))))
     else:
-        q, k, v, do = rand(B, H, Lq, d), rand(B, H, Lk, d, seed=1), rand(B, H, Lk, dv, seed=2), rand(B, H, Lq, dv, seed=3)
+        q, k, v, do = (randn(B, H, L, e, seed=i) for i, (L, e) in enumerate(((Lq, d), (Lk, d), (Lk, dv), (Lq, dv))))
     scale = d ** -0.5
     o, lse = naive.attention_forward(q, k, v, scale, causal)
     cast = lambda *arrays: [a.astype(dtype) for a in arrays]  # noqa: E731

@@ -20,6 +20,7 @@ from typing import Callable
 
 import numpy as np
 import pytest
+from helpers import randn
 
 from minisd import Tensor, functional as F, get_backend
 from minisd.gradcheck import gradcheck
@@ -49,10 +50,6 @@ REDUCE_ATOL = 1e-5  # forward atol for float32 results that are sums of many ter
 # ------------------------------------------------------------------------------------
 # Inputs
 # ------------------------------------------------------------------------------------
-
-
-def randn(*shape, seed=0):
-    return np.random.default_rng(seed).standard_normal(shape)
 
 
 def away_from_zero(*shape, seed=0, margin=0.2):
@@ -387,7 +384,7 @@ _bool_mask = np.array([[True, False, True, True, False, True],
                        [False, True, True, False, False, False],
                        [True, True, True, True, True, True],
                        [False, False, False, False, False, True]])
-_add_mask = np.random.default_rng(7).standard_normal((4, 6))
+_add_mask = randn(4, 6, seed=7)
 _qkv = lambda Lq, Lk, lead=(2, 2), d=3, dv=3: lambda: [  # noqa: E731
     randn(*lead, Lq, d), randn(*lead, Lk, d, seed=1), randn(*lead, Lk, dv, seed=2)]
 case("attention_self", _sdpa, _tsdpa, _qkv(4, 4), atol=REDUCE_ATOL)
@@ -482,7 +479,7 @@ def test_against_torch_float32(name):
         np.testing.assert_allclose(out.numpy(), ref.detach().numpy(), atol=c.atol, rtol=c.rtol, err_msg=layout)
 
         if upstream is None:
-            upstream = np.random.default_rng(123).standard_normal(out.shape).astype(np.float32)
+            upstream = randn(*out.shape, seed=123, dtype=np.float32)
         # the upstream gradient in the same layout: backward passes must not assume contiguous input
         (_, (g,)), = layouts([upstream], names=(layout,))
         out.backward(g)
@@ -586,7 +583,7 @@ def test_dropout_statistics_scaling_and_gradient():
     # the expected value is preserved
     assert abs(out.mean() - 1) < 5 * np.sqrt(p / (1 - p) / n)
     # gradient = mask / (1 - p)
-    g = np.random.default_rng(1).standard_normal(out.shape).astype(np.float32)
+    g = randn(*out.shape, seed=1, dtype=np.float32)
     y.backward(g)
     np.testing.assert_allclose(x.grad, g * kept / (1 - p), rtol=1e-6)
 

@@ -4,6 +4,7 @@ import re
 
 import numpy as np
 import pytest
+from helpers import randn
 
 from minisd import Tensor, functional as F
 from minisd.gradcheck import gradcheck
@@ -53,58 +54,54 @@ class Forgetful(Function):
         return g * self.b, None
 
 
-def _x(*shape, seed=0):
-    return np.random.default_rng(seed).standard_normal(shape)
-
-
 @pytest.mark.parametrize("shape", [(3, 4), (10, 10)])  # every coordinate; random directions
 def test_passes_on_a_right_backward(shape):
-    assert gradcheck(lambda t: Cube.apply(t), [_x(*shape)]) is True
+    assert gradcheck(lambda t: Cube.apply(t), [randn(*shape)]) is True
 
 
 @pytest.mark.parametrize("wrong", ["factor", "slightly", "transposed"])
 @pytest.mark.parametrize("shape", [(3, 4), (10, 10)])
 def test_raises_on_a_wrong_backward(wrong, shape):
     with pytest.raises(AssertionError, match=re.escape(f"gradcheck: input 0 (shape {shape})")):
-        gradcheck(lambda t: Cube.apply(t, wrong=wrong), [_x(*shape)])
+        gradcheck(lambda t: Cube.apply(t, wrong=wrong), [randn(*shape)])
 
 
 def test_random_directions_catch_a_single_wrong_entry():
     """Above max_coords only a few random directions are probed; one wrong entry still shows."""
     for seed in range(3):
         with pytest.raises(AssertionError):
-            gradcheck(lambda t: Cube.apply(t, wrong="one_entry"), [_x(12, 12, seed=seed)], seed=seed)
+            gradcheck(lambda t: Cube.apply(t, wrong="one_entry"), [randn(12, 12, seed=seed)], seed=seed)
 
 
 def test_names_the_input_with_the_wrong_gradient():
     with pytest.raises(AssertionError, match="input 1"):
-        gradcheck(lambda a, b: MulWrongSecond.apply(a, b), [_x(2, 3), _x(2, 3, seed=1)])
+        gradcheck(lambda a, b: MulWrongSecond.apply(a, b), [randn(2, 3), randn(2, 3, seed=1)])
     with pytest.raises(AssertionError, match="input 1"):
-        gradcheck(lambda a, b: Forgetful.apply(a, b), [_x(2, 3), _x(2, 3, seed=1)])
+        gradcheck(lambda a, b: Forgetful.apply(a, b), [randn(2, 3), randn(2, 3, seed=1)])
 
 
 def test_inputs_that_do_not_matter_have_zero_gradient():
-    assert gradcheck(lambda a, b: a * 2.0, [_x(3), _x(3, seed=1)])
+    assert gradcheck(lambda a, b: a * 2.0, [randn(3), randn(3, seed=1)])
 
 
 def test_integer_inputs_are_constants():
     ids = np.array([0, 2, 2, 1])
-    assert gradcheck(lambda w, i: F.embedding(i, w), [_x(3, 2), ids])
+    assert gradcheck(lambda w, i: F.embedding(i, w), [randn(3, 2), ids])
 
 
 def test_any_output_shape_and_float32_inputs_are_checked_in_float64():
-    x32 = _x(2, 3).astype(np.float32)
+    x32 = randn(2, 3).astype(np.float32)
     assert gradcheck(lambda t: F.softmax(t * 3.0), [x32])
     assert gradcheck(lambda t: t.sum(), [x32])  # scalar output
 
 
 def test_an_op_that_drops_to_float32_is_reported():
     with pytest.raises(TypeError, match="float64"):
-        gradcheck(lambda t: F.cast(t, np.float32), [_x(3)])
+        gradcheck(lambda t: F.cast(t, np.float32), [randn(3)])
 
 
 def test_the_inputs_are_not_modified():
-    x = _x(4, 5)
+    x = randn(4, 5)
     before = x.copy()
     gradcheck(lambda t: Cube.apply(t), [x])
     np.testing.assert_array_equal(x, before)
@@ -120,5 +117,5 @@ def test_a_non_differentiable_point_is_caught():
 
 def test_result_of_a_tensor_function_is_a_tensor():
     """fn may use Tensor methods and Python operators freely."""
-    assert gradcheck(lambda a, b: ((a @ b).tanh() * a.sum()).mean(axis=0), [_x(2, 3), _x(3, 4, seed=1)])
-    assert isinstance(Cube.apply(Tensor(_x(2))), Tensor)
+    assert gradcheck(lambda a, b: ((a @ b).tanh() * a.sum()).mean(axis=0), [randn(2, 3), randn(3, 4, seed=1)])
+    assert isinstance(Cube.apply(Tensor(randn(2))), Tensor)

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from helpers import randn, rel_err
 
 from minisd import io
 from minisd.models import AutoencoderKL, CLIPModel, CLIPTextModel, UNet2DConditionModel
@@ -23,16 +24,13 @@ VISION = dict(hidden_size=8, intermediate_size=8, num_hidden_layers=1, num_atten
 IDS = np.array([[18, 3, 19, 0], [18, 4, 5, 19]])
 
 
-def rand(*shape, seed=0):
-    return np.random.default_rng(seed).standard_normal(shape).astype(np.float32)
-
-
-def rel_err(a, b):
-    return float(np.abs(np.asarray(a, np.float64) - np.asarray(b, np.float64)).max() / np.abs(b).max())
+def unet_inputs():
+    """Latents, timesteps and text embeddings, the same for minisd's UNet and diffusers'."""
+    return randn(2, 4, 4, 4, dtype=np.float32), np.array([1, 900]), randn(2, 3, 6, dtype=np.float32)
 
 
 def unet_out(model):
-    return model(rand(2, 4, 4, 4), np.array([1, 900]), rand(2, 3, 6)).numpy()
+    return model(*unet_inputs()).numpy()
 
 
 # =====================================================================================
@@ -131,7 +129,7 @@ def test_unet_folders_move_both_ways(tmp_path):
     ours.save_pretrained(tmp_path / "ours")
     theirs = diffusers.UNet2DConditionModel.from_pretrained(tmp_path / "ours").eval()
     with torch.no_grad():
-        ref = theirs(torch.from_numpy(rand(2, 4, 4, 4)), torch.tensor([1, 900]), torch.from_numpy(rand(2, 3, 6)))
+        ref = theirs(*map(torch.from_numpy, unet_inputs()))
     assert rel_err(unet_out(ours), ref.sample.numpy()) < 1e-4
 
     torch.manual_seed(1)
@@ -140,14 +138,14 @@ def test_unet_folders_move_both_ways(tmp_path):
     loaded = io.load_pretrained(tmp_path / "theirs")  # diffusers' full config: every key at its default
     assert isinstance(loaded, UNet2DConditionModel) and loaded.dtype == np.float32
     with torch.no_grad():
-        ref = fresh.float()(torch.from_numpy(rand(2, 4, 4, 4)), torch.tensor([1, 900]), torch.from_numpy(rand(2, 3, 6)))
+        ref = fresh.float()(*map(torch.from_numpy, unet_inputs()))
     assert rel_err(unet_out(loaded), ref.sample.numpy()) < 1e-4
 
 
 def test_vae_folders_move_both_ways(tmp_path):
     torch = pytest.importorskip("torch")
     diffusers = pytest.importorskip("diffusers")
-    x = rand(1, 3, 8, 8)
+    x = randn(1, 3, 8, 8, dtype=np.float32)
     torch.manual_seed(2)
     diffusers.AutoencoderKL(**VAE).save_pretrained(tmp_path / "theirs")
     ours = io.load_pretrained(tmp_path / "theirs")
@@ -176,7 +174,7 @@ def test_clip_folders_move_both_ways(tmp_path):
     clip = CLIPModel(text_config=TEXT, vision_config=VISION, projection_dim=4)
     clip.save_pretrained(tmp_path / "clip")
     ref_clip = transformers.CLIPModel.from_pretrained(tmp_path / "clip").eval()
-    images = rand(2, 3, 4, 4)
+    images = randn(2, 3, 4, 4, dtype=np.float32)
     with torch.no_grad():
         ref = ref_clip(input_ids=torch.from_numpy(IDS), pixel_values=torch.from_numpy(images)).logits_per_text
     assert rel_err(clip(images, IDS).numpy(), ref.numpy()) < 1e-4

@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from conftest import f64
+from helpers import f64, randn
 
 import minisd
 from minisd.backends import BackendUnavailable, cuda_build, cuda_launch, naive
@@ -46,12 +46,8 @@ def setting(request):
         yield request.param
 
 
-def randn(rng, *shape):
-    return rng.standard_normal(shape).astype(np.float32)
-
-
-
-def assert_close(out, ref, what):
+def assert_close_to_reference(out, ref, what):
+    """A kernel's result: float32, the reference's shape, within ATOL + RTOL |ref| of the float64 reference."""
     if ref is None:
         assert out is None, f"{what}: expected None"
         return
@@ -86,23 +82,23 @@ def _conv_id(case):
 def test_conv2d(ops, setting, case):
     N, C, H, W, K, R, S, stride, pad, bias = case
     rng = np.random.default_rng(sum(case))
-    x, w = randn(rng, N, C, H, W), randn(rng, K, C, R, S)
-    b = randn(rng, K) if bias else None
+    x, w = randn(N, C, H, W, seed=rng, dtype=np.float32), randn(K, C, R, S, seed=rng, dtype=np.float32)
+    b = randn(K, seed=rng, dtype=np.float32) if bias else None
     y_ref = naive.conv2d_forward(*f64(x, w, b), stride, pad)
-    assert_close(ops.conv2d_forward(x, w, b, stride, pad), y_ref, "y")
-    dy = randn(rng, *y_ref.shape)
+    assert_close_to_reference(ops.conv2d_forward(x, w, b, stride, pad), y_ref, "y")
+    dy = randn(*y_ref.shape, seed=rng, dtype=np.float32)
     grads = ops.conv2d_backward(dy, x, w, stride, pad, True, True, True)
     for name, out, ref in zip(("dx", "dw", "db"), grads, naive.conv2d_backward(*f64(dy, x, w), stride, pad)):
-        assert_close(out, ref, name)
+        assert_close_to_reference(out, ref, name)
 
 
 def test_conv2d_backward_skips_unneeded_gradients(ops):
     rng = np.random.default_rng(1)
-    x, w = randn(rng, 1, 2, 5, 5), randn(rng, 3, 2, 3, 3)
-    dy = randn(rng, 1, 3, 3, 3)
+    x, w = randn(1, 2, 5, 5, seed=rng, dtype=np.float32), randn(3, 2, 3, 3, seed=rng, dtype=np.float32)
+    dy = randn(1, 3, 3, 3, seed=rng, dtype=np.float32)
     dx, dw, db = ops.conv2d_backward(dy, x, w, 1, 0, False, True, False)
     assert dx is None and db is None
-    assert_close(dw, naive.conv2d_backward(*f64(dy, x, w), 1, 0)[1], "dw")
+    assert_close_to_reference(dw, naive.conv2d_backward(*f64(dy, x, w), 1, 0)[1], "dw")
 
 
 # ------------------------------------------------------------------------------------
@@ -124,17 +120,17 @@ GN_CASES = [
 def test_group_norm(ops, setting, case):
     shape, G, affine = case
     rng = np.random.default_rng(len(shape) + G)
-    x = randn(rng, *shape) * 2 + 3  # an offset mean: E[x^2] - E[x]^2 would lose digits
-    weight, bias = (randn(rng, shape[1]), randn(rng, shape[1])) if affine else (None, None)
+    x = randn(*shape, seed=rng, dtype=np.float32) * 2 + 3  # an offset mean: E[x^2] - E[x]^2 would lose digits
+    weight, bias = (randn(shape[1], seed=rng, dtype=np.float32) for _ in range(2)) if affine else (None, None)
     refs = naive.group_norm_forward(*f64(x), G, *f64(weight, bias), 1e-5)
     outs = ops.group_norm_forward(x, G, weight, bias, 1e-5)
     for name, out, ref in zip(("y", "mean", "rstd"), outs, refs):
-        assert_close(out, ref, name)
-    dy = randn(rng, *shape)
+        assert_close_to_reference(out, ref, name)
+    dy = randn(*shape, seed=rng, dtype=np.float32)
     grads = ops.group_norm_backward(dy, x, G, weight, outs[1], outs[2])
     ref_grads = naive.group_norm_backward(*f64(dy, x), G, *f64(weight, outs[1], outs[2]))
     for name, out, ref in zip(("dx", "dweight", "dbias"), grads, ref_grads):
-        assert_close(out, ref, name)
+        assert_close_to_reference(out, ref, name)
 
 
 # ------------------------------------------------------------------------------------
@@ -162,17 +158,17 @@ def test_attention(ops, setting, case):
     B, H, Lq, Lk, d, causal = case[:6]
     d_v = case[6] if len(case) > 6 else d
     rng = np.random.default_rng(Lq * Lk + d)
-    q, k, v = randn(rng, B, H, Lq, d), randn(rng, B, H, Lk, d), randn(rng, B, H, Lk, d_v)
+    q, k, v = (randn(B, H, L, e, seed=rng, dtype=np.float32) for L, e in ((Lq, d), (Lk, d), (Lk, d_v)))
     scale = d ** -0.5
     o_ref, lse_ref = naive.attention_forward(*f64(q, k, v), scale, causal)
     o, lse = ops.attention_forward(q, k, v, scale, causal)
-    assert_close(o, o_ref, "o")
-    assert_close(lse, lse_ref, "lse")
-    do = randn(rng, B, H, Lq, d_v)
+    assert_close_to_reference(o, o_ref, "o")
+    assert_close_to_reference(lse, lse_ref, "lse")
+    do = randn(B, H, Lq, d_v, seed=rng, dtype=np.float32)
     grads = ops.attention_backward(do, q, k, v, o, lse, scale, causal)
     ref_grads = naive.attention_backward(*f64(do, q, k, v, o, lse), scale, causal)
     for name, out, ref in zip(("dq", "dk", "dv"), grads, ref_grads):
-        assert_close(out, ref, name)
+        assert_close_to_reference(out, ref, name)
 
 
 # ------------------------------------------------------------------------------------
@@ -183,9 +179,9 @@ def test_attention(ops, setting, case):
 @pytest.mark.parametrize("version", cuda_launch.VERSIONS)
 def test_results_are_bitwise_the_same_in_every_run_order(ops, version):
     rng = np.random.default_rng(11)
-    x, w, dy = randn(rng, 2, 3, 6, 5), randn(rng, 4, 3, 3, 3), randn(rng, 2, 4, 6, 5)
-    q, k, v, do = randn(rng, 1, 2, 33, 40), randn(rng, 1, 2, 35, 40), randn(rng, 1, 2, 35, 40), randn(rng, 1, 2, 33, 40)
-    xg, gamma = randn(rng, 2, 6, 9, 9), randn(rng, 6)
+    x, w, dy = (randn(*shape, seed=rng, dtype=np.float32) for shape in ((2, 3, 6, 5), (4, 3, 3, 3), (2, 4, 6, 5)))
+    q, k, v, do = (randn(1, 2, L, 40, seed=rng, dtype=np.float32) for L in (33, 35, 35, 33))
+    xg, gamma = randn(2, 6, 9, 9, seed=rng, dtype=np.float32), randn(6, seed=rng, dtype=np.float32)
 
     def everything():
         o, lse = ops.attention_forward(q, k, v, 0.2, True)
@@ -265,7 +261,7 @@ def _forward_backward(backend: str, fn, arrays):
     try:
         inputs = [Tensor(a, requires_grad=True) for a in arrays]
         out = fn(*inputs)
-        g = np.random.default_rng(7).standard_normal(out.shape).astype(np.float32)
+        g = randn(*out.shape, seed=7, dtype=np.float32)
         (out * Tensor(g)).sum().backward()
         return [out.numpy()] + [t.grad if isinstance(t.grad, np.ndarray) else t.grad.numpy() for t in inputs]
     finally:
@@ -278,13 +274,13 @@ def _engine_cases():
     rng = np.random.default_rng(3)
     return {
         "conv2d": (lambda x, w, b: F.conv2d(x, w, b, stride=2, padding=1),
-                   [randn(rng, 2, 3, 7, 6), randn(rng, 4, 3, 3, 3), randn(rng, 4)]),
+                   [randn(*shape, seed=rng, dtype=np.float32) for shape in ((2, 3, 7, 6), (4, 3, 3, 3), (4,))]),
         "group_norm": (lambda x, w, b: F.group_norm(x, 2, w, b),
-                       [randn(rng, 2, 4, 5, 3), randn(rng, 4), randn(rng, 4)]),
+                       [randn(*shape, seed=rng, dtype=np.float32) for shape in ((2, 4, 5, 3), (4,), (4,))]),
         "attention": (lambda q, k, v: F.scaled_dot_product_attention(q, k, v, is_causal=True),
-                      [randn(rng, 1, 2, 9, 40), randn(rng, 1, 2, 11, 40), randn(rng, 1, 2, 11, 40)]),
+                      [randn(1, 2, L, 40, seed=rng, dtype=np.float32) for L in (9, 11, 11)]),
         "cross_attention": (lambda q, k, v: F.scaled_dot_product_attention(q, k, v),
-                            [randn(rng, 2, 1, 6, 8), randn(rng, 2, 1, 13, 8), randn(rng, 2, 1, 13, 12)]),
+                            [randn(2, 1, L, e, seed=rng, dtype=np.float32) for L, e in ((6, 8), (13, 8), (13, 12))]),
     }
 
 
@@ -297,4 +293,5 @@ def test_through_the_engine(ops, name, version, baseline):
     with cuda_launch.settings(version=version):
         got = _forward_backward("emulated", fn, arrays)
     for i, (out, ref) in enumerate(zip(got, expected)):
-        assert_close(out, ref.astype(np.float64), f"{name} {'output' if i == 0 else f'grad of input {i - 1}'}")
+        what = f"{name} {'output' if i == 0 else f'grad of input {i - 1}'}"
+        assert_close_to_reference(out, ref.astype(np.float64), what)

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from conftest import f64
+from helpers import f64
 
 from minisd.backends import BackendUnavailable, cuda_build, cuda_launch, naive
 

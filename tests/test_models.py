@@ -4,6 +4,7 @@ transformers is in test_parity_models.py.)"""
 
 import numpy as np
 import pytest
+from helpers import randn
 
 import minisd
 from minisd import Tensor, io, nn
@@ -22,31 +23,27 @@ TINY_TEXT = dict(vocab_size=20, hidden_size=8, intermediate_size=12, num_hidden_
                  max_position_embeddings=6, eos_token_id=19)
 
 
-def rand(*shape, seed=0):
-    return np.random.default_rng(seed).standard_normal(shape).astype(np.float32)
-
-
 # =====================================================================================
 # Shapes of every block
 # =====================================================================================
 
 
 def test_shared_block_shapes():
-    x = rand(2, 8, 6, 6)
-    temb = rand(2, 12)
+    x = randn(2, 8, 6, 6, dtype=np.float32)
+    temb = randn(2, 12, dtype=np.float32)
     assert ResnetBlock2D(8, 16, temb_channels=12, groups=4)(x, Tensor(temb)).shape == (2, 16, 6, 6)
     assert ResnetBlock2D(8, 8, groups=4)(x).shape == (2, 8, 6, 6)
     assert Downsample2D(8, padding=1)(Tensor(x)).shape == (2, 8, 3, 3)
     assert Downsample2D(8, padding=0)(Tensor(x)).shape == (2, 8, 3, 3)
     assert Upsample2D(8)(Tensor(x)).shape == (2, 8, 12, 12)
-    tokens, text = Tensor(rand(2, 36, 8)), Tensor(rand(2, 5, 3))
+    tokens, text = Tensor(randn(2, 36, 8, dtype=np.float32)), Tensor(randn(2, 5, 3, dtype=np.float32))
     assert Attention(8, heads=2, dim_head=4)(tokens).shape == (2, 36, 8)
     assert Attention(8, cross_attention_dim=3, heads=4, dim_head=2)(tokens, text).shape == (2, 36, 8)
     assert Attention(8, heads=1, dim_head=8, bias=True, norm_num_groups=4)(Tensor(x)).shape == (2, 8, 6, 6)
 
 
 def test_unet_block_shapes():
-    x, temb, text = Tensor(rand(2, 8, 4, 4)), Tensor(rand(2, 32)), Tensor(rand(2, 5, 6))
+    x, temb, text = (Tensor(randn(*shape, dtype=np.float32)) for shape in ((2, 8, 4, 4), (2, 32), (2, 5, 6)))
     assert Transformer2DModel(8, 2, 6, groups=4)(x, text).shape == (2, 8, 4, 4)
     down = DownBlock2D(8, 16, 32, num_layers=2, groups=4, eps=1e-5, add_downsample=True, cross_attention=True,
                        heads=2, cross_attention_dim=6)
@@ -55,14 +52,14 @@ def test_unet_block_shapes():
     assert UNetMidBlock2DCrossAttn(16, 32, 4, 1e-5, 2, 6)(out, temb, text).shape == (2, 16, 2, 2)
     up = UpBlock2D(in_channels=8, prev_output_channel=16, out_channels=16, temb_channels=32, num_layers=3,
                    groups=4, eps=1e-5, add_upsample=True)
-    skips = [Tensor(rand(2, 8, 2, 2)), Tensor(rand(2, 16, 2, 2)), Tensor(rand(2, 16, 2, 2))]
+    skips = [Tensor(randn(2, channels, 2, 2, dtype=np.float32)) for channels in (8, 16, 16)]
     assert up(out, skips, temb, text).shape == (2, 16, 4, 4) and skips == []
     emb = timestep_embedding(np.array([0, 10, 999]), 7)
     assert emb.shape == (3, 7) and emb.dtype == np.float32 and np.all(emb[:, -1] == 0)
 
 
 def test_vae_block_shapes():
-    x = Tensor(rand(2, 4, 8, 8))
+    x = Tensor(randn(2, 4, 8, 8, dtype=np.float32))
     assert DownEncoderBlock2D(4, 8, 2, groups=2, add_downsample=True)(x).shape == (2, 8, 4, 4)
     assert UpDecoderBlock2D(4, 8, 3, groups=2, add_upsample=True)(x).shape == (2, 8, 16, 16)
     assert UNetMidBlock2D(4, groups=2)(x).shape == (2, 4, 8, 8)
@@ -70,10 +67,11 @@ def test_vae_block_shapes():
 
 def test_model_shapes_and_dtypes():
     unet = UNet2DConditionModel(**TINY_UNET)
-    out = unet(rand(3, 4, 8, 12).astype(np.float64), 5, rand(3, 7, 6))  # float64 input is cast to float32
+    x = randn(3, 4, 8, 12, dtype=np.float32).astype(np.float64)  # float64 input is cast to float32
+    out = unet(x, 5, randn(3, 7, 6, dtype=np.float32))
     assert out.shape == (3, 4, 8, 12) and out.dtype == np.float32
     vae = AutoencoderKL(**TINY_VAE)
-    post = vae.encode(rand(2, 3, 8, 8))
+    post = vae.encode(randn(2, 3, 8, 8, dtype=np.float32))
     assert post.mean.shape == post.logvar.shape == (2, 2, 4, 4)
     assert vae.decode(post.sample(0)).shape == (2, 3, 8, 8)
     text = CLIPTextModel(**TINY_TEXT)
@@ -82,12 +80,12 @@ def test_model_shapes_and_dtypes():
     clip = CLIPModel(text_config=TINY_TEXT, projection_dim=4,
                      vision_config=dict(hidden_size=8, intermediate_size=8, num_hidden_layers=1,
                                         num_attention_heads=2, image_size=4, patch_size=2))
-    assert clip(rand(3, 3, 4, 4), np.array([[1, 19], [2, 19], [3, 19]])).shape == (3, 3)
+    assert clip(randn(3, 3, 4, 4, dtype=np.float32), np.array([[1, 19], [2, 19], [3, 19]])).shape == (3, 3)
 
 
 def test_timestep_forms_agree():
     unet = UNet2DConditionModel(**TINY_UNET)
-    x, c = rand(2, 4, 4, 4), rand(2, 3, 6)
+    x, c = randn(2, 4, 4, 4, dtype=np.float32), randn(2, 3, 6, dtype=np.float32)
     both = unet(x, np.array([7, 7]), c).numpy()
     for t in (7, 7.0, np.array([7]), np.int64(7), Tensor(np.array(7.0))):
         np.testing.assert_array_equal(unet(x, t, c).numpy(), both)
@@ -98,7 +96,7 @@ def test_timestep_forms_agree():
 
 def test_posterior_clamps_logvar_and_samples_reproducibly():
     vae = AutoencoderKL(**TINY_VAE)
-    post = vae.encode(rand(1, 3, 4, 4))
+    post = vae.encode(randn(1, 3, 4, 4, dtype=np.float32))
     assert np.all(post.logvar.numpy() >= -30) and np.all(post.logvar.numpy() <= 20)
     np.testing.assert_array_equal(post.sample(3).numpy(), post.sample(np.random.default_rng(3)).numpy())
     assert not np.array_equal(post.sample(3).numpy(), post.sample(4).numpy())
@@ -156,7 +154,8 @@ def test_unet_gradcheck():
              "down_blocks.0.attentions.0.transformer_blocks.0.ff.net.0.proj.weight",
              "mid_block.attentions.0.norm.weight", "up_blocks.0.resnets.0.conv_shortcut.weight",
              "up_blocks.0.upsamplers.0.conv.bias", "conv_norm_out.bias"]
-    check_gradients(unet, lambda x, c: unet(x, np.array([3, 500]), c), [rand(2, 4, 4, 4), rand(2, 3, 6)], names)
+    check_gradients(unet, lambda x, c: unet(x, np.array([3, 500]), c),
+                    [randn(2, 4, 4, 4, dtype=np.float32), randn(2, 3, 6, dtype=np.float32)], names)
 
 
 def test_vae_gradcheck():
@@ -164,7 +163,7 @@ def test_vae_gradcheck():
     names = ["encoder.down_blocks.0.downsamplers.0.conv.weight", "encoder.mid_block.attentions.0.to_q.weight",
              "encoder.mid_block.attentions.0.group_norm.weight", "quant_conv.weight",
              "decoder.up_blocks.0.resnets.0.norm1.bias", "decoder.conv_out.weight"]
-    check_gradients(vae, lambda x: vae.decode(vae.encode(x).sample(0)), [rand(2, 3, 4, 4)], names)
+    check_gradients(vae, lambda x: vae.decode(vae.encode(x).sample(0)), [randn(2, 3, 4, 4, dtype=np.float32)], names)
 
 
 def test_text_model_gradcheck():
@@ -184,7 +183,7 @@ def test_clip_contrastive_gradcheck():
     names = ["logit_scale", "text_projection.weight", "visual_projection.weight",
              "vision_model.embeddings.class_embedding", "vision_model.embeddings.patch_embedding.weight",
              "vision_model.pre_layrnorm.weight", "text_model.encoder.layers.0.self_attn.v_proj.bias"]
-    check_gradients(clip, lambda x: clip.contrastive_loss(x, ids), [rand(3, 3, 4, 4)], names)
+    check_gradients(clip, lambda x: clip.contrastive_loss(x, ids), [randn(3, 3, 4, 4, dtype=np.float32)], names)
 
 
 # =====================================================================================
@@ -194,12 +193,13 @@ def test_clip_contrastive_gradcheck():
 
 def test_unet_rejects_bad_inputs():
     unet = UNet2DConditionModel(**TINY_UNET)
-    x, c = rand(2, 4, 4, 4), rand(2, 3, 6)
+    x, c = randn(2, 4, 4, 4, dtype=np.float32), randn(2, 3, 6, dtype=np.float32)
     with pytest.raises(ValueError, match=r"sample must be \(B, 4, H, W\), got shape \(2, 3, 4, 4\)"):
-        unet(rand(2, 3, 4, 4), 1, c)
+        unet(randn(2, 3, 4, 4, dtype=np.float32), 1, c)
     with pytest.raises(ValueError, match=r"encoder_hidden_states must be \(2, L, 6\), got shape \(2, 3, 5\)"):
-        unet(x, 1, rand(2, 3, 5))
-    assert unet(rand(2, 4, 5, 3), 1, c).shape == (2, 4, 5, 3)  # odd sizes are fine: up to each skip's size
+        unet(x, 1, randn(2, 3, 5, dtype=np.float32))
+    # odd sizes are fine: up to each skip's size
+    assert unet(randn(2, 4, 5, 3, dtype=np.float32), 1, c).shape == (2, 4, 5, 3)
     with pytest.raises(ValueError, match=r"timestep must be a number or an array of shape \(2,\)"):
         unet(x, np.array([1, 2, 3]), c)
 
@@ -223,9 +223,9 @@ def test_models_reject_bad_configs_and_ids():
         CLIPTextModel(**{**TINY_TEXT, "hidden_act": "relu6"})
     vae = AutoencoderKL(**TINY_VAE)
     with pytest.raises(ValueError, match=r"encode: expected images \(B, 3, H, W\), got shape \(1, 4, 4, 4\)"):
-        vae.encode(rand(1, 4, 4, 4))
+        vae.encode(randn(1, 4, 4, 4, dtype=np.float32))
     with pytest.raises(ValueError, match=r"decode: expected latents \(B, 2, h, w\)"):
-        vae.decode(rand(1, 4, 2, 2))
+        vae.decode(randn(1, 4, 2, 2, dtype=np.float32))
 
 
 def test_config_rebuilds_the_same_model():
@@ -244,7 +244,7 @@ def test_config_rebuilds_the_same_model():
 
 def test_record_attention_is_off_by_default_and_records_on_request():
     unet = UNet2DConditionModel(**TINY_UNET)
-    x, c = rand(2, 4, 8, 8), rand(2, 3, 6)
+    x, c = randn(2, 4, 8, 8, dtype=np.float32), randn(2, 3, 6, dtype=np.float32)
     unet(x, 1, c)
     layers = [m for _, m in unet.named_modules() if isinstance(m, Attention)]
     assert layers and all(m.recorded is None for m in layers)
@@ -329,7 +329,7 @@ def test_models_on_the_emulated_kernels_match_numpy():
     finally:
         minisd.set_backend(previous)
     unet, vae = UNet2DConditionModel(**TINY_UNET), AutoencoderKL(**TINY_VAE)
-    x, c, img = rand(2, 4, 4, 4), rand(2, 3, 6), rand(1, 3, 4, 4)
+    x, c, img = (randn(*shape, dtype=np.float32) for shape in ((2, 4, 4, 4), (2, 3, 6), (1, 3, 4, 4)))
 
     def run():
         unet.zero_grad()

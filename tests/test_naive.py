@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from conftest import f32, numerical_grads, rand, random_attention_cases, random_conv_cases, random_norm_cases
+from helpers import f32, numerical_grads, randn, random_attention_cases, random_conv_cases, random_norm_cases
 
 from minisd.backends import naive
 
@@ -55,9 +55,9 @@ def _conv_id(c):
 def test_conv2d_against_torch(case):
     torch = _torch()
     N, C, H, W, K, R, S, st, pd = case
-    x, w, b = rand(N, C, H, W), rand(K, C, R, S, seed=1), rand(K, seed=2)
+    x, w, b = randn(N, C, H, W), randn(K, C, R, S, seed=1), randn(K, seed=2)
     y = naive.conv2d_forward(x, w, b, st, pd)
-    dy = rand(*y.shape, seed=3)
+    dy = randn(*y.shape, seed=3)
     want, grads = _against_torch(lambda x, w, b: torch.nn.functional.conv2d(x, w, b, st, pd), [x, w, b], dy)
     assert y.dtype == np.float64 and y.shape == want.shape
     np.testing.assert_allclose(y, want, **TOL)
@@ -71,16 +71,16 @@ def test_conv2d_against_torch(case):
                                   (1, 1, 2, 3, 2, 4, 2, 1, 1)], ids=_conv_id)
 def test_conv2d_backward_matches_finite_differences(case):
     N, C, H, W, K, R, S, st, pd = case
-    x, w, b = rand(N, C, H, W), rand(K, C, R, S, seed=1), rand(K, seed=2)
-    dy = rand(*naive.conv2d_forward(x, w, b, st, pd).shape, seed=3)
+    x, w, b = randn(N, C, H, W), randn(K, C, R, S, seed=1), randn(K, seed=2)
+    dy = randn(*naive.conv2d_forward(x, w, b, st, pd).shape, seed=3)
     expected = numerical_grads(lambda x, w, b: naive.conv2d_forward(x, w, b, st, pd), [x, w, b], dy)
     for name, g, e in zip(("dx", "dw", "db"), naive.conv2d_backward(dy, x, w, st, pd), expected):
         np.testing.assert_allclose(g, e, rtol=1e-7, atol=1e-8, err_msg=name)
 
 
 def test_conv2d_backward_returns_only_what_is_asked():
-    x, w = rand(2, 3, 5, 5), rand(4, 3, 3, 3, seed=1)
-    dy = rand(2, 4, 3, 3, seed=2)
+    x, w = randn(2, 3, 5, 5), randn(4, 3, 3, 3, seed=1)
+    dy = randn(2, 4, 3, 3, seed=2)
     full = naive.conv2d_backward(dy, x, w, 2, 1)
     for need in ((True, False, False), (False, True, False), (False, False, True), (False, False, False)):
         for wanted, g, f in zip(need, naive.conv2d_backward(dy, x, w, 2, 1, *need), full):
@@ -98,11 +98,11 @@ def test_conv2d_backward_returns_only_what_is_asked():
 def test_group_norm_against_torch(case):
     torch = _torch()
     shape, G, has_weight, has_bias, eps = case
-    x = rand(*shape) * 3 + 1.5
-    weight = rand(shape[1], seed=1) if has_weight else None
-    bias = rand(shape[1], seed=2) if has_bias else None
+    x = randn(*shape) * 3 + 1.5
+    weight = randn(shape[1], seed=1) if has_weight else None
+    bias = randn(shape[1], seed=2) if has_bias else None
     y, mean, rstd = naive.group_norm_forward(x, G, weight, bias, eps)
-    dy = rand(*shape, seed=3)
+    dy = randn(*shape, seed=3)
 
     def torch_fn(x, w, b):  # (torch's backward fails on a weight without a bias: give it the neutral one)
         if (w is None) != (b is None):
@@ -127,8 +127,8 @@ def test_group_norm_against_torch(case):
 
 @pytest.mark.parametrize("shape, G", [((2, 4, 3, 2), 2), ((1, 6, 5), 3), ((3, 2), 1)])
 def test_group_norm_backward_matches_finite_differences(shape, G):
-    x, weight, bias = rand(*shape) + 2, rand(shape[1], seed=1), rand(shape[1], seed=2)
-    dy = rand(*shape, seed=3)
+    x, weight, bias = randn(*shape) + 2, randn(shape[1], seed=1), randn(shape[1], seed=2)
+    dy = randn(*shape, seed=3)
     forward = lambda x, w, b: naive.group_norm_forward(x, G, w, b, 1e-5)[0]  # noqa: E731
     expected = numerical_grads(forward, [x, weight, bias], dy)
     _, mean, rstd = naive.group_norm_forward(x, G, weight, bias, 1e-5)
@@ -150,10 +150,10 @@ ATTN_CASES = [(2, 2, 4, 4, 3, 3, True), (1, 2, 3, 7, 5, 2, True), (2, 1, 9, 3, 6
 def test_attention_against_torch(case):
     torch = _torch()
     B, H, Lq, Lk, d, dv, causal = case
-    q, k, v = rand(B, H, Lq, d), rand(B, H, Lk, d, seed=1), rand(B, H, Lk, dv, seed=2)
+    q, k, v = randn(B, H, Lq, d), randn(B, H, Lk, d, seed=1), randn(B, H, Lk, dv, seed=2)
     scale = 0.3 + sum(case[:6]) % 7 / 10
     o, lse = naive.attention_forward(q, k, v, scale, causal)
-    do = rand(B, H, Lq, dv, seed=3)
+    do = randn(B, H, Lq, dv, seed=3)
     want, grads = _against_torch(lambda q, k, v: torch.nn.functional.scaled_dot_product_attention(
         q, k, v, is_causal=causal, scale=scale), [q, k, v], do)
     np.testing.assert_allclose(o, want, **TOL)
@@ -168,8 +168,8 @@ def test_attention_against_torch(case):
 
 @pytest.mark.parametrize("causal", [False, True])
 def test_attention_backward_matches_finite_differences(causal):
-    q, k, v = rand(1, 2, 4, 3), rand(1, 2, 5, 3, seed=1), rand(1, 2, 5, 2, seed=2)
-    do = rand(1, 2, 4, 2, seed=3)
+    q, k, v = randn(1, 2, 4, 3), randn(1, 2, 5, 3, seed=1), randn(1, 2, 5, 2, seed=2)
+    do = randn(1, 2, 4, 2, seed=3)
     expected = numerical_grads(lambda q, k, v: naive.attention_forward(q, k, v, 0.7, causal)[0], [q, k, v], do)
     o, lse = naive.attention_forward(q, k, v, 0.7, causal)
     for name, g, e in zip(("dq", "dk", "dv"), naive.attention_backward(do, q, k, v, o, lse, 0.7, causal), expected):
@@ -183,7 +183,7 @@ def test_attention_backward_matches_finite_differences(causal):
 
 def test_float32_stays_float32_even_with_float64_scalars():
     """NumPy scalars are float64 and 'strong': an eps or a scale given as np.float64 must not promote."""
-    x, w, b = f32(rand(2, 3, 5, 5), rand(4, 3, 3, 3, seed=1), rand(4, seed=2))
+    x, w, b = f32(randn(2, 3, 5, 5), randn(4, 3, 3, 3, seed=1), randn(4, seed=2))
     y = naive.conv2d_forward(x, w, b, 1, 1)
     outs = [y, *naive.conv2d_backward(y, x, w, 1, 1)]
     gn = naive.group_norm_forward(x, 3, x[0, :, 0, 0], x[0, :, 0, 1], np.float64(1e-5))

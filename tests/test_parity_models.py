@@ -8,22 +8,16 @@ gradients of a random linear functional of the output with respect to every para
 
 import numpy as np
 import pytest
+from helpers import rel_err
 
 torch = pytest.importorskip("torch")
 diffusers = pytest.importorskip("diffusers")
 transformers = pytest.importorskip("transformers")
 
-from minisd import Tensor  # noqa: E402
 from minisd.models import AutoencoderKL, CLIPModel, CLIPTextModel, UNet2DConditionModel, record_attention  # noqa: E402
 
 pytestmark = pytest.mark.parity
 RTOL = 1e-4
-
-
-def rel_err(a, b) -> float:
-    a, b = np.asarray(a, dtype=np.float64), np.asarray(b, dtype=np.float64)
-    assert a.shape == b.shape, (a.shape, b.shape)
-    return float(np.abs(a - b).max() / max(np.abs(b).max(), 1e-30))
 
 
 def randomised(model, seed=0):

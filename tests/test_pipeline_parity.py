@@ -117,7 +117,8 @@ def to_uint8(images):
     return (np.asarray(images) * 255).round().astype(np.uint8)
 
 
-def assert_close(ours, theirs):
+def assert_images_close(ours, theirs):
+    """The same uint8 pictures to within LEVELS levels, and a real picture (not a flat one)."""
     assert ours.shape == theirs.shape and ours.dtype == theirs.dtype == np.uint8
     diff = np.abs(ours.astype(int) - theirs.astype(int)).max()
     assert diff <= LEVELS, f"images differ by {diff} uint8 levels"
@@ -170,7 +171,7 @@ def test_text_to_image_with_each_scheduler_and_negative_prompts(models, name, op
 
     got, want = run_both(models, 3, diffusers_call, lambda pipe: pipe(
         PROMPTS, negative_prompt=NEGATIVE, steps=STEPS, guidance_scale=GUIDANCE, seed=3, scheduler=mine))
-    assert_close(got, want)
+    assert_images_close(got, want)
 
 
 def test_the_folders_own_scheduler_one_negative_prompt_and_several_images(models):
@@ -181,7 +182,7 @@ def test_the_folders_own_scheduler_one_negative_prompt_and_several_images(models
         PROMPTS, negative_prompt="a purple square", num_images_per_prompt=2, steps=STEPS, guidance_scale=GUIDANCE,
         seed=5))
     assert got.shape == (4, 16, 16, 3)
-    assert_close(got, want)
+    assert_images_close(got, want)
 
 
 @pytest.mark.parametrize("rescale", [0.0, 0.7, 1.0])
@@ -189,7 +190,7 @@ def test_guidance_rescale(models, rescale):
     got, want = run_both(models, 7, lambda pipe: pipe(
         PROMPTS, num_inference_steps=STEPS, guidance_scale=12.0, guidance_rescale=rescale, output_type="np"),
         lambda pipe: pipe(PROMPTS, steps=STEPS, guidance_scale=12.0, guidance_rescale=rescale, seed=7))
-    assert_close(got, want)
+    assert_images_close(got, want)
 
 
 def test_a_size_other_than_the_default(models):
@@ -198,7 +199,7 @@ def test_a_size_other_than_the_default(models):
         PROMPTS[:1], height=24, width=40, num_inference_steps=STEPS, guidance_scale=GUIDANCE, output_type="np"),
         lambda pipe: pipe(PROMPTS[:1], height=24, width=40, steps=STEPS, guidance_scale=GUIDANCE, seed=9))
     assert got.shape == (1, 24, 40, 3)
-    assert_close(got, want)
+    assert_images_close(got, want)
 
 
 def test_ddim_with_eta(models):
@@ -213,7 +214,7 @@ def test_ddim_with_eta(models):
 
     got, want = run_both(models, 11, diffusers_call, lambda pipe: pipe(
         PROMPTS, eta=0.6, steps=STEPS, guidance_scale=GUIDANCE, seed=11, scheduler=mine))
-    assert_close(got, want)
+    assert_images_close(got, want)
     assert not np.array_equal(got, ours(PROMPTS, steps=STEPS, guidance_scale=GUIDANCE, seed=11, scheduler=mine))
 
 
@@ -225,7 +226,7 @@ def test_prompt_embeddings_skip_the_text_encoder(models):
         prompt_embeds=torch.from_numpy(embeds), negative_prompt_embeds=torch.from_numpy(negative),
         num_inference_steps=STEPS, guidance_scale=GUIDANCE, output_type="np"), lambda pipe: pipe(
         prompt_embeds=embeds, negative_prompt_embeds=negative, steps=STEPS, guidance_scale=GUIDANCE, seed=13))
-    assert_close(got, want)
+    assert_images_close(got, want)
     # the embeddings of the prompts themselves give the prompts' images
     c = ours.encode_prompt(PROMPTS)
     np.testing.assert_array_equal(ours(prompt_embeds=c, steps=2, seed=1), ours(PROMPTS, steps=2, seed=1))
@@ -264,7 +265,7 @@ def test_img2img_against_diffusers(models, name, strength):
     got, want = run_both(models, 17, diffusers_call, lambda pipe: pipe(
         PROMPTS, image=image, strength=strength, negative_prompt=NEGATIVE, steps=IMG2IMG_STEPS, guidance_scale=GUIDANCE,
         seed=17, scheduler=mine, callback=lambda i, t, *arrays: our_steps.append(t)))
-    assert_close(got, want)
+    assert_images_close(got, want)
     # the same timesteps visited: the last int(IMG2IMG_STEPS * strength) steps of the schedule (PNDM one
     # more, as in diffusers: its list holds t_1 twice, and the cut counts it)
     assert our_steps == pytest.approx(their_steps)
@@ -301,7 +302,7 @@ def test_inpainting_any_model_against_diffusers(models, name, strength):
     got, want = run_both(models, 19, diffusers_call, lambda pipe: pipe(
         PROMPTS, image=image, mask_image=mask, strength=strength, steps=STEPS, guidance_scale=GUIDANCE, seed=19,
         scheduler=mine))
-    assert_close(got, want)
+    assert_images_close(got, want)
 
 
 @pytest.mark.parametrize("strength", [1.0, 0.6])
@@ -322,4 +323,4 @@ def test_inpainting_unet_with_nine_channels_against_diffusers(models, strength):
         num_inference_steps=STEPS, guidance_scale=GUIDANCE, output_type="np"), lambda pipe: pipe(
         PROMPTS, image=image, mask_image=mask, strength=strength, steps=STEPS, guidance_scale=GUIDANCE, seed=23),
         inpainting=True, noise=image_sample + [noise, masked_sample])
-    assert_close(got, want)
+    assert_images_close(got, want)

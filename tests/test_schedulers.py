@@ -72,7 +72,7 @@ def run_both(name, steps, config, step_kwargs=None, stochastic=False, monkeypatc
         x0, eps = rng.standard_normal(SHAPE).astype(np.float32), rng.standard_normal(SHAPE).astype(np.float32)
         t = ours.timesteps[begin:begin + 1].repeat(SHAPE[0])
         x = ours.add_noise(x0, eps, t)
-        assert_close(x, theirs.add_noise(*map(torch.from_numpy, (x0, eps, t))).numpy())
+        assert_float32_close(x, theirs.add_noise(*map(torch.from_numpy, (x0, eps, t))).numpy())
         timesteps = timesteps[begin:]
     xa, xb = x, torch.from_numpy(x.copy())
     traj = []
@@ -80,7 +80,7 @@ def run_both(name, steps, config, step_kwargs=None, stochastic=False, monkeypatc
         t_d = theirs.timesteps[i]
         ina = ours.scale_model_input(xa, t)
         inb = theirs.scale_model_input(xb, t_d)
-        assert_close(ina, inb.numpy())
+        assert_float32_close(ina, inb.numpy())
         ea, eb = toy_model(ina, t, i), torch.from_numpy(toy_model(inb.numpy(), t, i))
         kw = dict(step_kwargs or {})
         z = rng.standard_normal(SHAPE).astype(np.float32) if stochastic else None
@@ -103,7 +103,7 @@ def run_both(name, steps, config, step_kwargs=None, stochastic=False, monkeypatc
     return traj
 
 
-def assert_close(a, b):
+def assert_float32_close(a, b):
     """Equal to float32 rounding, relative to the array's largest value (diffusers keeps
     alpha_bar in float32, minisd in float64: they differ by about 1e-6 relative)."""
     atol = 2e-5 * max(1.0, float(np.abs(b).max()))
@@ -113,9 +113,9 @@ def assert_close(a, b):
 
 def assert_same(traj):
     for pa, pb, x0a, x0b in traj:
-        assert_close(pa, pb)
+        assert_float32_close(pa, pb)
         if x0b is not None:
-            assert_close(x0a, x0b)
+            assert_float32_close(x0a, x0b)
 
 
 @parity
@@ -184,9 +184,9 @@ def test_alphas_cumprod_and_add_noise_match_diffusers(schedule):
     a = ours.add_noise(x0, eps, t)
     b = theirs.add_noise(torch.from_numpy(x0), torch.from_numpy(eps), torch.from_numpy(t)).numpy()
     assert a.dtype == np.float32
-    assert_close(a, b)
+    assert_float32_close(a, b)
     v = ours.get_velocity(x0, eps, t)
-    assert_close(v, theirs.get_velocity(torch.from_numpy(x0), torch.from_numpy(eps), torch.from_numpy(t)).numpy())
+    assert_float32_close(v, theirs.get_velocity(*map(torch.from_numpy, (x0, eps, t))).numpy())
 
 
 @parity
@@ -199,7 +199,7 @@ def test_euler_add_noise_matches_diffusers():
     eps = rng.standard_normal(x0.shape).astype(np.float32)
     t = ours.timesteps[[0, 7, 19]]
     b = theirs.add_noise(torch.from_numpy(x0), torch.from_numpy(eps), torch.from_numpy(t)).numpy()
-    assert_close(ours.add_noise(x0, eps, t), b)
+    assert_float32_close(ours.add_noise(x0, eps, t), b)
 
 
 @parity

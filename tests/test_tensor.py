@@ -6,6 +6,7 @@ import weakref
 
 import numpy as np
 import pytest
+from helpers import randn
 
 import minisd
 from minisd import Tensor, functional as F, nn
@@ -13,7 +14,7 @@ from minisd.tensor import Function
 
 
 def leaf(*shape, seed=0, dtype=np.float64):
-    return Tensor(np.random.default_rng(seed).standard_normal(shape).astype(dtype), requires_grad=True)
+    return Tensor(randn(*shape, seed=seed, dtype=dtype), requires_grad=True)
 
 
 # ------------------------------------------------------------------------------------
@@ -90,7 +91,7 @@ def test_wide_diamond_gradient_matches_finite_differences():
         branches = [h * float(k) + F.sin(h) for k in range(5)]
         return F.stack(branches).sum(0) * h
 
-    assert gradcheck(f, [np.random.default_rng(0).standard_normal((2, 3))])
+    assert gradcheck(f, [randn(2, 3)])
 
 
 def test_leaves_accumulate_over_two_backward_calls():
@@ -198,8 +199,8 @@ def _live_functions() -> int:
 def test_no_growth_in_live_functions_over_many_training_steps():
     minisd.manual_seed(0)
     model = nn.Sequential(nn.Linear(4, 8), nn.SiLU(), nn.Linear(8, 1))
-    x = np.random.default_rng(0).standard_normal((16, 4)).astype(np.float32)
-    t = np.random.default_rng(1).standard_normal((16, 1)).astype(np.float32)
+    x = randn(16, 4, dtype=np.float32)
+    t = randn(16, 1, seed=1, dtype=np.float32)
     from minisd.optim import AdamW
 
     opt = AdamW(model.parameters(), lr=1e-2)
@@ -504,11 +505,11 @@ def test_gradient_has_the_dtype_of_its_tensor():
     (lambda t: t ** 2, lambda t: t * t),
 ])
 def test_methods_are_the_functional_ops(method, function):
-    x = np.random.default_rng(0).standard_normal((3, 4))
+    x = randn(3, 4)
     a, b = Tensor(x, requires_grad=True), Tensor(x, requires_grad=True)
     ya, yb = method(a), function(b)
     np.testing.assert_allclose(ya.numpy(), yb.numpy(), rtol=1e-12, atol=1e-15)
-    g = np.random.default_rng(1).standard_normal(ya.shape)
+    g = randn(*ya.shape, seed=1)
     ya.backward(g)
     yb.backward(g)
     np.testing.assert_allclose(a.grad, b.grad, rtol=1e-12, atol=1e-15)
