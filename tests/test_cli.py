@@ -236,7 +236,7 @@ def test_write_pngs_from_two_threads_at_once_lose_nothing(tmp_path):
     failed (FileNotFoundError) or wrote its images over the other's."""
     import threading
 
-    from minisd.pipeline_cli import write_pngs
+    from minisd.cli.generate import write_pngs
 
     start = threading.Barrier(2)
     errors = []
@@ -263,7 +263,7 @@ def test_write_pngs_from_two_processes_at_once_lose_nothing(tmp_path):
     import sys
     import time
 
-    script = ("import sys, time, numpy as np; from minisd.pipeline_cli import write_pngs\n"
+    script = ("import sys, time, numpy as np; from minisd.cli.generate import write_pngs\n"
               "offset, go = int(sys.argv[1]), float(sys.argv[2])\n"
               "time.sleep(max(0.0, go - time.time()))\n"
               "write_pngs(np.stack([np.full((8, 8, 3), offset + i, np.uint8) for i in range(30)]), sys.argv[3])\n")
@@ -276,7 +276,7 @@ def test_write_pngs_from_two_processes_at_once_lose_nothing(tmp_path):
 
 def test_write_pngs_without_hard_links_still_never_replaces(tmp_path, monkeypatch):
     """Where the file system has no hard links the name is reserved with an empty file first."""
-    from minisd.pipeline_cli import write_pngs
+    from minisd.cli.generate import write_pngs
 
     write_pngs(_solid(7)[None], str(tmp_path))
 
@@ -290,7 +290,7 @@ def test_write_pngs_without_hard_links_still_never_replaces(tmp_path, monkeypatc
 
 
 def test_write_pngs_honours_the_umask(tmp_path):
-    from minisd.pipeline_cli import write_pngs
+    from minisd.cli.generate import write_pngs
 
     old = os.umask(0o022)
     try:
@@ -382,11 +382,11 @@ def test_eval_usage_errors_exit_2(tiny_path, tmp_path, capsys, args, message):
 
 def test_eval_does_not_use_the_generate_command():
     """One copy of the output-folder check, in minisd.pipeline; minisd.evaluate imports no command's code."""
+    import minisd.cli.generate
     import minisd.evaluate
-    import minisd.pipeline_cli
 
     source = open(minisd.evaluate.__file__).read()
-    assert "pipeline_cli" not in source and not hasattr(minisd.pipeline_cli, "prepare_out_dir")
+    assert "cli.generate" not in source and not hasattr(minisd.cli.generate, "prepare_out_dir")
 
 
 def test_bench_ops_prints_ratios_and_both_libraries_share_of_the_peak(capsys, monkeypatch):

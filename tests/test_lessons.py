@@ -276,12 +276,12 @@ def test_cli_lists_lessons_and_rejects_unknown():
 
 
 def test_lesson_resolution():
-    from minisd import lessons_cli
+    from minisd.cli import lessons
 
-    assert lessons_cli.resolve("3").name == "03_forward_noise.py"
-    assert lessons_cli.resolve("03").name == "03_forward_noise.py"
-    assert lessons_cli.resolve("forward_noise").name == "03_forward_noise.py"
-    assert lessons_cli.resolve("00_autograd.py").name == "00_autograd.py"
+    assert lessons.resolve("3").name == "03_forward_noise.py"
+    assert lessons.resolve("03").name == "03_forward_noise.py"
+    assert lessons.resolve("forward_noise").name == "03_forward_noise.py"
+    assert lessons.resolve("00_autograd.py").name == "00_autograd.py"
 
 
 def test_viz_helpers(tmp_path):

@@ -22,15 +22,20 @@ import sys
 import time
 from pathlib import Path
 
+import minisd
+from minisd.cli import UsageError
+
+# the package's folder, minisd/: lessons/ sits beside it in a checkout
+_PACKAGE = Path(minisd.__file__).resolve().parent
 _LESSON_RE = re.compile(r"^(\d\d)_(\w+)\.py$")
 
 
 def lessons_dir() -> Path:
     """Where the lesson scripts are: lessons/ of a checkout, else the installed copy."""
-    checkout = Path(__file__).resolve().parent.parent / "lessons"
+    checkout = _PACKAGE.parent / "lessons"
     if checkout.is_dir() and any(_LESSON_RE.match(p.name) for p in checkout.iterdir()):
         return checkout
-    installed = Path(__file__).resolve().parent / "_lessons"
+    installed = _PACKAGE / "_lessons"
     if installed.is_dir():
         return installed
     raise FileNotFoundError(f"the lesson scripts are missing (looked in {checkout} and {installed})")
@@ -48,8 +53,6 @@ def find_lessons() -> dict[int, Path]:
 
 def resolve(which: str) -> Path:
     """A lesson by number ("3", "03") or name ("forward_noise", "03_forward_noise")."""
-    from minisd.cli import UsageError
-
     lessons = find_lessons()
     key = which.strip().removesuffix(".py")
     if key.isdigit() and int(key) in lessons:
@@ -72,7 +75,7 @@ def run_script(path: Path, out: Path | None = None, fast: bool = False, model: s
         command += ["--model", str(model)]
     env = dict(os.environ)
     # The script imports this very minisd, installed or not.
-    package_root = str(Path(__file__).resolve().parent.parent)
+    package_root = str(_PACKAGE.parent)
     env["PYTHONPATH"] = package_root + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
     env.setdefault("MPLBACKEND", "Agg")
     return subprocess.run(command, env=env).returncode

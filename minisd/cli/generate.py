@@ -28,6 +28,7 @@ import warnings
 
 import numpy as np
 
+from minisd.cli import UsageError, fraction, non_negative_float, non_negative_int, positive_int
 from minisd.pipeline import (DEFAULT_GUIDANCE, DEFAULT_INPAINT_STRENGTH, DEFAULT_STEPS, DEFAULT_STRENGTH,
                              SCHEDULER_NAMES)
 
@@ -37,8 +38,6 @@ MAX_IMAGES = 100_000
 
 
 def add_arguments(parser) -> None:
-    from minisd.cli import fraction, non_negative_float, non_negative_int, positive_int
-
     parser.add_argument("prompt", nargs="+", help='one or more prompts, e.g. "a small red circle in the top left" '
                         '("" for an unconditional image)')
     parser.add_argument("--n", type=positive_int, default=1, help="images per prompt (default 1)")
@@ -85,8 +84,6 @@ def add_arguments(parser) -> None:
 
 
 def _usage(message: str):
-    from minisd.cli import UsageError
-
     return UsageError(f"minisd generate: {message}")
 
 

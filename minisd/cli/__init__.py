@@ -1,5 +1,8 @@
 """The command line: `minisd ...` or `python -m minisd ...`.
 
+This package is minisd's command-line face, one module a command (generate.py, train.py,
+lessons.py, ...); this file is the dispatcher, the usage error and the argument types.
+
     minisd generate "a large blue square in the center" --n 4 --steps 50 --out out/
     minisd train {vae,clip,unet,all} --dataset shapes --out checkpoints/mine
     minisd eval | minisd info | minisd export PATH --to DIR
@@ -99,17 +102,18 @@ def _add_bench(sub) -> None:
         p.set_defaults(run=module.run)
 
 
-# Each subcommand lives beside the code it drives: a module with add_arguments(parser)
-# and run(args) (or add_<name>_arguments / run_<name> where one module serves two
-# commands). Modules not present yet are simply not offered.
+# Each subcommand is a module of this package, minisd/cli/NAME.py, with add_arguments(parser)
+# and run(args) (or add_<name>_arguments / run_<name> where one module serves two commands);
+# the work it drives is in the library (minisd/train.py, minisd/pipeline.py, ...). Modules
+# not present yet are simply not offered.
 _COMMANDS = {
-    "generate": ("minisd.pipeline_cli", "text -> images with a trained model"),
+    "generate": ("minisd.cli.generate", "text -> images with a trained model"),
     "train": ("minisd.train", "train the VAE, CLIP and the UNet on a dataset"),
     "eval": ("minisd.evaluate", "measure a model: VAE PSNR, prompt adherence, CLIP score"),
     "info": ("minisd.info", "the model's sizes next to Stable Diffusion v1.5's"),
     "export": ("minisd.export", "write a model as a diffusers StableDiffusionPipeline folder"),
-    "lesson": ("minisd.lessons_cli", "run one chapter script: minisd lesson N"),
-    "lessons": ("minisd.lessons_cli", "run every chapter script in order"),
+    "lesson": ("minisd.cli.lessons", "run one chapter script: minisd lesson N"),
+    "lessons": ("minisd.cli.lessons", "run every chapter script in order"),
     "explore": ("minisd.explore", "a live diffusion explorer in the browser (localhost)"),
 }
 
@@ -158,6 +162,3 @@ def main(argv=None) -> int:
         print("minisd: error: " + " ".join(str(message).split("\n")), file=sys.stderr)
         return 1
 
-
-if __name__ == "__main__":
-    raise SystemExit(main())
