@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 
 from minisd import train as T
+from minisd.benchmarks import peak_memory_mb
 from minisd.cli import main
 from minisd.data import shapes
 from test_train import TINY_TEXT, TINY_UNET, TINY_VAE, TINY_VISION
@@ -176,7 +177,7 @@ def test_a_batch_too_large_for_memory_is_refused_before_it_is_allocated(tiny, tm
     assert code == 2
     line = one_line(err)
     assert "--batch-size" in line and "available" in line and "TiB" in line
-    assert T.peak_memory_mb() < 2000  # nothing near the 1 TiB was touched
+    assert peak_memory_mb() < 2000  # nothing near the 1 TiB was touched
     assert not (tmp_path / "m" / "checkpoints").exists()
 
 

@@ -108,7 +108,7 @@ def _add_bench(sub) -> None:
 # not present yet are simply not offered.
 _COMMANDS = {
     "generate": ("minisd.cli.generate", "text -> images with a trained model"),
-    "train": ("minisd.train", "train the VAE, CLIP and the UNet on a dataset"),
+    "train": ("minisd.cli.train", "train the VAE, CLIP and the UNet on a dataset"),
     "eval": ("minisd.evaluate", "measure a model: VAE PSNR, prompt adherence, CLIP score"),
     "info": ("minisd.info", "the model's sizes next to Stable Diffusion v1.5's"),
     "export": ("minisd.export", "write a model as a diffusers StableDiffusionPipeline folder"),
