@@ -1,4 +1,4 @@
-"""`minisd export PATH --to DIR`: a minisd model as a folder diffusers runs.
+"""A minisd model as a folder diffusers runs; `minisd export PATH --to DIR` (minisd/cli/export.py) writes it.
 
     from diffusers import StableDiffusionPipeline
     pipe = StableDiffusionPipeline.from_pretrained(DIR, safety_checker=None)
@@ -29,15 +29,6 @@ from pathlib import Path
 import numpy as np
 
 PARTS = ("vae", "text_encoder", "unet")
-
-
-def add_arguments(parser) -> None:
-    parser.add_argument("path", nargs="?", default=None,
-                        help="model folder to export (default: the shipped shapes model)")
-    parser.add_argument("--to", required=True, metavar="DIR", help="the folder to write (new or empty)")
-    parser.add_argument("--dtype", choices=("float32", "float16"), default="float32",
-                        help="how the weights are stored (default float32; float16 halves the files, "
-                             "as SD's published fp16 weights)")
 
 
 def export_pipeline(pipe, out: str, dtype=np.float32) -> str:
@@ -80,14 +71,3 @@ def check_out_dir(out: str) -> None:
         raise FileExistsError(f"--to {out} is a file, not a folder")
     if os.path.isdir(out) and os.listdir(out):
         raise FileExistsError(f"--to {out} already exists and is not empty; give a new folder")
-
-
-def run(args) -> int:
-    from minisd.pipeline import DEFAULT_MODEL, load_pipeline
-
-    check_out_dir(args.to)  # before the (maybe long) load
-    pipe = load_pipeline(args.path)
-    export_pipeline(pipe, args.to, np.dtype(args.dtype))
-    print(f"minisd export: {args.path or DEFAULT_MODEL} -> {args.to} ({args.dtype}); load it with "
-          f"diffusers.StableDiffusionPipeline.from_pretrained({args.to!r}, safety_checker=None)")
-    return 0

@@ -1,4 +1,5 @@
-"""`minisd info`: what is in a model folder, part by part, next to Stable Diffusion v1.5.
+"""What is in a model folder, part by part, next to Stable Diffusion v1.5; `minisd info`
+(minisd/cli/info.py) prints it.
 
 For each network: its parameter count, its config in brief and the tensors that flow
 through it at generation time; the same for SD v1.5 (runwayml/stable-diffusion-v1-5),
@@ -7,7 +8,6 @@ whose figures are written below from its published configs.
 
 from __future__ import annotations
 
-import json
 import os
 
 # Stable Diffusion v1.5, from its published configs and weights (counted by diffusers/transformers).
@@ -24,11 +24,6 @@ SD15 = {
 }
 # unet + vae + text encoder as float32 safetensors: 4 bytes a parameter
 SD15["size_on_disk_mb"] = round(sum(SD15[k]["parameters"] for k in ("vae", "text_encoder", "unet")) * 4 / 2 ** 20)
-
-
-def add_arguments(parser) -> None:
-    parser.add_argument("--model", default=None, help="model folder (default: the shipped shapes model)")
-    parser.add_argument("--json", action="store_true", help="print the figures as JSON")
 
 
 def folder_size(path: str) -> int:
@@ -59,26 +54,3 @@ def describe(pipe) -> dict:
         "sampling": f"{type(pipe.scheduler).__name__}, 50 steps, guidance 5, batch 2 per image per step",
         "size_on_disk_mb": round(folder_size(pipe.path) / 2 ** 20, 2),
     }
-
-
-def run(args) -> int:
-    from minisd.pipeline import load_pipeline
-
-    pipe = load_pipeline(args.model)
-    mine = describe(pipe)
-    if args.json:
-        print(json.dumps({"model": os.path.abspath(pipe.path), "minisd": mine, "sd_v1_5": SD15}, indent=2))
-        return 0
-    print(f"model: {os.path.abspath(pipe.path)}")
-    total_mine = sum(mine[k]["parameters"] for k in ("vae", "text_encoder", "unet"))
-    total_sd = sum(SD15[k]["parameters"] for k in ("vae", "text_encoder", "unet"))
-    for part in ("vae", "text_encoder", "unet"):
-        m, s = mine[part], SD15[part]
-        print(f"\n{part}: {m['parameters']:,} parameters (SD v1.5: {s['parameters']:,}, "
-              f"{s['parameters'] / m['parameters']:,.0f}x more)")
-        print(f"  minisd   {m['brief']}\n           {m['tensors']}")
-        print(f"  SD v1.5  {s['brief']}\n           {s['tensors']}")
-    print(f"\nsampling: minisd {mine['sampling']}; SD v1.5 {SD15['sampling']}")
-    print(f"total: {total_mine:,} parameters, {mine['size_on_disk_mb']:.1f} MB on disk "
-          f"(SD v1.5: {total_sd:,}, {SD15['size_on_disk_mb'] / 1024:.1f} GB in float32)")
-    return 0

@@ -200,13 +200,13 @@ def test_a_full_disk_in_the_cli_is_one_line(tmp_path, monkeypatch, capsys):
 
 
 def test_the_cli_prints_a_message_of_several_lines_on_one(monkeypatch, capsys):
-    import minisd.info
+    import minisd.cli.info
 
     def fail(args):
         raise ValueError("first\nsecond")
 
-    monkeypatch.setattr(minisd.info, "run", fail)
-    monkeypatch.setattr(cli, "_COMMANDS", {"info": ("minisd.info", "")})
+    monkeypatch.setattr(minisd.cli.info, "run", fail)
+    monkeypatch.setattr(cli, "_COMMANDS", {"info": ("minisd.cli.info", "")})
     assert "first second" in one_line_error(capsys, ["info"])
 
 

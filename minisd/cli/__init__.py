@@ -109,12 +109,12 @@ def _add_bench(sub) -> None:
 _COMMANDS = {
     "generate": ("minisd.cli.generate", "text -> images with a trained model"),
     "train": ("minisd.cli.train", "train the VAE, CLIP and the UNet on a dataset"),
-    "eval": ("minisd.evaluate", "measure a model: VAE PSNR, prompt adherence, CLIP score"),
-    "info": ("minisd.info", "the model's sizes next to Stable Diffusion v1.5's"),
-    "export": ("minisd.export", "write a model as a diffusers StableDiffusionPipeline folder"),
+    "eval": ("minisd.cli.evaluate", "measure a model: VAE PSNR, prompt adherence, CLIP score"),
+    "info": ("minisd.cli.info", "the model's sizes next to Stable Diffusion v1.5's"),
+    "export": ("minisd.cli.export", "write a model as a diffusers StableDiffusionPipeline folder"),
     "lesson": ("minisd.cli.lessons", "run one chapter script: minisd lesson N"),
     "lessons": ("minisd.cli.lessons", "run every chapter script in order"),
-    "explore": ("minisd.explore", "a live diffusion explorer in the browser (localhost)"),
+    "explore": ("minisd.cli.explore", "a live diffusion explorer in the browser (localhost)"),
 }
 
 
