@@ -23,13 +23,11 @@ import pytest
 from minisd import distributed
 from minisd import train as T
 
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # (a worker rank runs this file as a script)
+from test_train import TINY_TEXT, TINY_UNET, TINY_VAE, TINY_VISION  # noqa: E402
+
 HERE = os.path.abspath(__file__)
 ROOT = os.path.dirname(os.path.dirname(HERE))
-TINY_VAE = dict(T.VAE_CONFIG, block_out_channels=(8, 16), down_block_types=("DownEncoderBlock2D",) * 2,
-                up_block_types=("UpDecoderBlock2D",) * 2, norm_num_groups=4, mid_block_add_attention=False)
-TINY_TEXT = dict(T.TEXT_CONFIG, num_hidden_layers=1)
-TINY_VISION = dict(T.VISION_CONFIG, num_hidden_layers=1)
-TINY_UNET = dict(T.UNET_CONFIG, block_out_channels=(8, 16), norm_num_groups=4, attention_head_dim=2)
 STEPS = 20
 # Each stage's arguments: tiny models, the global batch B, 20 steps.
 RUNS = {

@@ -7,12 +7,12 @@ OUT/report.json and OUT/grid_seen.png, OUT/grid_heldout.png.
 
 from __future__ import annotations
 
-import json
 import os
 import time
 
 import numpy as np
 
+from minisd import io
 from minisd.cli import UsageError, non_negative_float, non_negative_int, positive_int
 from minisd.evaluate import adherence, clip_scores, save_grid, short_caption, vae_psnr
 from minisd.pipeline import DEFAULT_GUIDANCE, DEFAULT_STEPS
@@ -81,7 +81,6 @@ def run(args) -> int:
             real.append(np.stack([shapes.render_record(t) for t in targets]))
         clip_folder = os.path.join(pipe.path, "clip")
         if "clip" not in args.skip and os.path.isdir(clip_folder):
-            from minisd import io
             from minisd.models.clip import CLIPModel
 
             clip = io.load_pretrained(clip_folder, CLIPModel)
@@ -94,9 +93,6 @@ def run(args) -> int:
             print(f"CLIP score: skipped, the model has no clip/ folder ({clip_folder})")
     report["seconds"] = round(time.perf_counter() - start, 1)
     path = os.path.join(args.out, "report.json")
-    tmp = path + ".tmp"
-    with open(tmp, "w") as f:
-        json.dump(report, f, indent=2)
-    os.replace(tmp, path)
+    io.write_json(path, report)
     print(f"minisd eval: report in {path}")
     return 0
