@@ -398,6 +398,10 @@ def test_a_rank_that_fails_alone_stops_every_rank_with_its_message(tmp_path):
 
 @pytest.mark.slow
 def test_the_command_line_on_two_ranks_speaks_once_and_refuses_a_batch_that_does_not_split(tmp_path):
+    proc = launch(2, [sys.executable, "-m", "minisd", "train", "vae", "--steps", "abc", "--out", str(tmp_path / "m")],
+                  timeout=LAUNCH_TIMEOUT)  # a usage error: every rank reads the same line, one says so
+    assert proc.returncode == 2, proc.stdout + proc.stderr
+    assert proc.stderr.strip().splitlines() == ["minisd train: argument --steps: must be a whole number, got 'abc'"]
     proc = launch(2, [sys.executable, "-m", "minisd", "train", "vae", "--steps", "2", "--batch-size", "3",
                       "--out", str(tmp_path / "m")], timeout=LAUNCH_TIMEOUT)
     assert proc.returncode == 2, proc.stdout + proc.stderr

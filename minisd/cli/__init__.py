@@ -139,16 +139,29 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _parse(argv) -> argparse.Namespace:
+    """The command line, read; a usage error in it is said by one rank of an MPI launch only
+    (every rank reads the same line and fails alike: N copies of one line say nothing more)."""
+    try:
+        return build_parser().parse_args(argv)
+    except UsageError as e:
+        from minisd.distributed import launched_as
+
+        launch = launched_as()
+        raise UsageError(str(e) if launch is None or launch[1] == 0 else "") from None
+
+
 def main(argv=None) -> int:
     try:
-        args = build_parser().parse_args(argv)
+        args = _parse(argv)
         if args.backend:
             import minisd
 
             minisd.set_backend(args.backend)
         return int(args.run(args) or 0)
     except UsageError as e:
-        print(str(e), file=sys.stderr)
+        if str(e):
+            print(str(e), file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("minisd: interrupted", file=sys.stderr)
