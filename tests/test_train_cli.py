@@ -265,7 +265,7 @@ def test_help_gives_each_stage_s_defaults_and_the_logged_times(capsys):
         main(["train", "--help"])
     assert exit_.value.code == 0
     text = capsys.readouterr().out
-    with open(os.path.join(PACKAGE, "weights", "shapes", "logs", "rerun_train_all.json")) as f:
+    with open(os.path.join(PACKAGE, "weights", "shapes", "logs", "train_all.json")) as f:
         logged = json.load(f)
     rows = {line.split()[0]: line for line in text.splitlines() if line.split() and line.split()[0] in T.STAGES}
     for s in T.STAGES:

@@ -501,12 +501,13 @@ def test_denoising_loss_with_snr_gamma_weights_each_sample():
 
 def test_snr_gamma_trains_and_resumes_bit_exact(tmp_path, shapes_parts):
     source, data = shapes_parts
-    for name in ("full", "cut", "plain"):
+    for name in ("full", "cut", "plain", "default"):
         copy_parts(source, tmp_path / name)
     kw = dict(steps=4, batch_size=4, lr=3e-3, config=TINY_UNET, progress=False, data=data, checkpoint_every=2)
-    plain = T.train_unet(str(tmp_path / "plain"), **kw)
+    plain = T.train_unet(str(tmp_path / "plain"), snr_gamma=0, **kw)  # 0: SD's plain MSE
     weighted = resume_is_exact(tmp_path, snr_gamma=5.0, **kw)
     assert weighted["losses"] != plain["losses"] and all(np.isfinite(weighted["losses"]))
+    assert T.SNR_GAMMA == 5.0 and T.train_unet(str(tmp_path / "default"), **kw)["losses"] == weighted["losses"]
 
 
 # --- --preset quick ----------------------------------------------------------------------------------------

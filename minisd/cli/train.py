@@ -19,7 +19,7 @@ import time
 
 from minisd import distributed, train
 from minisd.benchmarks import peak_memory_mb
-from minisd.cli import UsageError, fraction, non_negative_int, positive_float, positive_int
+from minisd.cli import UsageError, fraction, non_negative_float, non_negative_int, positive_float, positive_int
 
 # the package's folder, minisd/: the shipped model's logs, and the place --out must not be
 PACKAGE = os.path.dirname(os.path.abspath(train.__file__))
@@ -79,8 +79,8 @@ def help_epilog() -> str:
         "(--steps, --batch-size and --lr are refused with all).",
         "",
         "--preset quick (a class demo): " + ", ".join(f"{s} {train.QUICK[s]['steps']}" for s in train.STAGES)
-        + " steps; batches as above, and lr but " + ", ".join(f"{s} {train.QUICK[s]['lr']:.0e}" for s in train.STAGES
-                                                            if "lr" in train.QUICK[s]) + ".",
+        + " steps; batches and lr as above" + "".join(f", {s}'s lr {train.QUICK[s]['lr']:.0e}" for s in train.STAGES
+                                                       if "lr" in train.QUICK[s]) + ".",
         *train.QUICK_MEASURED.splitlines(),
         "",
         "An --out that already holds the stage's output (its model folder or its checkpoint)",
@@ -146,8 +146,9 @@ def add_arguments(parser) -> None:
     parser.add_argument("--quality-prompts", type=positive_int, default=train.QUALITY_PROMPTS, metavar="N",
                         help=f"images a sample of that log, {train.QUALITY_STEPS} DDIM steps each "
                         f"(default: {train.QUALITY_PROMPTS})")
-    parser.add_argument("--snr-gamma", type=positive_float, metavar="G", help="weight the UNet's loss by "
-                        "min-SNR-gamma (Hang et al. 2023; the paper's gamma: 5); default: off, SD's plain MSE")
+    parser.add_argument("--snr-gamma", type=non_negative_float, default=train.SNR_GAMMA, metavar="G",
+                        help="weight the UNet's loss by min-SNR-gamma (Hang et al. 2023; default: the paper's "
+                        f"gamma, {train.SNR_GAMMA:g}); 0: off, SD's plain MSE")
     parser.add_argument("--keep-checkpoints", action="store_true", help="keep OUT/checkpoints/ after `all` finishes")
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")
 
