@@ -684,5 +684,11 @@ def test_shipped_model_inpaints_an_empty_quadrant():
                   num_images_per_prompt=4)
     readings = reader.read_batch(images)
     assert all(r == reader.Reading("green", "triangle", "small", "top right") for r in readings), readings
-    outside = np.abs(images.astype(int) - 255)[:, mask == 0]
-    assert outside.max() < 40, outside.max()  # the VAE's blur at the mask's edge, no shape
+    deviation = np.abs(images.astype(int) - 255)
+    # Outside the mask: white, but for the VAE's blur within one latent cell (4 px) of the mask's
+    # edge, which stays far from any shape's colour (green is 215 levels from white in red).
+    near = np.zeros_like(mask, dtype=bool)
+    near[:16 + 4, 16 - 4:] = True
+    far = ~near
+    assert deviation[:, far].max() < 20, deviation[:, far].max()
+    assert deviation[:, near & (mask == 0)].max() < 100, deviation[:, near & (mask == 0)].max()
